@@ -1,0 +1,213 @@
+"""Actions: one call of a task inside a run, and the code that runs it.
+
+This is the hottest path in shoal: everything here runs once per action,
+and a run may have millions of them.  Keep work out of it unless it is
+needed by the action at hand (the journal only when the run is journaled,
+slots only when a limit is set, events only when someone listens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._context import action_var
+from ._errors import ActionTimeout
+
+if TYPE_CHECKING:
+    from ._events import TaskCounts
+    from ._limits import Slots
+    from ._run import Run
+    from ._task import Task
+
+__all__ = ["Action", "execute"]
+
+
+class Action:
+    """One call of a task inside a run.
+
+    ``key`` identifies the call independently of scheduling order: it is
+    derived from the parent's key, the task name, the digest of the encoded
+    inputs and the occurrence of that (task, digest) pair under the parent.
+    A re-executed parent therefore finds the same keys for the same calls,
+    which is what resume and replay rely on.  When a run is not journaled
+    (``store="memory"``) keys are not needed and not computed; ``id`` is
+    then a number unique within the run.
+    """
+
+    __slots__ = (
+        "attempt",
+        "cache_key",
+        "group",
+        "held",
+        "id",
+        "key",
+        "occurrences",
+        "parent",
+        "run",
+        "started_at",
+        "task",
+    )
+
+    def __init__(
+        self, run: Run, task: Task[Any, Any], parent: Action | None, group: str | None, id: str
+    ) -> None:
+        self.run = run
+        self.task = task
+        self.parent = parent
+        self.group = group
+        self.id = id
+        self.key = id
+        self.attempt = 0
+        self.started_at = 0.0
+        self.cache_key: str | None = None
+        # Invariant: ``held`` lists the slots this action holds right now and
+        # must give back exactly once: on finishing, or earlier when it
+        # starts waiting for a child (see ``lend``).
+        self.held: list[tuple[Slots, float]] | None = None
+        # Invariant: maps the digest of each (task, inputs) called by this
+        # action to how many times it was called so far; only kept while
+        # the action runs and only when the run is journaled.
+        self.occurrences: dict[bytes, int] | None = None
+
+    @property
+    def label(self) -> str:
+        """The action's id; in a run without a journal, a number unique while it runs."""
+        return self.id or f"m{id(self):x}"
+
+    def lend(self) -> None:
+        """Give back this action's slots because it now waits for a child.
+
+        A parent that held its slot while awaiting children would deadlock a
+        deep fan-out under ``max_concurrency``; so the limits apply to
+        actions doing their own work, and a parent that has started children
+        runs the rest of its body without a slot.
+        """
+        held = self.held
+        if held is not None:
+            self.held = None
+            for slots, amount in held:
+                slots.release(amount)
+
+    def __repr__(self) -> str:
+        return f"<Action {self.task.name} id={self.id} attempt={self.attempt}>"
+
+
+async def execute(action: Action, values: list[Any], named: dict[str, Any], counts: TaskCounts) -> Any:
+    """Run one action to completion: replay or cache, admission, attempts, record."""
+    run = action.run
+    task = action.task
+    if run.replay is not None:
+        found = run.replay.get(action.key)
+        if found is not None:
+            return await run.replayed(action, found, counts)
+    if task.cache_version is not None and run.journal is not None and run.use_cache:
+        hit = await run.journal.cache_lookup(action, values, named)
+        if hit is not None:
+            return await run.cached(action, hit.value, counts)
+
+    engine = run.engine
+    parent = action.parent
+    if parent is not None and parent.held is not None:
+        parent.lend()
+    if engine.limited or task.concurrency is not None or task.resources is not None:
+        try:
+            action.held = await engine.admit(task)
+        except asyncio.CancelledError:
+            counts.pending -= 1
+            counts.cancelled += 1
+            run.finished(action, "cancelled", None)
+            raise
+
+    current = asyncio.current_task()
+    live = run.live
+    owner = current not in live
+    if owner:
+        live.add(current)  # type: ignore[arg-type]
+    token = action_var.set(action)
+    counts.pending -= 1
+    counts.running += 1
+    if run.journal is not None:
+        action.started_at = time.time()
+    if engine.subscribers:
+        engine.emit("started", action)
+    try:
+        if task.plain:
+            # No retry, no timeout, async: the common case, without the
+            # attempt loop's frame.
+            action.attempt = 1
+            result = await task.fn(*values, **named)
+        else:
+            result = await _attempts(action, task, values, named, counts)
+    except asyncio.CancelledError:
+        counts.running -= 1
+        counts.cancelled += 1
+        run.finished(action, "cancelled", None)
+        raise
+    except BaseException as exc:
+        counts.running -= 1
+        counts.failed += 1
+        run.finished(action, "failed", exc)
+        raise
+    finally:
+        action_var.reset(token)
+        if action.held is not None:
+            action.lend()
+        if owner:
+            live.discard(current)  # type: ignore[arg-type]
+    if run.journal is not None:
+        try:
+            await run.journal.succeeded(action, result)
+        except BaseException as exc:
+            counts.running -= 1
+            if isinstance(exc, asyncio.CancelledError):
+                counts.cancelled += 1
+            else:
+                counts.failed += 1
+                run.finished(action, "failed", exc)
+            raise
+    counts.running -= 1
+    counts.succeeded += 1
+    if engine.subscribers:
+        engine.emit("succeeded", action)
+    return result
+
+
+async def _attempts(
+    action: Action, task: Task[Any, Any], values: list[Any], named: dict[str, Any], counts: TaskCounts
+) -> Any:
+    retry = task.retry
+    timeout = task.timeout
+    fn = task.fn
+    attempt = 0
+    while True:
+        attempt += 1
+        action.attempt = attempt
+        try:
+            if timeout is None:
+                if task.is_async:
+                    return await fn(*values, **named)
+                return await asyncio.to_thread(fn, *values, **named)
+            async with asyncio.timeout(timeout) as scope:
+                if task.is_async:
+                    return await fn(*values, **named)
+                return await asyncio.to_thread(fn, *values, **named)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            error: BaseException = exc
+            if timeout is not None and isinstance(exc, TimeoutError) and scope.expired():
+                error = ActionTimeout(
+                    f"action {action.label} of task {task.name!r} timed out after {timeout:g} s "
+                    f"(attempt {attempt}); raise the task's timeout= or make the work smaller"
+                )
+                error.__cause__ = None
+            if attempt > retry.attempts or not isinstance(error, retry.on):
+                if error is exc:
+                    raise
+                raise error from None
+            counts.retries += 1
+            run = action.run
+            run.retrying(action, error)
+            await run.engine.sleep(retry.delay(attempt, run.engine.rng))

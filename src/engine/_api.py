@@ -1,0 +1,107 @@
+"""The module-level entry points: ``engine.run``, ``engine.arun``, ``engine.resume``, ...
+
+They use a default :class:`Engine` built from the configuration, one per
+event loop (an engine's locks and queues belong to one loop).  That lazily
+built default is the only module-level state in shoal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from ._engine import Engine, _check_root
+from ._errors import EngineError
+from ._run import Run
+from ._task import Task
+
+__all__ = ["arun", "aresume", "default_engine", "get_run", "resume", "run", "runs"]
+
+T = TypeVar("T")
+
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine] = weakref.WeakKeyDictionary()
+
+
+def default_engine() -> Engine:
+    """The default engine of the running event loop, built from config on first use."""
+    loop = asyncio.get_running_loop()
+    eng = _defaults.get(loop)
+    if eng is None:
+        eng = _defaults[loop] = Engine()
+    return eng
+
+
+def _sync(name: str, make: Any) -> Any:
+    """Run ``make(engine)`` on a fresh loop with a fresh default engine, closed at the end."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise EngineError(
+            f"engine.{name}() cannot be called from a running event loop (it would block it); "
+            f"use 'await engine.a{name}(...)' instead"
+        )
+
+    async def main() -> Any:
+        async with Engine() as eng:
+            return await make(eng)
+
+    return asyncio.run(main())
+
+
+def run(task: Task[Any, Any], /, *args: Any, tags: Sequence[str] = (), cache: bool | None = None, **kwargs: Any) -> Run:
+    """Run ``task`` with the default engine and wait for it (blocking; for scripts and the CLI).
+
+    Returns the finished :class:`Run` whatever its status.  Ctrl-C cancels
+    the run, records it as cancelled, and raises :class:`KeyboardInterrupt`.
+    """
+    _check_root(task, "engine.run")
+    return _sync("run", lambda eng: eng.run(task, *args, tags=tags, cache=cache, **kwargs))  # type: ignore[no-any-return]
+
+
+async def arun(task: Task[Any, Any], /, *args: Any, tags: Sequence[str] = (), cache: bool | None = None, **kwargs: Any) -> Run:
+    """Like :func:`run`, inside a running event loop."""
+    _check_root(task, "engine.arun")
+    return await default_engine().run(task, *args, tags=tags, cache=cache, **kwargs)
+
+
+def resume(run_id: str) -> Run:
+    """Continue a failed or interrupted run in place (blocking)."""
+    return _sync("resume", lambda eng: eng.resume(run_id))  # type: ignore[no-any-return]
+
+
+async def aresume(run_id: str) -> Run:
+    """Like :func:`resume`, inside a running event loop."""
+    return await default_engine().resume(run_id)
+
+
+def _query(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise EngineError("this query blocks; inside a running event loop use 'await Engine().runs()'")
+
+
+def runs(*, status: str | None = None, tag: str | None = None, limit: int = 50) -> list[Any]:
+    """Recorded runs of the default journal, latest first, optionally filtered."""
+
+    async def query() -> list[Any]:
+        async with Engine() as eng:
+            return await eng.runs(status=status, tag=tag, limit=limit)
+
+    return _query(query())
+
+
+def get_run(run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000) -> Any:
+    """One recorded run, with counts by task and optionally a page of its actions."""
+
+    async def query() -> Any:
+        async with Engine() as eng:
+            return await eng.get_run(run_id, actions=actions, offset=offset, limit=limit)
+
+    return _query(query())

@@ -1,0 +1,378 @@
+"""The engine: everything configurable, and the state shared by its runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._config import Config, load_config
+from ._errors import ConfigError, EngineError, InputError, ResourceError
+from ._events import ActionEvent, EventStream
+from ._limits import Slots
+from ._run import Run, new_run_id
+from ._task import Task
+
+if TYPE_CHECKING:
+    from ._action import Action
+    from ._blobs import BlobStore
+    from ._journal import Journal
+    from ._pool import WorkerPool
+
+__all__ = ["Engine"]
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def detect_gpus() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+class Engine:
+    """Runs tasks; owns the journal, the blob store, the process pool and the limits.
+
+    ``store``: ``None`` for the configured journal (default: the SQLite file
+    ``.shoal/shoal.db`` in the working directory, or under ``$SHOAL_HOME``),
+    ``"memory"`` to keep nothing (for latency-sensitive embedding: no
+    journal, no resume, no cache), or a path to a SQLite file.
+
+    ``max_concurrency``: most actions running their own code at once (None:
+    no limit).  An action waiting for its children does not count, so deep
+    fan-outs cannot deadlock.  ``cpus``/``gpus``: local resource slots for
+    tasks that declare ``Resources`` (default: usable CPUs, detected GPUs).
+
+    ``sleep`` and ``rng`` drive retry backoff; tests inject them so that
+    they never sleep.
+
+    Use as ``async with Engine(...) as eng: run = await eng.run(main, n=10)``.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        max_concurrency: int | None = None,
+        config: Config | str | os.PathLike[str] | None = None,
+        blob_store: Any = None,
+        cache: bool = True,
+        cpus: float | None = None,
+        gpus: int | None = None,
+        home: str | os.PathLike[str] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        if max_concurrency is None:
+            max_concurrency = self.config.max_concurrency
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
+            raise ConfigError(
+                f"Engine max_concurrency must be a whole number >= 1 (or None for no limit), "
+                f"got {max_concurrency!r}"
+            )
+        self.max_concurrency = max_concurrency
+        self.home = Path(home or self.config.home or os.environ.get("SHOAL_HOME") or Path.cwd() / ".shoal")
+        store = store if store is not None else self.config.store
+        self.store = "memory" if store == "memory" else str(Path(store) if store else self.home / "shoal.db")
+        self.use_cache = cache
+        self.sleep: Callable[[float], Awaitable[None]] = sleep or asyncio.sleep
+        self.rng = rng or random.Random()
+        self.clock = clock or time.time
+        self.cpu_slots = Slots(cpus if cpus is not None else usable_cpus(), "cpu")
+        self.gpu_slots = Slots(gpus if gpus is not None else detect_gpus(), "gpu")
+        self._max_slots = Slots(max_concurrency, "max_concurrency") if max_concurrency else None
+        # Whether any engine-wide limit applies, so the action path can skip
+        # admission entirely when none does.
+        self.limited = self._max_slots is not None
+        self._task_slots: dict[Task[Any, Any], Slots] = {}
+        # Invariant: the event streams currently subscribed; emitting is
+        # skipped entirely while it is empty.
+        self.subscribers: list[EventStream] = []
+        self.runs_in_flight: dict[str, Run] = {}
+        self._blob_spec = blob_store if blob_store is not None else (
+            self.config.blob_store or os.environ.get("SHOAL_BLOB_STORE")
+        )
+        self._blob_store: BlobStore | None = None
+        self._journal: Journal | None = None
+        self._pool: WorkerPool | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel runs still in flight, then close the journal, the pool and the blob store."""
+        if self._closed:
+            return
+        self._closed = True
+        for run in list(self.runs_in_flight.values()):
+            run.cancel()
+        for run in list(self.runs_in_flight.values()):
+            await run.wait()
+        for stream in list(self.subscribers):
+            stream.close()
+        try:
+            if self._pool is not None:
+                await self._pool.aclose()
+        finally:
+            try:
+                if self._journal is not None:
+                    await self._journal.aclose()
+            finally:
+                if self._blob_store is not None:
+                    await self._blob_store.aclose()
+
+    @property
+    def durable(self) -> bool:
+        return self.store != "memory"
+
+    async def journal(self) -> Journal:
+        """The engine's journal, opened on first use (not for ``store="memory"``)."""
+        if not self.durable:
+            raise EngineError(
+                'this engine keeps no journal (store="memory"); use a durable store to '
+                "list, inspect or resume runs"
+            )
+        if self._journal is None:
+            from ._journal import Journal
+
+            journal = Journal(Path(self.store), self)
+            await journal.open()
+            self._journal = journal
+        return self._journal
+
+    @property
+    def blob_store(self) -> BlobStore:
+        """The blob store for large outputs and ``File``/``Dir`` data, opened on first use."""
+        if self._blob_store is None:
+            from ._blobs import open_blob_store
+
+            self._blob_store = open_blob_store(self._blob_spec, home=self.home)
+        return self._blob_store
+
+    def worker_pool(self) -> WorkerPool:
+        """The engine's process pool for ``parallel_map``, started on first use."""
+        if self._closed:
+            raise EngineError("this engine is closed; create a new Engine")
+        if self._pool is None:
+            from ._pool import WorkerPool
+
+            self._pool = WorkerPool(max_workers=max(1, int(self.cpu_slots.capacity)))
+        return self._pool
+
+    # -- runs --------------------------------------------------------------
+
+    async def submit(
+        self,
+        task: Task[Any, Any],
+        /,
+        *args: Any,
+        tags: Sequence[str] = (),
+        cache: bool | None = None,
+        **kwargs: Any,
+    ) -> Run:
+        """Start a run of ``task`` and return it at once, still running."""
+        if self._closed:
+            raise EngineError("this engine is closed; create a new Engine")
+        _check_root(task, "Engine.submit")
+        tags, cache, kwargs = _split_run_options(task, tags, cache, kwargs)
+        values, named = task.signature.bind(args, kwargs)
+        journal = await self.journal() if self.durable else None
+        run = Run(
+            self,
+            task,
+            values,
+            named,
+            run_id=new_run_id(),
+            tags=tags,
+            journal=None if journal is None else journal.for_run(),
+            use_cache=self.use_cache if cache is None else cache,
+        )
+        self._start(run)
+        return run
+
+    async def run(
+        self,
+        task: Task[Any, Any],
+        /,
+        *args: Any,
+        tags: Sequence[str] = (),
+        cache: bool | None = None,
+        **kwargs: Any,
+    ) -> Run:
+        """Run ``task`` to the end and return the finished :class:`Run`.
+
+        A failure of the task does not raise here: look at ``run.status``, or
+        read ``run.result``, which raises :class:`RunFailed`.  Cancelling the
+        caller cancels the run (every action, recorded as cancelled).
+        """
+        run = await self.submit(task, *args, tags=tags, cache=cache, **kwargs)
+        return await self.wait_run(run)
+
+    async def resume(self, run_id: str) -> Run:
+        """Continue a failed, cancelled or interrupted run in place.
+
+        The root task runs again with its recorded arguments; every action
+        that succeeded before returns its recorded output without running.
+        A run that already succeeded is returned as it is.
+        """
+        if self._closed:
+            raise EngineError("this engine is closed; create a new Engine")
+        journal = await self.journal()
+        run = await journal.prepare_resume(run_id, self.use_cache)
+        if run.done:
+            return run
+        self._start(run)
+        return await self.wait_run(run)
+
+    def _start(self, run: Run) -> None:
+        self.runs_in_flight[run.id] = run
+        run.start()
+
+    async def wait_run(self, run: Run) -> Run:
+        try:
+            return await asyncio.shield(run.wait())
+        except asyncio.CancelledError:
+            run.cancel()
+            await run.wait()
+            raise
+
+    def run_finished(self, run: Run) -> None:
+        self.runs_in_flight.pop(run.id, None)
+
+    async def runs(self, *, status: str | None = None, tag: str | None = None, limit: int = 50) -> list[Any]:
+        """Recorded runs, latest first (see :func:`engine.runs`)."""
+        journal = await self.journal()
+        return await journal.list_runs(status=status, tag=tag, limit=limit)
+
+    async def get_run(self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000) -> Any:
+        """One recorded run with per-task counts, and optionally a page of its actions."""
+        journal = await self.journal()
+        return await journal.run_details(run_id, actions=actions, offset=offset, limit=limit)
+
+    # -- admission -----------------------------------------------------------
+
+    def check_resources(self, task: Task[Any, Any]) -> None:
+        """Refuse at call time what could never be admitted (instead of waiting forever)."""
+        res = task.resources
+        assert res is not None
+        if task.offload is not None:
+            return
+        if res.cpu > self.cpu_slots.capacity:
+            raise ResourceError(
+                f"task {task.name!r} asks for cpu={res.cpu:g} but this engine has "
+                f"{self.cpu_slots.capacity:g} CPU slots; lower Resources(cpu=...), raise "
+                f"Engine(cpus=...), or offload the task"
+            )
+        if res.gpu > self.gpu_slots.capacity:
+            have = int(self.gpu_slots.capacity)
+            raise ResourceError(
+                f"task {task.name!r} asks for gpu={res.gpu} but this machine has "
+                f"{have} GPU{'s' if have != 1 else ''} available to shoal; offload the task "
+                f"to a host with GPUs (offload=...) or set Engine(gpus=...)"
+            )
+
+    async def admit(self, task: Task[Any, Any]) -> list[tuple[Slots, float]]:
+        """Take the slots one action of ``task`` needs; return what to give back.
+
+        Always in the same order (task, cpu, gpu, engine), so two actions
+        never wait for each other's slots in a cycle.
+        """
+        held: list[tuple[Slots, float]] = []
+        try:
+            if task.concurrency is not None:
+                slots = self._task_slots.get(task)
+                if slots is None:
+                    slots = self._task_slots[task] = Slots(task.concurrency, task.name)
+                await slots.acquire(1)
+                held.append((slots, 1))
+            res = task.resources
+            if res is not None and task.offload is None:
+                if res.cpu:
+                    await self.cpu_slots.acquire(res.cpu)
+                    held.append((self.cpu_slots, res.cpu))
+                if res.gpu:
+                    await self.gpu_slots.acquire(res.gpu)
+                    held.append((self.gpu_slots, res.gpu))
+            if self._max_slots is not None:
+                await self._max_slots.acquire(1)
+                held.append((self._max_slots, 1))
+        except BaseException:
+            for slots, amount in held:
+                slots.release(amount)
+            raise
+        return held
+
+    # -- events --------------------------------------------------------------
+
+    def events(self, *, maxsize: int = 100_000) -> EventStream:
+        """Subscribe to action events from now on: ``async for ev in eng.events(): ...``."""
+        return EventStream(self.subscribers, maxsize)
+
+    def emit(self, kind: Any, action: Action, error: BaseException | None = None) -> None:
+        event = ActionEvent(
+            kind=kind,
+            run_id=action.run.id,
+            action_id=action.label,
+            task=action.task.name,
+            attempt=action.attempt,
+            at=self.clock(),
+            group=action.group,
+            error=None if error is None else f"{type(error).__qualname__}: {error}",
+        )
+        for stream in self.subscribers:
+            stream.put(event)
+
+    def __repr__(self) -> str:
+        return f"<engine.Engine store={self.store!r} max_concurrency={self.max_concurrency}>"
+
+
+def _check_root(task: Any, where: str) -> None:
+    if not isinstance(task, Task):
+        what = getattr(task, "__qualname__", None) or type(task).__qualname__
+        raise InputError(
+            f"{where} takes a task, got {what!r} ({type(task).__qualname__}); "
+            f"decorate the function with @engine.task"
+        )
+
+
+def _split_run_options(
+    task: Task[Any, Any], tags: Any, cache: Any, kwargs: dict[str, Any]
+) -> tuple[tuple[str, ...], bool | None, dict[str, Any]]:
+    if isinstance(tags, str):
+        tags = (tags,)
+    try:
+        tags = tuple(tags)
+    except TypeError:
+        raise InputError(f"run tags= takes a list of strings, got {tags!r}") from None
+    if not all(isinstance(t, str) and t for t in tags):
+        raise InputError(f"run tags= takes a list of non-empty strings, got {list(tags)!r}")
+    if cache is not None and not isinstance(cache, bool):
+        raise InputError(f"run cache= takes True or False, got {cache!r}")
+    return tags, cache, kwargs
+
+
+Engine.__module__ = "engine"

@@ -1,0 +1,132 @@
+"""Action events for embedding applications, and per-task counters for progress.
+
+Finished actions are not kept in memory: progress displays read
+:class:`TaskCounts` (a handful of integers per task), and applications that
+want each state change subscribe with :meth:`Engine.events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import msgspec
+
+__all__ = ["ActionEvent", "EventStream", "TaskCounts"]
+
+EventKind = Literal["started", "retrying", "succeeded", "failed", "cancelled", "cached", "replayed"]
+
+
+class TaskCounts:
+    """How many actions of one task are in each state, in one run.
+
+    Invariant: ``pending + running`` is the number of actions of this task
+    created and not yet finished; each finished action is counted exactly
+    once in ``succeeded``, ``failed`` or ``cancelled``.  ``cached`` (served
+    from the cross-run cache) and ``replayed`` (served from the journal on
+    resume) are subsets of ``succeeded``; ``retries`` counts retried attempts.
+    """
+
+    __slots__ = ("cached", "cancelled", "failed", "name", "pending", "replayed", "retries", "running", "succeeded")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pending = 0
+        self.running = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.cached = 0
+        self.replayed = 0
+        self.retries = 0
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.running + self.done
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "pending": self.pending,
+            "running": self.running,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "cached": self.cached,
+            "replayed": self.replayed,
+            "retries": self.retries,
+        }
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v}" for k, v in self.as_dict().items() if v)
+        return f"TaskCounts({self.name!r}, {inner})"
+
+
+class ActionEvent(msgspec.Struct, frozen=True, tag=True):
+    """One state change of one action."""
+
+    kind: EventKind
+    run_id: str
+    action_id: str
+    task: str
+    attempt: int
+    at: float
+    group: str | None = None
+    error: str | None = None
+
+
+class EventStream:
+    """An async iterator over action events, from the moment it was created.
+
+    Use as ``async with eng.events() as events: async for ev in events: ...``
+    (or just iterate; it unsubscribes when the iteration ends or the stream
+    is closed).  The buffer holds at most ``maxsize`` events; when a slow
+    consumer lets it fill up, the oldest events are dropped and counted in
+    ``dropped`` rather than slowing the engine.
+    """
+
+    def __init__(self, subscribers: list[EventStream], maxsize: int = 100_000) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue[ActionEvent | None] = asyncio.Queue(maxsize)
+        self.dropped = 0
+        subscribers.append(self)
+
+    def put(self, event: ActionEvent | None) -> None:
+        queue = self._queue
+        if queue.full():
+            queue.get_nowait()
+            self.dropped += 1
+        queue.put_nowait(event)
+
+    def close(self) -> None:
+        """Stop the stream: iteration ends after the events already buffered."""
+        if self in self._subscribers:
+            self._subscribers.remove(self)
+            self.put(None)
+
+    def __aiter__(self) -> AsyncIterator[ActionEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ActionEvent]:
+        try:
+            while True:
+                event = await self._queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            self.close()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+for _cls in (ActionEvent, EventStream, TaskCounts):
+    _cls.__module__ = "engine"

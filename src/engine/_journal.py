@@ -1,0 +1,688 @@
+"""The journal: a run's durable record, in one SQLite file.
+
+Writes are batched and committed on a dedicated thread (group commit): an
+action that succeeds appends its record and waits for the commit of the
+batch it landed in, so one transaction serves every action that finished
+meanwhile, and the event loop never waits for the disk.  An action counts
+as succeeded only once its record is committed.
+
+The file is in WAL mode with ``synchronous=FULL``; it and its folder are
+created owner-only.  Other processes may read it at any time (``shoal
+runs``); a second writer waits for the lock up to ``busy_timeout`` and then
+fails with :class:`JournalBusy` rather than corrupting anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from ._codec import decode_value, digest, encode_value
+from ._errors import (
+    EncodeError,
+    EngineError,
+    JournalBusy,
+    JournalCorrupt,
+    JournalError,
+    JournalVersionError,
+    RunNotFound,
+)
+from ._records import SCHEMA_VERSION, ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
+
+if TYPE_CHECKING:
+    from ._action import Action
+    from ._engine import Engine
+    from ._run import Run
+
+__all__ = ["Journal", "RunJournal"]
+
+T = TypeVar("T")
+
+#: Outputs larger than this (encoded) go to the blob store, not the journal.
+INLINE_LIMIT = 256 * 1024
+#: How often a running run looks for a cancel request from another process.
+CANCEL_POLL = 0.5
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, task TEXT NOT NULL, root TEXT NOT NULL, root_file TEXT,
+    args BLOB, args_kind TEXT, status TEXT NOT NULL, attempt INTEGER NOT NULL,
+    started REAL NOT NULL, finished REAL, tags TEXT NOT NULL DEFAULT '[]',
+    error BLOB, pid INTEGER, host TEXT, output BLOB, output_kind TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
+CREATE TABLE IF NOT EXISTS actions (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, parent TEXT, task TEXT NOT NULL,
+    state TEXT NOT NULL, attempt INTEGER NOT NULL, run_attempt INTEGER NOT NULL,
+    started REAL, finished REAL, grp TEXT, output BLOB, output_kind TEXT,
+    error BLOB, kind TEXT NOT NULL, cache_key TEXT, cached INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY, task TEXT NOT NULL, output BLOB NOT NULL,
+    output_kind TEXT NOT NULL, created REAL NOT NULL, run_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs (
+    run_id TEXT NOT NULL, action TEXT NOT NULL, at REAL NOT NULL,
+    stream TEXT NOT NULL, text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, action);
+"""
+
+_error_encoder = msgspec.msgpack.Encoder()
+_error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
+_tags_decoder = msgspec.json.Decoder(tuple[str, ...])
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    cls = type(exc)
+    module = cls.__module__
+    name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not break the journal
+        message = f"<{cls.__qualname__} whose str() raised>"
+    text = "".join(traceback.format_exception(exc))
+    return ErrorInfo(name, message, text)
+
+
+class Journal:
+    """One journal file, shared by the runs of an engine."""
+
+    def __init__(self, path: Path, engine: Engine, *, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self.engine = engine
+        self.busy_timeout = busy_timeout
+        # One thread owns the connection: sqlite3 objects stay on it.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="shoal-journal")
+        self._db: sqlite3.Connection | None = None
+        self._loop = asyncio.get_running_loop()
+        # Invariant: ``_pending`` holds the records not yet handed to the
+        # writer thread, and ``_batch`` is the future every one of them
+        # waits on (None iff ``_pending`` is empty).  At most one writer
+        # task runs; it drains ``_pending`` batch by batch.
+        self._pending: list[Any] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- thread plumbing -----------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._loop.run_in_executor(self._thread, self._guard, fn, args)
+
+    def _guard(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            raise self._map(exc) from exc
+
+    def _map(self, exc: sqlite3.Error) -> JournalError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return JournalBusy(
+                f"journal {self.path} is locked by another process for more than "
+                f"{self.busy_timeout:g} s; wait for it to finish or use another store"
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return JournalCorrupt(
+                f"journal {self.path} is damaged ({text}); move it aside to start a new one "
+                f"(its runs cannot be resumed), or restore it from a backup"
+            )
+        if "disk is full" in text or "disk I/O" in text:
+            return JournalError(
+                f"journal {self.path} could not be written: {text}; free some disk space "
+                f"and resume the run"
+            )
+        return JournalError(f"journal {self.path}: {text}")
+
+    # -- open / close ----------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        folder = self.path.parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            row = db.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone()
+            if row is None:
+                db.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES "
+                    f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+                )
+            version_row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(version_row[0]) if version_row else 0
+        except sqlite3.Error:
+            db.close()
+            raise
+        except ValueError:
+            db.close()
+            raise JournalCorrupt(f"journal {self.path} has an unreadable schema version") from None
+        if version > SCHEMA_VERSION:
+            db.close()
+            raise JournalVersionError(
+                f"journal {self.path} was written by a newer shoal (schema {version}, this one "
+                f"reads up to {SCHEMA_VERSION}); upgrade shoal to read it"
+            )
+        if version < 1:
+            db.close()
+            raise JournalCorrupt(f"journal {self.path} has no schema version; it is not a shoal journal")
+        self._db = db
+
+    async def aclose(self) -> None:
+        await self.flush()
+        if self._db is not None:
+            db, self._db = self._db, None
+            await self._loop.run_in_executor(self._thread, db.close)
+        self._thread.shutdown(wait=False)
+
+    # -- group commit ------------------------------------------------------------
+
+    def append(self, record: Any) -> asyncio.Future[None]:
+        """Queue a record for the next commit; the future resolves once it is durable."""
+        self._pending.append(record)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = self._loop.create_future()
+            # Nobody may wait on a failure record's future: mark it retrieved.
+            batch.add_done_callback(_consume)
+            if self._writer is None:
+                self._writer = self._loop.create_task(self._write_loop())
+        return batch
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        if self._batch is not None:
+            await asyncio.shield(self._batch)
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _write_loop(self) -> None:
+        try:
+            while self._pending:
+                records, batch = self._pending, self._batch
+                self._pending, self._batch = [], None
+                assert batch is not None
+                try:
+                    await asyncio.shield(self._loop.run_in_executor(self._thread, self._guard, self._write, (records,)))
+                except BaseException as exc:
+                    if not batch.done():
+                        batch.set_exception(exc if isinstance(exc, Exception) else JournalError(str(exc)))
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                else:
+                    batch.set_result(None)
+        finally:
+            self._writer = None
+
+    def _write(self, records: list[Any]) -> None:
+        db = self._db
+        if db is None:
+            raise JournalError(f"journal {self.path} is closed")
+        actions = []
+        runs = []
+        caches = []
+        for rec in records:
+            if type(rec) is ActionRecord:
+                actions.append(_action_row(rec))
+                if rec.cache_key is not None and rec.output is not None and not rec.cached:
+                    caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
+            elif type(rec) is RunRecord:
+                runs.append(rec)
+            else:
+                caches.append(rec)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for run in runs:
+                db.execute(
+                    "INSERT INTO runs (id, task, root, root_file, args, args_kind, status, attempt, "
+                    "started, finished, tags, error, pid, host) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(id) DO UPDATE SET status=excluded.status, attempt=excluded.attempt, "
+                    "finished=excluded.finished, error=excluded.error, pid=excluded.pid, host=excluded.host, "
+                    "cancel_requested=CASE WHEN excluded.status='running' THEN 0 ELSE cancel_requested END",
+                    (
+                        run.id, run.task, run.root, run.root_file, run.args, run.args_kind, run.status,
+                        run.attempt, run.started, run.finished, msgspec.json.encode(run.tags).decode(),
+                        None if run.error is None else _error_encoder.encode(run.error), run.pid, run.host,
+                    ),
+                )
+            if actions:
+                db.executemany("INSERT OR REPLACE INTO actions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", actions)
+            if caches:
+                db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?)", caches)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def for_run(self) -> RunJournal:
+        return RunJournal(self)
+
+    # -- queries ---------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def go() -> T:
+            if self._db is None:
+                raise JournalError(f"journal {self.path} is closed")
+            return fn(self._db)
+
+        return await self._call(go)
+
+    async def load_run(self, run_id: str) -> tuple[RunRecord, Any, str | None]:
+        """The run record, its stored output (kind, bytes) and cancel flag."""
+
+        def go(db: sqlite3.Connection) -> tuple[RunRecord, Any, str | None]:
+            row = db.execute(
+                "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
+                "tags, error, pid, host, output, output_kind FROM runs WHERE id=?",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(
+                    f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'"
+                )
+            return _run_record(row), row[14], row[15]
+
+        return await self.read(go)
+
+    async def list_runs(self, *, status: str | None, tag: str | None, limit: int) -> list[RunSummary]:
+        def go(db: sqlite3.Connection) -> list[RunSummary]:
+            where, params = [], []
+            if status:
+                where.append("status=?")
+                params.append(status)
+            if tag:
+                where.append("EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value=?)")
+                params.append(tag)
+            sql = (
+                "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
+                "tags, error, pid, host, "
+                "(SELECT count(*) FROM actions a WHERE a.run_id=runs.id AND a.kind='action') "
+                "FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+                + " ORDER BY started DESC LIMIT ?"
+            )
+            rows = db.execute(sql, (*params, limit)).fetchall()
+            return [_summary(_run_record(r), r[14]) for r in rows]
+
+        return await self.read(go)
+
+    async def run_details(self, run_id: str, *, actions: bool, offset: int, limit: int) -> RunSummary:
+        def go(db: sqlite3.Connection) -> RunSummary:
+            row = db.execute(
+                "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
+                "tags, error, pid, host FROM runs WHERE id=?",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
+            tasks = []
+            count = 0
+            for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
+                "SELECT task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
+                "sum(state='running'), sum(cached) FROM actions WHERE run_id=? AND kind='action' "
+                "GROUP BY task, grp ORDER BY min(started)",
+                (run_id,),
+            ):
+                tasks.append(TaskSummary(task, grp, succeeded, failed, cancelled, running, cached))
+                count += succeeded + failed + cancelled + running
+            records: tuple[ActionRecord, ...] = ()
+            if actions:
+                records = tuple(
+                    _action_record(r)
+                    for r in db.execute(
+                        "SELECT * FROM actions WHERE run_id=? AND kind='action' "
+                        "ORDER BY started LIMIT ? OFFSET ?",
+                        (run_id, limit, offset),
+                    )
+                )
+            return msgspec.structs.replace(
+                _summary(_run_record(row), count), tasks=tuple(tasks), action_records=records
+            )
+
+        return await self.read(go)
+
+    async def failed_actions(self, run_id: str, limit: int = 20) -> list[ActionRecord]:
+        def go(db: sqlite3.Connection) -> list[ActionRecord]:
+            return [
+                _action_record(r)
+                for r in db.execute(
+                    "SELECT * FROM actions WHERE run_id=? AND state='failed' ORDER BY finished LIMIT ?",
+                    (run_id, limit),
+                )
+            ]
+
+        return await self.read(go)
+
+    async def request_cancel(self, run_id: str) -> str:
+        """Ask the process running ``run_id`` to cancel it; returns the run's status."""
+
+        def go(db: sqlite3.Connection) -> str:
+            row = db.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
+            if row[0] == "running":
+                db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
+            return str(row[0])
+
+        return await self.read(go)
+
+    async def add_logs(self, rows: list[tuple[str, str, float, str, str]]) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO logs VALUES (?,?,?,?,?)", rows)
+            db.execute("COMMIT")
+
+        await self.read(go)
+
+    async def logs(self, run_id: str, action: str | None = None) -> list[tuple[str, float, str, str]]:
+        def go(db: sqlite3.Connection) -> list[tuple[str, float, str, str]]:
+            if action is None:
+                cur = db.execute("SELECT action, at, stream, text FROM logs WHERE run_id=? ORDER BY at", (run_id,))
+            else:
+                cur = db.execute(
+                    "SELECT action, at, stream, text FROM logs WHERE run_id=? AND action=? ORDER BY at",
+                    (run_id, action),
+                )
+            return [(a, at, s, t) for a, at, s, t in cur]
+
+        return await self.read(go)
+
+    # -- resume ----------------------------------------------------------------
+
+    async def prepare_resume(self, run_id: str, use_cache: bool) -> Run:
+        from ._loader import load_root
+        from ._run import Run
+
+        record, output, output_kind = await self.load_run(run_id)
+        task = load_root(record.root, record.root_file)
+        args = decode_value(record.args_kind, record.args)
+        values, named = task.signature.bind(tuple(args[0]), dict(args[1]))
+        if record.status == "running" and record.pid is not None and record.host == socket.gethostname():
+            if record.pid != os.getpid() and _alive(record.pid):
+                raise EngineError(
+                    f"run {run_id} is still running in process {record.pid}; cancel it first "
+                    f"('shoal cancel {run_id}') or wait for it"
+                )
+            if record.pid == os.getpid() and run_id in self.engine.runs_in_flight:
+                raise EngineError(f"run {run_id} is running in this process already")
+        replay = await self.read(lambda db: _replay_table(db, run_id))
+        run = Run(
+            self.engine,
+            task,
+            values,
+            named,
+            run_id=run_id,
+            tags=record.tags,
+            attempt=record.attempt + (0 if record.status == "succeeded" else 1),
+            journal=self.for_run(),
+            replay=replay,
+            use_cache=use_cache,
+        )
+        run.started_at = _utc(record.started)
+        if record.status == "succeeded":
+            run.status = "succeeded"
+            run.finished_at = None if record.finished is None else _utc(record.finished)
+            if output_kind is not None:
+                run._result = await self.decode(output_kind, output, task.signature.returns())
+            run.mark_done()
+        return run
+
+    async def decode(self, kind: str, data: bytes, type: Any) -> Any:
+        if kind.startswith("blob-"):
+            data = await self.engine.blob_store.get_bytes(data.decode())
+            kind = kind[5:]
+        return decode_value(kind, data, type)
+
+
+class RunJournal:
+    """What one run writes to the journal."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.run: Run | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._root: tuple[str, str | None] = ("", None)
+
+    async def started(self, run: Run) -> None:
+        from ._loader import root_of
+
+        self.run = run
+        self._root = root_of(run.task)
+        kind, data = encode_value([run._values, run._named], what=f"arguments of run {run.id}")
+        self._args = (kind, data)
+        await self.journal.append(self._run_record(run, "running", None))
+        self._poller = asyncio.get_running_loop().create_task(self._poll_cancel(run))
+
+    def _run_record(self, run: Run, status: Any, finished: float | None) -> RunRecord:
+        root, root_file = self._root
+        kind, data = self._args
+        return RunRecord(
+            id=run.id,
+            task=run.task.name,
+            root=root,
+            root_file=root_file,
+            args=data,
+            args_kind=kind,  # type: ignore[arg-type]
+            status=status,
+            attempt=run.attempt,
+            started=run.started_at.timestamp(),
+            finished=finished,
+            tags=run.tags,
+            error=None if run.error is None else error_info(run.error),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+
+    async def finished(self, run: Run) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        assert run.finished_at is not None
+        await self.journal.append(self._run_record(run, run.status, run.finished_at.timestamp()))
+        if run.status == "succeeded":
+            await self._store_run_output(run)
+
+    async def _store_run_output(self, run: Run) -> None:
+        try:
+            kind, data = await self._encode(run._result, f"result of run {run.id}")
+        except EncodeError:
+            return
+        await self.journal.read(
+            lambda db: db.execute("UPDATE runs SET output=?, output_kind=? WHERE id=?", (data, kind, run.id))
+        )
+
+    async def _poll_cancel(self, run: Run) -> None:
+        query = "SELECT cancel_requested FROM runs WHERE id=?"
+        while True:
+            await asyncio.sleep(CANCEL_POLL)
+            try:
+                row = await self.journal.read(lambda db: db.execute(query, (run.id,)).fetchone())
+            except JournalError:
+                continue
+            if row is not None and row[0]:
+                run.cancel()
+                return
+
+    async def _encode(self, value: Any, what: str) -> tuple[str, bytes]:
+        kind, data = encode_value(value, what=what)
+        if len(data) > INLINE_LIMIT:
+            key = await self.journal.engine.blob_store.put_bytes(data)
+            return f"blob-{kind}", key.encode()
+        return kind, data
+
+    async def succeeded(self, action: Action, result: Any, *, cached: bool = False) -> None:
+        task = action.task
+        kind, data = await self._encode(result, f"output of task {task.name!r} (action {action.key})")
+        cache_key = action.cache_key
+        parent = action.parent
+        now = time.time()
+        run = action.run
+        await self.journal.append(
+            ActionRecord(
+                run.id,
+                action.key,
+                None if parent is None else parent.key,
+                task.name,
+                "succeeded",
+                action.attempt,
+                run.attempt,
+                action.started_at or now,
+                now,
+                action.group,
+                data,
+                kind,  # type: ignore[arg-type]
+                None,
+                "action",
+                cache_key,
+                cached,
+            )
+        )
+
+    def ended(self, action: Action, state: Any, error: BaseException | None) -> None:
+        parent = action.parent
+        run = action.run
+        now = time.time()
+        self.journal.append(
+            ActionRecord(
+                run.id,
+                action.key,
+                None if parent is None else parent.key,
+                action.task.name,
+                state,
+                action.attempt,
+                run.attempt,
+                action.started_at or None,
+                now,
+                action.group,
+                None,
+                None,
+                None if error is None else error_info(error),
+            )
+        )
+
+    def traced(self, action: Action, key: str, name: str, result: Any) -> None:
+        """Record a trace call's result (not waited for: a lost trace just runs again)."""
+        try:
+            kind, data = encode_value(result, what=f"result of trace {name!r}")
+        except EncodeError:
+            return
+        now = time.time()
+        run = action.run
+        self.journal.append(
+            ActionRecord(
+                run.id, key, action.key, name, "succeeded", 1, run.attempt, now, now,
+                action.group, data, kind, None, "trace",  # type: ignore[arg-type]
+            )
+        )
+
+    async def cache_lookup(self, action: Action, values: list[Any], named: dict[str, Any]) -> Any:
+        task = action.task
+        key = action.cache_key = digest("cache", task.name, task.cache_version, values, named)
+
+        def go(db: sqlite3.Connection) -> Any:
+            return db.execute("SELECT output_kind, output FROM cache WHERE key=?", (key,)).fetchone()
+
+        row = await self.journal.read(go)
+        if row is None:
+            return None
+        value = await self.journal.decode(row[0], row[1], task.signature.returns())
+        return _Hit(value)
+
+
+class _Hit:
+    """A cache hit (so that a cached ``None`` is not mistaken for a miss)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _utc(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _action_row(rec: ActionRecord) -> tuple[Any, ...]:
+    return (
+        rec.run_id, rec.key, rec.parent, rec.task, rec.state, rec.attempt, rec.run_attempt,
+        rec.started, rec.finished, rec.group, rec.output, rec.output_kind,
+        None if rec.error is None else _error_encoder.encode(rec.error), rec.kind, rec.cache_key,
+        int(rec.cached),
+    )
+
+
+def _action_record(row: tuple[Any, ...]) -> ActionRecord:
+    (run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp, output, output_kind,
+     error, kind, cache_key, cached) = row
+    return ActionRecord(
+        run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp,
+        output, output_kind, None if error is None else _error_decoder.decode(error), kind, cache_key,
+        bool(cached),
+    )
+
+
+def _run_record(row: tuple[Any, ...]) -> RunRecord:
+    (id_, task, root, root_file, args, args_kind, status, attempt, started, finished, tags, error,
+     pid, host) = row[:14]
+    return RunRecord(
+        id_, task, root, root_file, args, args_kind, status, attempt, started, finished,
+        _tags_decoder.decode(tags), None if error is None else _error_decoder.decode(error), pid, host,
+    )
+
+
+def _summary(rec: RunRecord, actions: int) -> RunSummary:
+    return RunSummary(
+        rec.id, rec.task, rec.root, rec.status, rec.attempt, rec.started, rec.finished, rec.tags,
+        actions, rec.error,
+    )
+
+
+def _replay_table(db: sqlite3.Connection, run_id: str) -> dict[str, Any]:
+    """key -> (kind, bytes) of every action and trace that succeeded in the run."""
+    return {
+        key: (kind, output)
+        for key, kind, output in db.execute(
+            "SELECT key, output_kind, output FROM actions WHERE run_id=? AND state='succeeded'",
+            (run_id,),
+        )
+    }
+

@@ -1,0 +1,125 @@
+"""Finding tasks again: import a module or a script file, and locate a task in it.
+
+Used by resume (to re-import a run's root task) and by ``shoal run FILE``.
+A script is imported the way Python runs it: its folder goes first on
+``sys.path`` and it becomes the module named after the file, unless that
+name already belongs to another module, in which case it is loaded under a
+private name.  Worker processes started by ``parallel_map`` inherit
+``sys.path``, so functions in such a script can be found there too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ._errors import ImportFailed
+from ._task import Task
+
+__all__ = ["load_file", "locate", "root_of"]
+
+
+def load_file(path: str | Path) -> ModuleType:
+    """Import a Python file as a module (see the module docstring)."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise ImportFailed(f"no such file: {path}")
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) and _same(module.__file__, file):
+            return module
+    folder = str(file.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = file.stem
+    if name.isidentifier() and name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and _same(spec.origin, file):
+            return _import(name, file)
+    return _exec(f"shoal_flow_{abs(hash(str(file))):x}", file)
+
+
+def _same(a: str | None, b: Path) -> bool:
+    try:
+        return a is not None and Path(a).resolve() == b
+    except OSError:
+        return False
+
+
+def _import(name: str, file: Path) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportFailed:
+        raise
+    except BaseException as exc:
+        raise ImportFailed(f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _exec(name: str, file: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportFailed(f"{file} cannot be imported as Python code")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        raise ImportFailed(f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def locate(module: ModuleType, qualname: str) -> Task[Any, Any]:
+    """The task at ``qualname`` in ``module``."""
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    if isinstance(obj, Task):
+        return obj
+    found = {t.fn.__qualname__: t for t in vars(module).values() if isinstance(t, Task)}
+    if qualname in found:
+        return found[qualname]
+    raise ImportFailed(
+        f"{module.__name__} has no task {qualname!r} any more "
+        f"(tasks there: {', '.join(sorted(found)) or 'none'})"
+    )
+
+
+def root_of(task: Task[Any, Any]) -> tuple[str, str | None]:
+    """(``module:qualname``, file or None) to find ``task`` again in another process."""
+    fn = task.fn
+    module = sys.modules.get(fn.__module__)
+    file = getattr(module, "__file__", None)
+    return f"{fn.__module__}:{fn.__qualname__}", str(Path(file).resolve()) if file else None
+
+
+def load_root(root: str, root_file: str | None) -> Task[Any, Any]:
+    """Import a run's root task again, by module or, failing that, by file."""
+    module_name, _, qualname = root.partition(":")
+    module: ModuleType | None = None
+    main = sys.modules.get("__main__")
+    if root_file and main is not None and _same(getattr(main, "__file__", None), Path(root_file)):
+        module = main
+    elif module_name != "__main__" and not module_name.startswith("shoal_flow_"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = None
+        except BaseException as exc:
+            raise ImportFailed(
+                f"importing {module_name} (root task of the run) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    if module is None:
+        if not root_file or not Path(root_file).is_file():
+            raise ImportFailed(
+                f"the run's root task {root} cannot be imported"
+                + (f" and its file {root_file} is gone" if root_file else "")
+                + "; restore the code (or run from the folder it was run from) and resume again"
+            )
+        module = load_file(root_file)
+    return locate(module, qualname)

@@ -1,0 +1,143 @@
+"""Per-task options: :class:`Retry` and :class:`Resources`."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import msgspec
+
+from ._errors import ConfigError
+
+__all__ = ["Resources", "Retry"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retry:
+    """How often, and after which failures, an action is attempted again.
+
+    ``attempts`` counts retries, not tries: ``Retry(2)`` runs a failing
+    action at most three times.  The delay before retry *n* (1-based) is
+    ``backoff * 2 ** (n - 1)``, capped at ``max_delay``, then spread by up to
+    ``jitter`` of itself in either direction so that many failing actions do
+    not retry in lockstep.  Only exceptions that are instances of ``on`` are
+    retried; cancellation never is.
+    """
+
+    attempts: int = 0
+    backoff: float = 1.0
+    max_delay: float = 60.0
+    jitter: float = 0.1
+    on: tuple[type[BaseException], ...] | type[BaseException] = (Exception,)
+
+    def __post_init__(self) -> None:
+        attempts, on = self.attempts, self.on
+        if isinstance(on, type):
+            on = (on,)
+            object.__setattr__(self, "on", on)
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+            raise ConfigError(f"Retry attempts must be a whole number >= 0, got {attempts!r}")
+        if self.backoff < 0 or self.max_delay < 0:
+            raise ConfigError(
+                f"Retry backoff and max_delay must be >= 0, got backoff={self.backoff!r}, "
+                f"max_delay={self.max_delay!r}"
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError(f"Retry jitter is a fraction between 0 and 1, got {self.jitter!r}")
+        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise ConfigError(f"Retry on= takes exception classes, got {on!r}")
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        base = min(self.backoff * 2.0 ** (retry - 1), self.max_delay)
+        if self.jitter:
+            base *= 1.0 + self.jitter * (2.0 * rng.random() - 1.0)
+        return max(0.0, base)
+
+    @classmethod
+    def coerce(cls, value: Any, *, what: str) -> Retry:
+        """Turn the ``retries=`` option (int, Retry or None) into a Retry."""
+        if value is None:
+            return NO_RETRY
+        if isinstance(value, Retry):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value)
+        raise ConfigError(
+            f"{what}: retries= takes a whole number or engine.Retry(...), got {value!r}"
+        )
+
+
+NO_RETRY = Retry(0)
+
+
+class Resources(msgspec.Struct, frozen=True, kw_only=True):
+    """What one action needs: CPU and GPU slots, and memory (``"4Gi"`` or bytes).
+
+    Run locally, an action takes ``cpu`` of the engine's CPU slots and ``gpu``
+    of its GPU slots for as long as it runs; offloaded, the numbers go to the
+    backend (job definition, host choice) instead.  ``cpu=0`` (the default)
+    takes no slot, which suits the common async, I/O-bound task.
+    """
+
+    cpu: float = 0
+    memory: int | str | None = None
+    gpu: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cpu < 0 or self.gpu < 0:
+            raise ConfigError(
+                f"Resources cpu and gpu must be >= 0, got cpu={self.cpu!r}, gpu={self.gpu!r}"
+            )
+        if self.memory is not None:
+            parse_memory(self.memory)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_memory(self.memory)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+
+
+def parse_memory(value: int | str) -> int:
+    """``"512Mi"`` -> 536870912; integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :].strip()
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if amount >= 0 and unit in _UNITS:
+            return int(amount * _UNITS[unit])
+    raise ConfigError(
+        f"Resources memory must be bytes or a size such as '512Mi' or '4Gi', got {value!r}"
+    )
+
+
+Retry.__module__ = "engine"
+Resources.__module__ = "engine"

@@ -1,0 +1,119 @@
+"""What the journal records: runs, actions, traces and cache entries.
+
+Records are frozen, tagged msgspec Structs; the SQLite journal stores their
+fields as columns (so that they can be queried) and the same Structs are
+what the query API returns.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["ActionRecord", "CacheRecord", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
+
+#: Bumped when the journal's tables change; a newer journal is refused.
+SCHEMA_VERSION = 1
+
+State = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+#: How an output is stored: inline msgpack or pickle, or in the blob store.
+ValueKind = Literal["msgpack", "pickle", "blob-msgpack", "blob-pickle"]
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """An exception as text: its type (``module.QualName``), message and traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class RunRecord(msgspec.Struct, frozen=True, tag="run"):
+    """One run: its root task, arguments, status and times."""
+
+    id: str
+    task: str
+    #: Import path of the root task: ``module:qualname``.
+    root: str
+    #: The file that defines the root task, for tasks in scripts (``__main__``).
+    root_file: str | None
+    args: bytes
+    args_kind: ValueKind
+    status: State
+    attempt: int
+    started: float
+    finished: float | None = None
+    tags: tuple[str, ...] = ()
+    error: ErrorInfo | None = None
+    pid: int | None = None
+    host: str | None = None
+
+
+class ActionRecord(msgspec.Struct, frozen=True, tag="action"):
+    """One action (or trace call, ``kind="trace"``) in its last recorded state."""
+
+    run_id: str
+    key: str
+    parent: str | None
+    task: str
+    state: State
+    attempt: int
+    run_attempt: int
+    started: float | None
+    finished: float | None
+    group: str | None = None
+    output: bytes | None = None
+    output_kind: ValueKind | None = None
+    error: ErrorInfo | None = None
+    kind: Literal["action", "trace"] = "action"
+    cache_key: str | None = None
+    #: Served from the cross-run cache instead of running.
+    cached: bool = False
+
+
+class CacheRecord(msgspec.Struct, frozen=True, tag="cache"):
+    key: str
+    task: str
+    output: bytes
+    output_kind: ValueKind
+    created: float
+    run_id: str
+
+
+class TaskSummary(msgspec.Struct, frozen=True):
+    """Counts of one task's actions in one run, by state (from the journal)."""
+
+    task: str
+    group: str | None
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    cached: int = 0
+
+
+class RunSummary(msgspec.Struct, frozen=True):
+    """A run as listed by :func:`engine.runs` and shown by :func:`engine.get_run`."""
+
+    id: str
+    task: str
+    root: str
+    status: State
+    attempt: int
+    started: float
+    finished: float | None
+    tags: tuple[str, ...]
+    actions: int
+    error: ErrorInfo | None = None
+    tasks: tuple[TaskSummary, ...] = ()
+    #: A page of the run's actions, when asked for.
+    action_records: tuple[ActionRecord, ...] = ()
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+
+for _cls in (ActionRecord, CacheRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary):
+    _cls.__module__ = "engine"

@@ -1,0 +1,288 @@
+"""A run: one execution of a root task and every action under it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._action import Action, execute
+from ._codec import decode_value, digest
+from ._context import group_var
+from ._errors import EngineError, RunFailed
+from ._events import TaskCounts
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+    from ._journal import RunJournal
+    from ._task import Task
+
+__all__ = ["Run"]
+
+Status = Literal["running", "succeeded", "failed", "cancelled"]
+
+
+class Run:
+    """One execution of a root task, with every action it started.
+
+    Returned by :func:`engine.run`, :func:`engine.arun`, :meth:`Engine.run`
+    (finished) and :meth:`Engine.submit` (still running; ``await run.wait()``).
+    ``status`` is one of ``"running"``, ``"succeeded"``, ``"failed"``,
+    ``"cancelled"``; ``result`` gives the root task's result or raises
+    :class:`RunFailed` chained to the task's exception; ``stats`` counts the
+    actions by state and ``counters`` by task.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        task: Task[Any, Any],
+        values: list[Any],
+        named: dict[str, Any],
+        *,
+        run_id: str,
+        tags: Sequence[str] = (),
+        attempt: int = 1,
+        journal: RunJournal | None = None,
+        replay: dict[str, Any] | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.id = run_id
+        self.engine = engine
+        self.task = task
+        self.tags = tuple(tags)
+        self.attempt = attempt
+        self.status: Status = "running"
+        self.error: BaseException | None = None
+        self.started_at = datetime.now(UTC)
+        self.finished_at: datetime | None = None
+        #: Per task name, how many of its actions are in each state.
+        self.counters: dict[str, TaskCounts] = {}
+        #: Labels of the ``engine.group`` blocks entered in this run.
+        self.groups: set[str] = set()
+        # Invariant: ``live`` holds every asyncio task currently running an
+        # action of this run (an action awaited inline shares its parent's
+        # task).  When the root finishes, whatever is still in it was spawned
+        # and abandoned, and is cancelled: no action outlives its run.
+        self.live: set[asyncio.Task[Any]] = set()
+        self.journal = journal
+        # Outputs of actions that succeeded in an earlier attempt of this
+        # run, by key; None when this attempt is not a resume.
+        self.replay = replay
+        self.use_cache = use_cache
+        self.thread_id = threading.get_ident()
+        self._loop = asyncio.get_running_loop()
+        self._values = values
+        self._named = named
+        self._result: Any = None
+        self._main: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def result(self) -> Any:
+        """The root task's result; raises :class:`RunFailed` if the run did not succeed."""
+        if self.status == "succeeded":
+            return self._result
+        if self.status == "running":
+            raise EngineError(f"run {self.id} is still running; await run.wait() first")
+        if self.status == "cancelled":
+            raise RunFailed(
+                f"run {self.id} was cancelled; resume it with engine.resume({self.id!r})",
+                run_id=self.id,
+            )
+        error = self.error
+        raise RunFailed(
+            f"run {self.id} failed: {type(error).__qualname__}: {error}"
+            + (f"; after fixing it, resume with engine.resume({self.id!r})" if self.journal else ""),
+            run_id=self.id,
+        ) from error
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Actions of this run by state, summed over tasks."""
+        total = dict.fromkeys(
+            ("pending", "running", "succeeded", "failed", "cancelled", "cached", "replayed", "retries"), 0
+        )
+        for counts in self.counters.values():
+            for state, n in counts.as_dict().items():
+                total[state] += n
+        return total
+
+    def counters_for(self, name: str) -> TaskCounts:
+        """The counters of ``name`` (a task, or another unit of work such as a parallel_map)."""
+        counts = self.counters.get(name)
+        if counts is None:
+            counts = self.counters[name] = TaskCounts(name)
+        return counts
+
+    def cancel(self) -> None:
+        """Cancel the run: every action still running is cancelled and recorded so."""
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+
+    async def wait(self) -> Run:
+        """Wait until the run has finished (whatever its status); return it."""
+        await self._done.wait()
+        return self
+
+    def mark_done(self) -> None:
+        """For a run restored from the journal that needs no executing."""
+        self._done.set()
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.task.name} {self.status}>"
+
+    # -- actions -----------------------------------------------------------
+
+    def call(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
+        """Create the action for one call of ``task`` under ``parent``."""
+        values, named = task.signature.bind(args, kwargs)
+        if task.resources is not None:
+            self.engine.check_resources(task)
+        if self.journal is not None:
+            action = Action(self, task, parent, group_var.get(), self._key(task.name, parent, values, named))
+        else:
+            action = Action(self, task, parent, group_var.get(), "")
+        counts = self.counters.get(task.name)
+        if counts is None:
+            counts = self.counters[task.name] = TaskCounts(task.name)
+        counts.pending += 1
+        return execute(action, values, named, counts)
+
+    def call_from_thread(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call made from a sync task's worker thread: run it on the loop, wait here."""
+
+        async def call() -> Any:
+            return await self.call(task, parent, args, kwargs)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def _key(self, name: str, parent: Action | None, values: list[Any], named: dict[str, Any]) -> str:
+        inputs = hashlib.blake2b(
+            digest(name, values, named).encode(), digest_size=16
+        ).digest()
+        if parent is None:
+            occurrence = 0
+            parent_key = ""
+        else:
+            table = parent.occurrences
+            if table is None:
+                table = parent.occurrences = {}
+            occurrence = table.get(inputs, 0)
+            table[inputs] = occurrence + 1
+            parent_key = parent.key
+        return hashlib.blake2b(
+            f"{parent_key}/{name}/{inputs.hex()}/{occurrence}".encode(), digest_size=12
+        ).hexdigest()
+
+    def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The key of one trace call inside ``action`` (see :func:`engine.trace`)."""
+        inputs = hashlib.blake2b(
+            digest("trace", name, args, kwargs).encode(), digest_size=16
+        ).digest()
+        table = action.occurrences
+        if table is None:
+            table = action.occurrences = {}
+        occurrence = table.get(inputs, 0)
+        table[inputs] = occurrence + 1
+        return hashlib.blake2b(
+            f"{action.key}/trace:{name}/{inputs.hex()}/{occurrence}".encode(), digest_size=12
+        ).hexdigest()
+
+    def replay_value(self, key: str, type: Any = Any) -> Any:
+        """The recorded output of a trace call (traces are always stored inline)."""
+        assert self.replay is not None
+        kind, data = self.replay[key]
+        return decode_value(kind, data, type)
+
+    async def replayed(self, action: Action, found: tuple[str, bytes], counts: TaskCounts) -> Any:
+        assert self.journal is not None
+        kind, data = found
+        value = await self.journal.journal.decode(kind, data, action.task.signature.returns())
+        counts.pending -= 1
+        counts.succeeded += 1
+        counts.replayed += 1
+        if self.engine.subscribers:
+            self.engine.emit("replayed", action)
+        return value
+
+    async def cached(self, action: Action, value: Any, counts: TaskCounts) -> Any:
+        if self.journal is not None:
+            await self.journal.succeeded(action, value, cached=True)
+        counts.pending -= 1
+        counts.succeeded += 1
+        counts.cached += 1
+        if self.engine.subscribers:
+            self.engine.emit("cached", action)
+        return value
+
+    def retrying(self, action: Action, error: BaseException) -> None:
+        if self.engine.subscribers:
+            self.engine.emit("retrying", action, error)
+
+    def finished(self, action: Action, state: Literal["failed", "cancelled"], error: BaseException | None) -> None:
+        """Record an action that failed or was cancelled."""
+        if self.journal is not None:
+            self.journal.ended(action, state, error)
+        if self.engine.subscribers:
+            self.engine.emit(state, action, error)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._main = self._loop.create_task(self._drive(), name=f"shoal-run-{self.id}")
+
+    async def _drive(self) -> None:
+        if self.journal is not None:
+            root = Action(self, self.task, None, None, self._key(self.task.name, None, self._values, self._named))
+            await self.journal.started(self)
+        else:
+            root = Action(self, self.task, None, None, "")
+        counts = self.counters_for(self.task.name)
+        counts.pending += 1
+        try:
+            self._result = await execute(root, self._values, self._named, counts)
+            self.status = "succeeded"
+        except asyncio.CancelledError:
+            self.status = "cancelled"
+        except BaseException as exc:
+            self.status = "failed"
+            self.error = exc
+        finally:
+            await self._cancel_leftovers()
+            self.finished_at = datetime.now(UTC)
+            try:
+                if self.journal is not None:
+                    await self.journal.finished(self)
+            finally:
+                self._done.set()
+                self.engine.run_finished(self)
+
+    async def _cancel_leftovers(self) -> None:
+        me = asyncio.current_task()
+        leftovers = [t for t in self.live if t is not me and not t.done()]
+        for t in leftovers:
+            t.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+def new_run_id() -> str:
+    """A short, unique, roughly time-ordered run id."""
+    stamp = time.strftime("%y%m%d%H%M%S", time.gmtime())
+    import secrets
+
+    return f"{stamp}-{secrets.token_hex(3)}"

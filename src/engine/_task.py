@@ -1,0 +1,184 @@
+"""Tasks: functions that become actions when called inside a run."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from ._context import action_var
+from ._errors import ConfigError
+from ._options import NO_RETRY, Resources, Retry
+from ._signature import Signature
+
+__all__ = ["Task", "task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TASK_OPTIONS = ("name", "retries", "timeout", "cache", "concurrency", "resources", "offload")
+
+
+class Task(Generic[P, R]):
+    """A function registered with :func:`task`.
+
+    Called inside a run, it creates an *action*: the arguments are validated
+    at once, and the returned awaitable runs the action under the engine's
+    scheduler (admission, retries, timeout, journal).  Called outside any
+    run, it is the plain function, which keeps unit tests simple.
+    """
+
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "cache_version",
+        "concurrency",
+        "fn",
+        "is_async",
+        "name",
+        "offload",
+        "plain",
+        "resources",
+        "retry",
+        "signature",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        name: str | None = None,
+        retries: int | Retry | None = None,
+        timeout: float | None = None,
+        cache: bool | str = False,
+        concurrency: int | None = None,
+        resources: Resources | None = None,
+        offload: Any = None,
+    ) -> None:
+        if isinstance(fn, Task):
+            fn = fn.fn
+        if not callable(fn):
+            raise ConfigError(f"@engine.task decorates a function, got {fn!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"task name must be a non-empty string, got {name!r}")
+        what = f"task {self.name!r}"
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.retry = Retry.coerce(retries, what=what)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise ConfigError(f"{what}: timeout= is a number of seconds > 0, got {timeout!r}")
+        self.timeout = None if timeout is None else float(timeout)
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ConfigError(
+                f"{what}: concurrency= is the most actions of this task running at once, "
+                f"a whole number >= 1 (or None for no limit), got {concurrency!r}"
+            )
+        self.concurrency = concurrency
+        if resources is not None and not isinstance(resources, Resources):
+            raise ConfigError(f"{what}: resources= takes engine.Resources(...), got {resources!r}")
+        self.resources = resources
+        self.offload = offload
+        if cache is True:
+            self.cache_version: str | None = _source_version(fn)
+        elif cache is False or cache is None:
+            self.cache_version = None
+        elif isinstance(cache, str) and cache:
+            self.cache_version = cache
+        else:
+            raise ConfigError(
+                f"{what}: cache= takes True, False or a version string, got {cache!r}"
+            )
+        self.signature = Signature(fn, self.name)
+        # An async task with no retry and no timeout takes the action path's
+        # shortest branch.
+        self.plain = self.is_async and self.retry.attempts == 0 and self.timeout is None
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        parent = action_var.get()
+        if parent is None:
+            return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+        run = parent.run
+        if run.thread_id != threading.get_ident():
+            # A sync task (in a worker thread) calling another task: run the
+            # child on the loop and block this thread until it is done.
+            return run.call_from_thread(self, parent, args, kwargs)  # type: ignore[no-any-return]
+        return run.call(self, parent, args, kwargs)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<engine.Task {self.name!r}>"
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # Pickled by reference to the module attribute, like a function.
+        return self.__qualname__
+
+    @property
+    def import_path(self) -> str:
+        """``module:qualname`` of the function."""
+        return f"{self.fn.__module__}:{self.fn.__qualname__}"
+
+
+def _source_version(fn: Callable[..., Any]) -> str:
+    """Cache version of ``cache=True``: a hash of the function's source."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        source = repr(code.co_code + repr(code.co_consts).encode()) if code else repr(fn)
+    return "src-" + hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+
+
+def check_options(options: dict[str, Any], *, where: str) -> None:
+    unknown = [k for k in options if k not in TASK_OPTIONS]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, TASK_OPTIONS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{where} got an unknown option {name!r}.{hint} "
+            f"Options are: {', '.join(TASK_OPTIONS)}."
+        )
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task(
+    fn: None = None, /, **options: Any
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(
+    fn: Callable[P, R] | None = None, /, **options: Any
+) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    """Make a function a task; bare (``@task``) or with options (``@task(retries=2)``).
+
+    Options: ``name`` (default: the function's qualified name), ``retries``
+    (int or :class:`Retry`), ``timeout`` (seconds per attempt, enforced by
+    cancelling it), ``cache`` (False, True for a version hashed from the
+    source, or an explicit version string), ``concurrency`` (most actions of
+    this task running at once in an engine), ``resources``
+    (:class:`Resources`), ``offload`` (a target name from config or a
+    backend object).  Sync functions run in a worker thread.
+    """
+    check_options(options, where="@engine.task")
+    if fn is None:
+
+        def decorate(f: Callable[P, R]) -> Task[P, R]:
+            return Task(f, **options)
+
+        return decorate
+    return Task(fn, **options)
+
+
+Task.__module__ = "engine"
