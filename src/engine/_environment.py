@@ -46,7 +46,7 @@ class Environment:
 
         def decorate(f: Callable[P, R]) -> Task[P, R]:
             merged = {**self.defaults, **options}
-            merged.setdefault("name", f"{self.name}.{getattr(f, '__qualname__', f)}")
+            merged.setdefault("name", f"{self.name}.{getattr(f, '__name__', f)}")
             made: Task[P, R] = Task(f, **merged)
             self.tasks[made.name] = made
             return made

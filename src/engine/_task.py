@@ -65,7 +65,7 @@ class Task(Generic[P, R]):
         if not callable(fn):
             raise ConfigError(f"@engine.task decorates a function, got {fn!r}")
         self.fn = fn
-        self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        self.name = name or getattr(fn, "__name__", None) or repr(fn)
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"task name must be a non-empty string, got {name!r}")
         what = f"task {self.name!r}"
@@ -163,7 +163,7 @@ def task(
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make a function a task; bare (``@task``) or with options (``@task(retries=2)``).
 
-    Options: ``name`` (default: the function's qualified name), ``retries``
+    Options: ``name`` (default: the function's name), ``retries``
     (int or :class:`Retry`), ``timeout`` (seconds per attempt, enforced by
     cancelling it), ``cache`` (False, True for a version hashed from the
     source, or an explicit version string), ``concurrency`` (most actions of

@@ -1,0 +1,43 @@
+"""Shared fixtures: every test runs in its own working directory and SHOAL_HOME."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import engine
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Keep every test's journal, blobs and config lookups inside its own folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SHOAL_HOME", str(tmp_path / ".shoal"))
+    monkeypatch.delenv("SHOAL_CONFIG", raising=False)
+    monkeypatch.delenv("SHOAL_BLOB_STORE", raising=False)
+    yield tmp_path
+
+
+class FakeSleep:
+    """Records retry delays instead of sleeping them."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+@pytest.fixture
+def fake_sleep() -> FakeSleep:
+    return FakeSleep()
+
+
+@pytest.fixture
+async def eng(fake_sleep: FakeSleep) -> AsyncIterator[engine.Engine]:
+    """An engine that keeps nothing and never sleeps between retries."""
+    async with engine.Engine(store="memory", sleep=fake_sleep, rng=random.Random(7)) as e:
+        yield e

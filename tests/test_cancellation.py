@@ -1,0 +1,178 @@
+"""Structured cancellation: cancelling a run reaches every descendant action."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import engine
+
+
+class Tree:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.finished: list[str] = []
+        self.all_started = asyncio.Event()
+
+
+def make_tree(tree: Tree, leaves: int) -> engine.Task[[], None]:
+    @engine.task
+    async def grandchild(i: int) -> None:
+        tree.started.append(f"g{i}")
+        if len(tree.started) == leaves:
+            tree.all_started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            tree.cancelled.append(f"g{i}")
+            raise
+        tree.finished.append(f"g{i}")
+
+    @engine.task
+    async def child(k: int) -> None:
+        await asyncio.gather(grandchild(2 * k), grandchild(2 * k + 1))
+
+    @engine.task
+    async def root() -> None:
+        await asyncio.gather(*(child(k) for k in range(leaves // 2)))
+
+    return root
+
+
+async def test_run_cancel_reaches_grandchildren(eng: engine.Engine) -> None:
+    tree = Tree()
+    root = make_tree(tree, 6)
+    run = await eng.submit(root)
+    await asyncio.wait_for(tree.all_started.wait(), 10)
+    run.cancel()
+    await run.wait()
+    assert run.status == "cancelled"
+    assert sorted(tree.cancelled) == sorted(tree.started)
+    assert tree.finished == []
+    assert run.counters["grandchild"].cancelled == 6
+    assert run.counters["child"].cancelled == 3
+    assert run.counters["root"].cancelled == 1
+    assert run.stats["running"] == 0
+
+
+async def test_cancelling_the_awaiting_coroutine_cancels_the_run(eng: engine.Engine) -> None:
+    tree = Tree()
+    root = make_tree(tree, 4)
+    waiter = asyncio.create_task(eng.run(root))
+    await asyncio.wait_for(tree.all_started.wait(), 10)
+    [run] = eng.runs_in_flight.values()
+    waiter.cancel()
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        pass
+    assert run.status == "cancelled"
+    assert sorted(tree.cancelled) == sorted(tree.started)
+    assert not eng.runs_in_flight
+
+
+async def test_cancelled_actions_are_recorded_in_the_journal() -> None:
+    tree = Tree()
+    root = make_tree(tree, 4)
+    async with engine.Engine(store="j.db") as eng:
+        run = await eng.submit(root)
+        await asyncio.wait_for(tree.all_started.wait(), 10)
+        run.cancel()
+        await run.wait()
+        details = await eng.get_run(run.id, actions=True)
+    assert details.status == "cancelled"
+    states = {(a.task, a.state) for a in details.action_records}
+    assert states == {("root", "cancelled"), ("child", "cancelled"), ("grandchild", "cancelled")}
+    assert len(details.action_records) == 1 + 2 + 4
+
+
+async def test_orphaned_actions_do_not_outlive_their_run(eng: engine.Engine) -> None:
+    orphan_cancelled = asyncio.Event()
+    orphan_started = asyncio.Event()
+
+    @engine.task
+    async def orphan() -> None:
+        orphan_started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            orphan_cancelled.set()
+            raise
+
+    @engine.task
+    async def main() -> str:
+        asyncio.get_running_loop().create_task(orphan())  # never awaited
+        await orphan_started.wait()
+        return "done"
+
+    run = await eng.run(main)
+    assert run.result == "done"
+    assert orphan_cancelled.is_set()
+
+
+async def test_the_engine_keeps_working_after_a_cancel(eng: engine.Engine) -> None:
+    tree = Tree()
+    run = await eng.submit(make_tree(tree, 2))
+    await asyncio.wait_for(tree.all_started.wait(), 10)
+    run.cancel()
+    await run.wait()
+
+    @engine.task
+    async def fine() -> int:
+        return 5
+
+    assert (await eng.run(fine)).result == 5
+
+
+def test_ctrl_c_cancels_the_run_and_raises_keyboard_interrupt(tmp_path: Path) -> None:
+    script = tmp_path / "flow.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, sys
+            import engine
+
+            @engine.task
+            async def leaf(i: int) -> None:
+                print("started", flush=True)
+                await asyncio.sleep(60)
+
+            @engine.task
+            async def main() -> None:
+                await asyncio.gather(*(leaf(i) for i in range(3)))
+
+            try:
+                engine.run(main)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+                sys.exit(130)
+            """
+        )
+    )
+    env = {**os.environ, "SHOAL_HOME": str(tmp_path / ".shoal")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(3):
+            assert proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "interrupted" in out
+    [run] = engine.runs(limit=5)
+    assert run.status == "cancelled"
+    details = engine.get_run(run.id, actions=True)
+    assert {a.state for a in details.action_records} == {"cancelled"}
+    assert len(details.action_records) == 4
