@@ -16,7 +16,7 @@ import msgspec
 
 from ._errors import EncodeError
 
-__all__ = ["MSGPACK", "PICKLE", "decode_value", "digest", "encode_value"]
+__all__ = ["MSGPACK", "PICKLE", "decode_value", "digest", "digest_bytes", "encode_value"]
 
 MSGPACK: Final = "msgpack"
 PICKLE: Final = "pickle"
@@ -28,6 +28,11 @@ _any_decoder = msgspec.msgpack.Decoder()
 
 def digest(*parts: Any) -> str:
     """A 32-hex-digit digest of ``parts``, stable across processes."""
+    return digest_bytes(*parts).hex()
+
+
+def digest_bytes(*parts: Any) -> bytes:
+    """The 16-byte digest behind :func:`digest`."""
     try:
         data = _det_encoder.encode(parts)
     except (TypeError, ValueError):
@@ -37,7 +42,7 @@ def digest(*parts: Any) -> str:
             data = pickle.dumps(parts, protocol=5)
         except Exception:
             data = repr(parts).encode()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def encode_value(value: Any, *, what: str) -> tuple[str, bytes]:

@@ -67,9 +67,11 @@ CREATE TABLE IF NOT EXISTS actions (
     run_id TEXT NOT NULL, key TEXT NOT NULL, parent TEXT, task TEXT NOT NULL,
     state TEXT NOT NULL, attempt INTEGER NOT NULL, run_attempt INTEGER NOT NULL,
     started REAL, finished REAL, grp TEXT, output BLOB, output_kind TEXT,
-    error BLOB, kind TEXT NOT NULL, cache_key TEXT, cached INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (run_id, key)
-) WITHOUT ROWID;
+    error BLOB, kind TEXT NOT NULL, cache_key TEXT, cached INTEGER NOT NULL DEFAULT 0
+);
+-- Append-only: a key's latest row (highest rowid) is its current state.  A
+-- unique index on (run_id, key) would cost twice as much per insert.
+CREATE INDEX IF NOT EXISTS actions_run ON actions (run_id);
 CREATE TABLE IF NOT EXISTS cache (
     key TEXT PRIMARY KEY, task TEXT NOT NULL, output BLOB NOT NULL,
     output_kind TEXT NOT NULL, created REAL NOT NULL, run_id TEXT NOT NULL
@@ -80,6 +82,11 @@ CREATE TABLE IF NOT EXISTS logs (
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, action);
 """
+
+#: The current row of each action of one run (bind the run id once).
+_LATEST = (
+    "rowid IN (SELECT max(rowid) FROM actions WHERE run_id=? AND kind='action' GROUP BY key)"
+)
 
 _error_encoder = msgspec.msgpack.Encoder()
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
@@ -268,7 +275,7 @@ class Journal:
                     ),
                 )
             if actions:
-                db.executemany("INSERT OR REPLACE INTO actions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", actions)
+                db.executemany("INSERT INTO actions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", actions)
             if caches:
                 db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?)", caches)
             db.execute("COMMIT")
@@ -319,7 +326,7 @@ class Journal:
             sql = (
                 "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
                 "tags, error, pid, host, "
-                "(SELECT count(*) FROM actions a WHERE a.run_id=runs.id AND a.kind='action') "
+                "(SELECT count(DISTINCT key) FROM actions a WHERE a.run_id=runs.id AND a.kind='action') "
                 "FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
                 + " ORDER BY started DESC LIMIT ?"
             )
@@ -341,7 +348,7 @@ class Journal:
             count = 0
             for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
                 "SELECT task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
-                "sum(state='running'), sum(cached) FROM actions WHERE run_id=? AND kind='action' "
+                "sum(state='running'), sum(cached) FROM actions WHERE " + _LATEST + " "
                 "GROUP BY task, grp ORDER BY min(started)",
                 (run_id,),
             ):
@@ -352,7 +359,7 @@ class Journal:
                 records = tuple(
                     _action_record(r)
                     for r in db.execute(
-                        "SELECT * FROM actions WHERE run_id=? AND kind='action' "
+                        "SELECT * FROM actions WHERE " + _LATEST + " "
                         "ORDER BY started LIMIT ? OFFSET ?",
                         (run_id, limit, offset),
                     )
@@ -368,7 +375,7 @@ class Journal:
             return [
                 _action_record(r)
                 for r in db.execute(
-                    "SELECT * FROM actions WHERE run_id=? AND state='failed' ORDER BY finished LIMIT ?",
+                    "SELECT * FROM actions WHERE " + _LATEST + " AND state='failed' ORDER BY finished LIMIT ?",
                     (run_id, limit),
                 )
             ]

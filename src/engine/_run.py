@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._action import Action, execute
-from ._codec import decode_value, digest
+from ._codec import decode_value, digest_bytes
 from ._context import group_var
 from ._errors import EngineError, RunFailed
 from ._events import TaskCounts
@@ -171,9 +171,7 @@ class Run:
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
 
     def _key(self, name: str, parent: Action | None, values: list[Any], named: dict[str, Any]) -> str:
-        inputs = hashlib.blake2b(
-            digest(name, values, named).encode(), digest_size=16
-        ).digest()
+        inputs = digest_bytes(name, values, named)
         if parent is None:
             occurrence = 0
             parent_key = ""
@@ -184,23 +182,17 @@ class Run:
             occurrence = table.get(inputs, 0)
             table[inputs] = occurrence + 1
             parent_key = parent.key
-        return hashlib.blake2b(
-            f"{parent_key}/{name}/{inputs.hex()}/{occurrence}".encode(), digest_size=12
-        ).hexdigest()
+        return _chain(parent_key, inputs, occurrence)
 
     def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The key of one trace call inside ``action`` (see :func:`engine.trace`)."""
-        inputs = hashlib.blake2b(
-            digest("trace", name, args, kwargs).encode(), digest_size=16
-        ).digest()
+        inputs = digest_bytes("trace", name, args, kwargs)
         table = action.occurrences
         if table is None:
             table = action.occurrences = {}
         occurrence = table.get(inputs, 0)
         table[inputs] = occurrence + 1
-        return hashlib.blake2b(
-            f"{action.key}/trace:{name}/{inputs.hex()}/{occurrence}".encode(), digest_size=12
-        ).hexdigest()
+        return _chain(action.key, inputs, occurrence)
 
     def replay_value(self, key: str, type: Any = Any) -> Any:
         """The recorded output of a trace call (traces are always stored inline)."""
@@ -278,6 +270,13 @@ class Run:
             t.cancel()
         if leftovers:
             await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+def _chain(parent_key: str, inputs: bytes, occurrence: int) -> str:
+    """An action key: the parent's key, the digest of (task name, inputs), the occurrence."""
+    return hashlib.blake2b(
+        parent_key.encode() + inputs + occurrence.to_bytes(8, "little"), digest_size=12
+    ).hexdigest()
 
 
 def new_run_id() -> str:
