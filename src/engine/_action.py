@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._context import action_var
@@ -94,12 +95,26 @@ class Action:
         return f"<Action {self.task.name} id={self.id} attempt={self.attempt}>"
 
 
-async def execute(action: Action, values: list[Any], named: dict[str, Any], counts: TaskCounts) -> Any:
-    """Run one action to completion: replay or cache, admission, attempts, record."""
-    run = action.run
-    task = action.task
+async def execute(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action | None,
+    group: str | None,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+) -> Any:
+    """Run one action to completion: replay or cache, admission, attempts, record.
+
+    The :class:`Action` object is made here, when the action starts, not
+    when the task is called: a fan-out of a million calls then holds a
+    million small coroutines, not a million actions, until they get to run
+    (fewer live objects also means less work for the garbage collector).
+    """
+    action = Action(run, task, parent, group, key)
     if run.replay is not None:
-        found = run.replay.get(action.key)
+        found = run.replay.get(key)
         if found is not None:
             return await run.replayed(action, found, counts)
     if task.cache_version is not None and run.journal is not None and run.use_cache:
@@ -108,7 +123,6 @@ async def execute(action: Action, values: list[Any], named: dict[str, Any], coun
             return await run.cached(action, hit.value, counts)
 
     engine = run.engine
-    parent = action.parent
     if parent is not None and parent.held is not None:
         parent.lend()
     if engine.limited or task.concurrency is not None or task.resources is not None:
@@ -175,7 +189,7 @@ async def execute(action: Action, values: list[Any], named: dict[str, Any], coun
 
 
 async def _attempts(
-    action: Action, task: Task[Any, Any], values: list[Any], named: dict[str, Any], counts: TaskCounts
+    action: Action, task: Task[Any, Any], values: Sequence[Any], named: Mapping[str, Any], counts: TaskCounts
 ) -> Any:
     retry = task.retry
     timeout = task.timeout

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,8 +41,8 @@ class Run:
         self,
         engine: Engine,
         task: Task[Any, Any],
-        values: list[Any],
-        named: dict[str, Any],
+        values: Sequence[Any],
+        named: Mapping[str, Any],
         *,
         run_id: str,
         tags: Sequence[str] = (),
@@ -152,15 +152,14 @@ class Run:
         values, named = task.signature.bind(args, kwargs)
         if task.resources is not None:
             self.engine.check_resources(task)
-        if self.journal is not None:
-            action = Action(self, task, parent, group_var.get(), self._key(task.name, parent, values, named))
-        else:
-            action = Action(self, task, parent, group_var.get(), "")
+        # The key is fixed now, at call time, so that it follows the order of
+        # the calls and not the order in which the actions get to run.
+        key = "" if self.journal is None else self._key(task.name, parent, values, named)
         counts = self.counters.get(task.name)
         if counts is None:
             counts = self.counters[task.name] = TaskCounts(task.name)
         counts.pending += 1
-        return execute(action, values, named, counts)
+        return execute(self, task, parent, group_var.get(), key, values, named, counts)
 
     def call_from_thread(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call made from a sync task's worker thread: run it on the loop, wait here."""
@@ -170,8 +169,8 @@ class Run:
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
 
-    def _key(self, name: str, parent: Action | None, values: list[Any], named: dict[str, Any]) -> str:
-        inputs = digest_bytes(name, values, named)
+    def _key(self, name: str, parent: Action | None, values: Sequence[Any], named: Mapping[str, Any]) -> str:
+        inputs = digest_bytes(name, values, dict(named))
         if parent is None:
             occurrence = 0
             parent_key = ""
@@ -238,15 +237,14 @@ class Run:
         self._main = self._loop.create_task(self._drive(), name=f"shoal-run-{self.id}")
 
     async def _drive(self) -> None:
+        key = ""
         if self.journal is not None:
-            root = Action(self, self.task, None, None, self._key(self.task.name, None, self._values, self._named))
+            key = self._key(self.task.name, None, self._values, self._named)
             await self.journal.started(self)
-        else:
-            root = Action(self, self.task, None, None, "")
         counts = self.counters_for(self.task.name)
         counts.pending += 1
         try:
-            self._result = await execute(root, self._values, self._named, counts)
+            self._result = await execute(self, self.task, None, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
             self.status = "cancelled"

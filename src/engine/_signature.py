@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -158,16 +158,30 @@ class Signature:
             self._resolve()
         return self.return_type
 
-    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Sequence[Any], dict[str, Any]]:
         """Validate a call; return the converted (positional, keyword) arguments.
 
-        Every named parameter ends up filled: positional ones in the list in
-        declaration order, keyword-only ones in the dict.  The result is
-        canonical, so the same call spelled two ways (``f(1)`` and
+        Every named parameter ends up filled: positional ones in the
+        sequence in declaration order, keyword-only ones in the dict.  The
+        result is canonical, so the same call spelled two ways (``f(1)`` and
         ``f(x=1)``) has the same digest.
         """
         if not self._resolved:
             self._resolve()
+        if not kwargs and len(args) == len(self._positional) and not self.keyword_only:
+            # Fast path: every parameter given positionally.  The args tuple
+            # itself is returned unless a value had to be converted.
+            converted: list[Any] | None = None
+            for i, param in enumerate(self._positional):
+                check = param.check
+                if check is not None:
+                    value = args[i]
+                    new = self._convert(param, value)
+                    if new is not value:
+                        if converted is None:
+                            converted = list(args)
+                        converted[i] = new
+            return (args if converted is None else converted), {}
         positional = self._positional
         n = len(args)
         if n > len(positional) and not self.has_var_positional:
@@ -221,7 +235,7 @@ class Signature:
 
     def _convert(self, param: _Param, value: Any) -> Any:
         check = param.check
-        if check is None:
+        if check is None or type(value) is param.type:
             return value
         try:
             return check(value)
