@@ -161,3 +161,18 @@ async def test_sync_tasks_do_not_block_the_loop(eng: engine.Engine) -> None:
     await eng.run(main)
     t.cancel()
     assert ticks >= 5  # the loop kept turning while the sync task slept
+
+
+async def test_offloaded_task_is_refused_rather_than_run_locally(eng: engine.Engine) -> None:
+    @engine.task(offload="gpu-hosts")
+    async def train() -> str:
+        return "ran locally"
+
+    @engine.task
+    async def main() -> str:
+        return await train()
+
+    run = await eng.run(main)
+    assert run.status == "failed"
+    assert isinstance(run.error, engine.ConfigError)
+    assert "'gpu-hosts'" in str(run.error) and "remove offload=" in str(run.error)

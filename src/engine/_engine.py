@@ -295,6 +295,23 @@ class Engine:
                 f"to a host with GPUs (offload=...) or set Engine(gpus=...)"
             )
 
+    def offload_unavailable(self, task: Task[Any, Any]) -> ConfigError:
+        """The error for a call of an offloaded task: no remote backend ships yet.
+
+        Running such a task locally instead would silently ignore where the
+        user asked it to run (a GPU host, a bigger machine), so the call is
+        refused; remove ``offload=`` to run
+        it here.
+        """
+        target = task.offload
+        name = target if isinstance(target, str) else type(target).__qualname__
+        configured = ", ".join(sorted(self.config.offload)) or "none"
+        return ConfigError(
+            f"task {task.name!r} is set to offload to {name!r}, but this version of shoal has "
+            f"no remote backends (configured targets: {configured}); remove offload= to run "
+            f"it in this process"
+        )
+
     async def admit(self, task: Task[Any, Any]) -> list[tuple[Slots, float]]:
         """Take the slots one action of ``task`` needs; return what to give back.
 

@@ -150,6 +150,8 @@ class Run:
     def call(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
         """Create the action for one call of ``task`` under ``parent``."""
         values, named = task.signature.bind(args, kwargs)
+        if task.offload is not None:
+            raise self.engine.offload_unavailable(task)
         if task.resources is not None:
             self.engine.check_resources(task)
         # The key is fixed now, at call time, so that it follows the order of
