@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import engine
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class Tree:
@@ -68,10 +72,8 @@ async def test_cancelling_the_awaiting_coroutine_cancels_the_run(eng: engine.Eng
     await asyncio.wait_for(tree.all_started.wait(), 10)
     [run] = eng.runs_in_flight.values()
     waiter.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await waiter
-    except asyncio.CancelledError:
-        pass
     assert run.status == "cancelled"
     assert sorted(tree.cancelled) == sorted(tree.started)
     assert not eng.runs_in_flight

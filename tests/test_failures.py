@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import TYPE_CHECKING
 
 import pytest
 
 import engine
-from tests.conftest import FakeSleep
+
+if TYPE_CHECKING:
+    from tests.conftest import FakeSleep
 
 
 async def test_retries_with_their_count(eng: engine.Engine, fake_sleep: FakeSleep) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 
 import pytest
@@ -172,10 +173,8 @@ async def test_events_stream_action_state_changes(eng: engine.Engine) -> None:
     @engine.task
     async def main() -> None:
         await flaky()
-        try:
+        with contextlib.suppress(ValueError):
             await bad()
-        except ValueError:
-            pass
 
     async with eng.events() as stream:
         run = await eng.run(main)

@@ -146,7 +146,7 @@ async def test_a_non_task_passed_to_run_is_refused(eng: engine.Engine) -> None:
 
     with pytest.raises(engine.InputError, match=r"takes a task.*@engine.task"):
         await eng.run(plain)  # type: ignore[arg-type]
-    with pytest.raises(engine.InputError, match="@engine.task"):
+    with pytest.raises(engine.InputError, match=r"@engine\.task"):
         engine.run(plain)  # type: ignore[arg-type]
     # The engine keeps working.
     assert (await eng.run(square, 3)).result == 9

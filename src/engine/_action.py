@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._context import action_var
 from ._errors import ActionTimeout
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from ._events import TaskCounts
     from ._limits import Slots
     from ._run import Run

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._engine import Engine, _check_root
 from ._errors import EngineError
-from ._run import Run
-from ._task import Task
 
-__all__ = ["arun", "aresume", "default_engine", "get_run", "resume", "run", "runs"]
+if TYPE_CHECKING:
+    from collections.abc import Coroutine, Sequence
+
+    from ._run import Run
+    from ._task import Task
+
+__all__ = ["aresume", "arun", "default_engine", "get_run", "resume", "run", "runs"]
 
 T = TypeVar("T")
 

@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,8 @@ from ._run import Run, new_run_id
 from ._task import Task
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
     from ._action import Action
     from ._blobs import BlobStore
     from ._journal import Journal

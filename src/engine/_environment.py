@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._errors import ConfigError
 from ._task import Task, check_options
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Environment"]
 

@@ -8,10 +8,12 @@ want each state change subscribe with :meth:`Engine.events`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 __all__ = ["ActionEvent", "EventStream", "TaskCounts"]
 

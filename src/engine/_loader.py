@@ -14,11 +14,13 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ImportFailed
 from ._task import Task
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 __all__ = ["load_file", "locate", "root_of"]
 

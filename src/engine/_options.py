@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    import random
 
 __all__ = ["Resources", "Retry"]
 

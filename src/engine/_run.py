@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +16,8 @@ from ._errors import EngineError, RunFailed
 from ._events import TaskCounts
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine, Mapping, Sequence
+
     from ._engine import Engine
     from ._journal import RunJournal
     from ._task import Task

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
 from ._errors import InputError
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 __all__ = ["Signature"]
 

@@ -7,13 +7,15 @@ import functools
 import hashlib
 import inspect
 import threading
-from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from ._context import action_var
 from ._errors import ConfigError
-from ._options import NO_RETRY, Resources, Retry
+from ._options import Resources, Retry
 from ._signature import Signature
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Task", "task"]
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from ._context import action_var
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["trace"]
 
