@@ -170,7 +170,7 @@ async def execute(
         if action.held is not None:
             action.lend()
         if owner:
-            live.discard(current)  # type: ignore[arg-type]
+            live.discard(current)
     if run.journal is not None:
         try:
             await run.journal.succeeded(action, result)

@@ -63,10 +63,10 @@ class Task(Generic[P, R]):
         offload: Any = None,
     ) -> None:
         if isinstance(fn, Task):
-            fn = fn.fn
+            fn = fn.fn  # re-decorating a task wraps its function, not the task
         if not callable(fn):
             raise ConfigError(f"@engine.task decorates a function, got {fn!r}")
-        self.fn = fn
+        self.fn: Callable[P, Any] = fn
         self.name = name or getattr(fn, "__name__", None) or repr(fn)
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"task name must be a non-empty string, got {name!r}")
@@ -104,7 +104,7 @@ class Task(Generic[P, R]):
         # An async task with no retry and no timeout takes the action path's
         # shortest branch.
         self.plain = self.is_async and self.retry.attempts == 0 and self.timeout is None
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         parent = action_var.get()
@@ -115,14 +115,15 @@ class Task(Generic[P, R]):
             # A sync task (in a worker thread) calling another task: run the
             # child on the loop and block this thread until it is done.
             return run.call_from_thread(self, parent, args, kwargs)  # type: ignore[no-any-return]
-        return run.call(self, parent, args, kwargs)  # type: ignore[no-any-return]
+        # For an async function R is the coroutine type, which this is.
+        return run.call(self, parent, args, kwargs)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"<engine.Task {self.name!r}>"
 
     def __reduce__(self) -> str | tuple[Any, ...]:
         # Pickled by reference to the module attribute, like a function.
-        return self.__qualname__
+        return str(self.fn.__qualname__)
 
     @property
     def import_path(self) -> str:
