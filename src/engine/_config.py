@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,8 @@ def _find(start: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    import tomllib  # only when a config file exists: keeps `import engine` fast
+
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)

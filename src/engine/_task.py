@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import inspect
@@ -144,6 +143,8 @@ def _source_version(fn: Callable[..., Any]) -> str:
 def check_options(options: dict[str, Any], *, where: str) -> None:
     unknown = [k for k in options if k not in TASK_OPTIONS]
     if unknown:
+        import difflib
+
         name = unknown[0]
         close = difflib.get_close_matches(name, TASK_OPTIONS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
