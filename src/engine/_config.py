@@ -18,8 +18,8 @@ Example::
     hosts = ["gpu1", "gpu2"]
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: msgspec resolves Config's
+# annotations in the module named by __module__ ("engine").
 import os
 from pathlib import Path
 from typing import Any

@@ -5,15 +5,13 @@ Finished actions are not kept in memory: progress displays read
 want each state change subscribe with :meth:`Engine.events`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: msgspec resolves ActionEvent's
+# annotations in the module named by __module__ ("engine").
 import asyncio
-from typing import TYPE_CHECKING, Literal
+from collections.abc import AsyncIterator
+from typing import Literal
 
 import msgspec
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
 
 __all__ = ["ActionEvent", "EventStream", "TaskCounts"]
 
@@ -91,7 +89,7 @@ class EventStream:
     ``dropped`` rather than slowing the engine.
     """
 
-    def __init__(self, subscribers: list[EventStream], maxsize: int = 100_000) -> None:
+    def __init__(self, subscribers: "list[EventStream]", maxsize: int = 100_000) -> None:
         self._subscribers = subscribers
         self._queue: asyncio.Queue[ActionEvent | None] = asyncio.Queue(maxsize)
         self.dropped = 0
@@ -123,7 +121,7 @@ class EventStream:
         finally:
             self.close()
 
-    async def __aenter__(self) -> EventStream:
+    async def __aenter__(self) -> "EventStream":
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -5,16 +5,17 @@ fields as columns (so that they can be queried) and the same Structs are
 what the query API returns.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: msgspec resolves these
+# annotations in the module named by __module__, which is set to "engine".
 from typing import Literal
 
 import msgspec
 
 __all__ = ["ActionRecord", "CacheRecord", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
 
-#: Bumped when the journal's tables change; a newer journal is refused.
-SCHEMA_VERSION = 1
+#: Bumped when the journal's tables change; a newer journal is refused, and
+#: so is an older one (2: the actions table became append-only).
+SCHEMA_VERSION = 2
 
 State = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 #: How an output is stored: inline msgpack or pickle, or in the blob store.

@@ -203,9 +203,12 @@ class Run:
         return decode_value(kind, data, type)
 
     async def replayed(self, action: Action, found: tuple[str, bytes], counts: TaskCounts) -> Any:
-        assert self.journal is not None
         kind, data = found
-        value = await self.journal.journal.decode(kind, data, action.task.signature.returns())
+        if kind.startswith("blob-"):
+            assert self.journal is not None
+            value = await self.journal.journal.decode(kind, data, action.task.signature.returns())
+        else:
+            value = action.task.signature.decode_output(kind, data)
         counts.pending -= 1
         counts.succeeded += 1
         counts.replayed += 1
@@ -240,13 +243,13 @@ class Run:
         self._main = self._loop.create_task(self._drive(), name=f"shoal-run-{self.id}")
 
     async def _drive(self) -> None:
-        key = ""
-        if self.journal is not None:
-            key = self._key(self.task.name, None, self._values, self._named)
-            await self.journal.started(self)
         counts = self.counters_for(self.task.name)
         counts.pending += 1
         try:
+            key = ""
+            if self.journal is not None:
+                key = self._key(self.task.name, None, self._values, self._named)
+                await self.journal.started(self)
             self._result = await execute(self, self.task, None, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
@@ -255,11 +258,24 @@ class Run:
             self.status = "failed"
             self.error = exc
         finally:
+            if counts.pending:
+                # The root never started (its first record could not be
+                # written, or the run was cancelled before it ran).
+                counts.pending -= 1
+                counts.cancelled += self.status == "cancelled"
+                counts.failed += self.status == "failed"
             await self._cancel_leftovers()
             self.finished_at = datetime.now(UTC)
             try:
                 if self.journal is not None:
                     await self.journal.finished(self)
+            except Exception as exc:
+                # The run's outcome could not be made durable (disk full, a
+                # damaged file): report that rather than a success nobody
+                # could resume or find again.
+                if self.status == "succeeded":
+                    self.status = "failed"
+                    self.error = exc
             finally:
                 self._done.set()
                 self.engine.run_finished(self)

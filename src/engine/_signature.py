@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from ._codec import decode_value
 from ._errors import InputError
 
 if typing.TYPE_CHECKING:
@@ -103,6 +104,7 @@ class Signature:
 
     __slots__ = (
         "_by_name",
+        "_decoder",
         "_fn",
         "_positional",
         "_resolved",
@@ -146,6 +148,7 @@ class Signature:
             p.name: p for p in positional + keyword_only if p.kind is not p.kind.POSITIONAL_ONLY
         }
         self.return_type = hints.get("return", _MISSING)
+        self._decoder: msgspec.msgpack.Decoder[Any] | None = None
         self._resolved = True
 
     @property
@@ -159,6 +162,26 @@ class Signature:
         if not self._resolved:
             self._resolve()
         return self.return_type
+
+    def decode_output(self, kind: str, data: bytes) -> Any:
+        """Decode a recorded output (inline msgpack or pickle), typed by the return annotation."""
+        if kind != "msgpack":
+            return decode_value(kind, data)
+        if not self._resolved:
+            self._resolve()
+        decoder = self._decoder
+        if decoder is None:
+            returns = self.return_type
+            try:
+                decoder = msgspec.msgpack.Decoder(Any if returns is _MISSING else returns)
+            except TypeError:
+                decoder = msgspec.msgpack.Decoder()
+            self._decoder = decoder
+        try:
+            return decoder.decode(data)
+        except msgspec.ValidationError:
+            # Recorded under an older annotation: give back the plain data.
+            return msgspec.msgpack.decode(data)
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Sequence[Any], dict[str, Any]]:
         """Validate a call; return the converted (positional, keyword) arguments.
