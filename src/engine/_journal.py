@@ -15,12 +15,13 @@ fails with :class:`JournalBusy` rather than corrupting anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sqlite3
+import threading
 import time
 import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,6 +41,8 @@ from ._errors import (
 from ._records import SCHEMA_VERSION, ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._action import Action
     from ._engine import Engine
     from ._run import Run
@@ -117,11 +120,13 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._loop = asyncio.get_running_loop()
         # Invariant: ``_pending`` holds the records not yet handed to the
-        # writer thread, and ``_batch`` is the future every one of them
-        # waits on (None iff ``_pending`` is empty).  At most one writer
-        # task runs; it drains ``_pending`` batch by batch.
+        # writer thread and ``_waiters`` one future per record, resolved
+        # when the transaction holding it commits.  A writer task runs iff
+        # ``_pending`` is not empty (or a batch is being committed); it
+        # drains ``_pending`` batch by batch, so everything queued while a
+        # commit is in flight goes into the next one (group commit).
         self._pending: list[Any] = []
-        self._batch: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None
 
     # -- thread plumbing -----------------------------------------------------
@@ -164,10 +169,9 @@ class Journal:
         if not folder.exists():
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.path.exists():
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
-            except FileExistsError:
-                pass
+        _check_not_truncated(self.path)
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -192,54 +196,73 @@ class Journal:
                 f"journal {self.path} was written by a newer shoal (schema {version}, this one "
                 f"reads up to {SCHEMA_VERSION}); upgrade shoal to read it"
             )
+        if 1 <= version < SCHEMA_VERSION:
+            db.close()
+            raise JournalVersionError(
+                f"journal {self.path} was written by an older shoal (schema {version}, this one "
+                f"reads schema {SCHEMA_VERSION}); move it aside to start a new journal"
+            )
         if version < 1:
             db.close()
             raise JournalCorrupt(f"journal {self.path} has no schema version; it is not a shoal journal")
         self._db = db
 
     async def aclose(self) -> None:
-        await self.flush()
-        if self._db is not None:
-            db, self._db = self._db, None
-            await self._loop.run_in_executor(self._thread, db.close)
-        self._thread.shutdown(wait=False)
+        try:
+            await self.flush()
+        except JournalError:
+            # The failed batch already failed every action waiting on it;
+            # closing must still release the file.
+            pass
+        finally:
+            if self._db is not None:
+                db, self._db = self._db, None
+                await self._loop.run_in_executor(self._thread, db.close)
+            self._thread.shutdown(wait=False)
 
     # -- group commit ------------------------------------------------------------
 
     def append(self, record: Any) -> asyncio.Future[None]:
-        """Queue a record for the next commit; the future resolves once it is durable."""
+        """Queue a record for the next commit; the future resolves once it is durable.
+
+        Each caller gets a future of its own: a waiter that is cancelled
+        cancels only its own future, never the batch's other waiters.  A
+        caller that does not wait for durability (failure records, traces)
+        may drop the future.
+        """
         self._pending.append(record)
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = self._loop.create_future()
-            # Nobody may wait on a failure record's future: mark it retrieved.
-            batch.add_done_callback(_consume)
-            if self._writer is None:
-                self._writer = self._loop.create_task(self._write_loop())
-        return batch
+        fut = self._loop.create_future()
+        self._waiters.append(fut)
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._write_loop())
+        return fut
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
-        if self._batch is not None:
-            await asyncio.shield(self._batch)
         if self._writer is not None:
             await asyncio.shield(self._writer)
 
     async def _write_loop(self) -> None:
         try:
             while self._pending:
-                records, batch = self._pending, self._batch
-                self._pending, self._batch = [], None
-                assert batch is not None
+                records, waiters = self._pending, self._waiters
+                self._pending, self._waiters = [], []
                 try:
                     await asyncio.shield(self._loop.run_in_executor(self._thread, self._guard, self._write, (records,)))
                 except BaseException as exc:
-                    if not batch.done():
-                        batch.set_exception(exc if isinstance(exc, Exception) else JournalError(str(exc)))
+                    error = exc if isinstance(exc, Exception) else JournalError(str(exc))
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_exception(error)
+                            # Marked retrieved: callers that do not wait
+                            # (failure records, traces) drop their future.
+                            fut.add_done_callback(_consume)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                 else:
-                    batch.set_result(None)
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_result(None)
         finally:
             self._writer = None
 
@@ -360,7 +383,7 @@ class Journal:
                     _action_record(r)
                     for r in db.execute(
                         "SELECT * FROM actions WHERE " + _LATEST + " "
-                        "ORDER BY started LIMIT ? OFFSET ?",
+                        "ORDER BY started, key LIMIT ? OFFSET ?",
                         (run_id, limit, offset),
                     )
                 )
@@ -471,6 +494,9 @@ class RunJournal:
         self.run: Run | None = None
         self._poller: asyncio.Task[None] | None = None
         self._root: tuple[str, str | None] = ("", None)
+        # Whether the run's record was committed by ``started``; if not,
+        # there is nothing in the journal for ``finished`` to update.
+        self._recorded = False
 
     async def started(self, run: Run) -> None:
         from ._loader import root_of
@@ -480,6 +506,7 @@ class RunJournal:
         kind, data = encode_value([run._values, run._named], what=f"arguments of run {run.id}")
         self._args = (kind, data)
         await self.journal.append(self._run_record(run, "running", None))
+        self._recorded = True
         self._poller = asyncio.get_running_loop().create_task(self._poll_cancel(run))
 
     def _run_record(self, run: Run, status: Any, finished: float | None) -> RunRecord:
@@ -506,10 +533,19 @@ class RunJournal:
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        if not self._recorded:
+            return
         assert run.finished_at is not None
-        await self.journal.append(self._run_record(run, run.status, run.finished_at.timestamp()))
-        if run.status == "succeeded":
-            await self._store_run_output(run)
+        try:
+            await self.journal.append(self._run_record(run, run.status, run.finished_at.timestamp()))
+            if run.status == "succeeded":
+                await self._store_run_output(run)
+        except JournalError as exc:
+            # The journal still says "running", so the run can be resumed.
+            # A run whose end is not durable does not report success.
+            if run.status == "succeeded":
+                run.status = "failed"
+                run.error = exc
 
     async def _store_run_output(self, run: Run) -> None:
         try:
@@ -597,12 +633,16 @@ class RunJournal:
             return
         now = time.time()
         run = action.run
-        self.journal.append(
-            ActionRecord(
-                run.id, key, action.key, name, "succeeded", 1, run.attempt, now, now,
-                action.group, data, kind, None, "trace",  # type: ignore[arg-type]
-            )
+        record = ActionRecord(
+            run.id, key, action.key, name, "succeeded", 1, run.attempt, now, now,
+            action.group, data, kind, None, "trace",  # type: ignore[arg-type]
         )
+        if threading.get_ident() == run.thread_id:
+            self.journal.append(record)
+        else:
+            # A trace called from a sync task's worker thread: the journal's
+            # queue belongs to the event loop.
+            self.journal._loop.call_soon_threadsafe(self.journal.append, record)
 
     async def cache_lookup(self, action: Action, values: list[Any], named: dict[str, Any]) -> Any:
         task = action.task
@@ -630,6 +670,36 @@ class _Hit:
 def _consume(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _check_not_truncated(path: Path) -> None:
+    """Refuse a journal file shorter than its header says (cut by a copy or a full disk).
+
+    SQLite itself notices only when it reads a missing page, maybe in the
+    middle of a run.  While a write-ahead log with content exists, pages
+    may legitimately be there instead, so the check is skipped.
+    """
+    try:
+        size = path.stat().st_size
+        wal = Path(f"{path}-wal")
+        if size < 100 or (wal.exists() and wal.stat().st_size > 0):
+            return
+        with path.open("rb") as fh:
+            header = fh.read(100)
+    except OSError:
+        return
+    if not header.startswith(b"SQLite format 3\x00"):
+        return
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # The page count in the header is valid only when these two match.
+    counter_ok = header[24:28] == header[92:96]
+    if counter_ok and pages and size < pages * page_size:
+        raise JournalCorrupt(
+            f"journal {path} is truncated ({size} bytes, its header says {pages * page_size}); "
+            f"move it aside to start a new one (its runs cannot be resumed), or restore it from a backup"
+        )
 
 
 def _alive(pid: int) -> bool:
