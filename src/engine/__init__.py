@@ -20,6 +20,8 @@ from ._api import get_run as get_run
 from ._api import resume as resume
 from ._api import run as run
 from ._api import runs as runs
+from ._blobs import BlobStore as BlobStore
+from ._blobs import LocalBlobStore as LocalBlobStore
 from ._config import Config as Config
 from ._context import current_action as current_action
 from ._context import current_run as current_run
@@ -37,6 +39,7 @@ from ._errors import JournalBusy as JournalBusy
 from ._errors import JournalCorrupt as JournalCorrupt
 from ._errors import JournalError as JournalError
 from ._errors import JournalVersionError as JournalVersionError
+from ._errors import MissingDependency as MissingDependency
 from ._errors import OffloadError as OffloadError
 from ._errors import RemoteError as RemoteError
 from ._errors import ResourceError as ResourceError
@@ -46,6 +49,9 @@ from ._errors import WorkerCrashed as WorkerCrashed
 from ._events import ActionEvent as ActionEvent
 from ._events import EventStream as EventStream
 from ._events import TaskCounts as TaskCounts
+from ._files import DataFrame as DataFrame
+from ._files import Dir as Dir
+from ._files import File as File
 from ._map import MapResults as MapResults
 from ._map import group as group
 from ._map import map as map
@@ -61,20 +67,26 @@ __all__ = [
     "ActionTimeout",
     "BlobError",
     "BlobNotFound",
+    "BlobStore",
     "Config",
     "ConfigError",
+    "DataFrame",
+    "Dir",
     "EncodeError",
     "Engine",
     "EngineError",
     "Environment",
     "EventStream",
+    "File",
     "ImportFailed",
     "InputError",
     "JournalBusy",
     "JournalCorrupt",
     "JournalError",
     "JournalVersionError",
+    "LocalBlobStore",
     "MapResults",
+    "MissingDependency",
     "OffloadError",
     "RemoteError",
     "ResourceError",

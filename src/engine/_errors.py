@@ -16,6 +16,7 @@ The tree::
     │   ├── JournalCorrupt                 not a shoal journal, truncated or damaged
     │   ├── JournalVersionError            written by a newer shoal
     │   └── JournalBusy                    another process holds the write lock
+    ├── MissingDependency (also ImportError) an optional extra is not installed
     ├── WorkerCrashed                      a parallel_map worker process died
     ├── BlobError                          the blob store failed
     │   └── BlobNotFound (also LookupError)
@@ -42,6 +43,7 @@ __all__ = [
     "JournalCorrupt",
     "JournalError",
     "JournalVersionError",
+    "MissingDependency",
     "OffloadError",
     "RemoteError",
     "ResourceError",
@@ -108,6 +110,10 @@ class JournalVersionError(JournalError):
 
 class JournalBusy(JournalError):
     """Another process holds the journal's write lock for too long."""
+
+
+class MissingDependency(EngineError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
 
 
 class WorkerCrashed(EngineError):
