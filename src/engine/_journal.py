@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, task TEXT NOT NULL, root TEXT NOT NULL, root_file TEXT,
     args BLOB, args_kind TEXT, status TEXT NOT NULL, attempt INTEGER NOT NULL,
     started REAL NOT NULL, finished REAL, tags TEXT NOT NULL DEFAULT '[]',
-    error BLOB, pid INTEGER, host TEXT, output BLOB, output_kind TEXT,
+    error BLOB, pid INTEGER, host TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
@@ -321,19 +321,30 @@ class Journal:
         return await self._call(go)
 
     async def load_run(self, run_id: str) -> tuple[RunRecord, Any, str | None]:
-        """The run record, its stored output (kind, bytes) and cancel flag."""
+        """The run record, and its root action's recorded output (bytes, kind) if it succeeded.
+
+        The output is read from the root action's own record, which is
+        committed before the run's final record: a crash between the two
+        leaves a run that resumes (replaying its root), never one that
+        says it succeeded without its result.
+        """
 
         def go(db: sqlite3.Connection) -> tuple[RunRecord, Any, str | None]:
             row = db.execute(
                 "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
-                "tags, error, pid, host, output, output_kind FROM runs WHERE id=?",
+                "tags, error, pid, host FROM runs WHERE id=?",
                 (run_id,),
             ).fetchone()
             if row is None:
                 raise RunNotFound(
                     f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'"
                 )
-            return _run_record(row), row[14], row[15]
+            out = db.execute(
+                "SELECT output, output_kind FROM actions WHERE run_id=? AND parent IS NULL "
+                "AND kind='action' AND state='succeeded' ORDER BY rowid DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+            return _run_record(row), *(out if out is not None else (None, None))
 
         return await self.read(go)
 
@@ -538,23 +549,12 @@ class RunJournal:
         assert run.finished_at is not None
         try:
             await self.journal.append(self._run_record(run, run.status, run.finished_at.timestamp()))
-            if run.status == "succeeded":
-                await self._store_run_output(run)
         except JournalError as exc:
             # The journal still says "running", so the run can be resumed.
             # A run whose end is not durable does not report success.
             if run.status == "succeeded":
                 run.status = "failed"
                 run.error = exc
-
-    async def _store_run_output(self, run: Run) -> None:
-        try:
-            kind, data = await self._encode(run._result, f"result of run {run.id}")
-        except EncodeError:
-            return
-        await self.journal.read(
-            lambda db: db.execute("UPDATE runs SET output=?, output_kind=? WHERE id=?", (data, kind, run.id))
-        )
 
     async def _poll_cancel(self, run: Run) -> None:
         query = "SELECT cancel_requested FROM runs WHERE id=?"
