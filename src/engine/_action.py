@@ -145,7 +145,7 @@ async def execute(
     counts.running += 1
     if run.journal is not None:
         action.started_at = time.time()
-    if engine.subscribers:
+    if "started" in engine.wanted:
         engine.emit("started", action)
     try:
         if task.plain:
@@ -184,7 +184,7 @@ async def execute(
             raise
     counts.running -= 1
     counts.succeeded += 1
-    if engine.subscribers:
+    if "succeeded" in engine.wanted:
         engine.emit("succeeded", action)
     return result
 

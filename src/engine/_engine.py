@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config, load_config
 from ._errors import ConfigError, EngineError, InputError, ResourceError
-from ._events import ActionEvent, EventStream
+from ._events import EVENT_KINDS, ActionEvent, EventStream
 from ._limits import Slots
 from ._run import Run, new_run_id
 from ._task import Task
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from ._action import Action
     from ._blobs import BlobStore
@@ -104,9 +104,11 @@ class Engine:
         # admission entirely when none does.
         self.limited = self._max_slots is not None
         self._task_slots: dict[Task[Any, Any], Slots] = {}
-        # Invariant: the event streams currently subscribed; emitting is
-        # skipped entirely while it is empty.
+        # Invariant: ``subscribers`` are the event streams open now, and
+        # ``wanted`` the union of the kinds they asked for; the action path
+        # builds an event only when its kind is in ``wanted``.
         self.subscribers: list[EventStream] = []
+        self.wanted: frozenset[str] = frozenset()
         self.runs_in_flight: dict[str, Run] = {}
         self._blob_spec = blob_store if blob_store is not None else (
             self.config.blob_store or os.environ.get("SHOAL_BLOB_STORE")
@@ -346,9 +348,22 @@ class Engine:
 
     # -- events --------------------------------------------------------------
 
-    def events(self, *, maxsize: int = 100_000) -> EventStream:
-        """Subscribe to action events from now on: ``async for ev in eng.events(): ...``."""
-        return EventStream(self.subscribers, maxsize)
+    def events(self, *, kinds: Iterable[str] | None = None, maxsize: int = 100_000) -> EventStream:
+        """Subscribe to action events from now on: ``async for ev in eng.events(): ...``.
+
+        ``kinds`` picks the kinds of event wanted (``{"failed"}``); default all:
+        started, retrying, succeeded, failed, cancelled, cached, replayed.
+        """
+        wanted = EVENT_KINDS if kinds is None else frozenset(kinds)
+        unknown = wanted - EVENT_KINDS
+        if unknown:
+            raise ConfigError(
+                f"unknown event kind(s) {sorted(unknown)}; kinds are {sorted(EVENT_KINDS)}"
+            )
+        return EventStream(self.subscribers, wanted, maxsize, self._refresh_wanted)
+
+    def _refresh_wanted(self) -> None:
+        self.wanted = frozenset().union(*(s.kinds for s in self.subscribers))
 
     def emit(self, kind: Any, action: Action, error: BaseException | None = None) -> None:
         event = ActionEvent(
@@ -362,7 +377,8 @@ class Engine:
             error=None if error is None else f"{type(error).__qualname__}: {error}",
         )
         for stream in self.subscribers:
-            stream.put(event)
+            if kind in stream.kinds:
+                stream.put(event)
 
     def __repr__(self) -> str:
         return f"<engine.Engine store={self.store!r} max_concurrency={self.max_concurrency}>"

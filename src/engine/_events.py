@@ -8,7 +8,7 @@ want each state change subscribe with :meth:`Engine.events`.
 # No `from __future__ import annotations`: msgspec resolves ActionEvent's
 # annotations in the module named by __module__ ("engine").
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import msgspec
@@ -16,6 +16,9 @@ import msgspec
 __all__ = ["ActionEvent", "EventStream", "TaskCounts"]
 
 EventKind = Literal["started", "retrying", "succeeded", "failed", "cancelled", "cached", "replayed"]
+EVENT_KINDS: frozenset[str] = frozenset(
+    ("started", "retrying", "succeeded", "failed", "cancelled", "cached", "replayed")
+)
 
 
 class TaskCounts:
@@ -84,16 +87,28 @@ class EventStream:
 
     Use as ``async with eng.events() as events: async for ev in events: ...``
     (or just iterate; it unsubscribes when the iteration ends or the stream
-    is closed).  The buffer holds at most ``maxsize`` events; when a slow
-    consumer lets it fill up, the oldest events are dropped and counted in
-    ``dropped`` rather than slowing the engine.
+    is closed).  ``kinds`` keeps only those kinds of event (the engine does
+    not even build the others when nobody wants them).  The buffer holds at
+    most ``maxsize`` events; when a slow consumer lets it fill up, the oldest
+    events are dropped and counted in ``dropped`` rather than slowing the
+    engine.
     """
 
-    def __init__(self, subscribers: "list[EventStream]", maxsize: int = 100_000) -> None:
+    def __init__(
+        self,
+        subscribers: "list[EventStream]",
+        kinds: "frozenset[str]",
+        maxsize: int = 100_000,
+        on_change: "Callable[[], None] | None" = None,
+    ) -> None:
         self._subscribers = subscribers
+        self.kinds = kinds
+        self._on_change = on_change
         self._queue: asyncio.Queue[ActionEvent | None] = asyncio.Queue(maxsize)
         self.dropped = 0
         subscribers.append(self)
+        if on_change is not None:
+            on_change()
 
     def put(self, event: ActionEvent | None) -> None:
         queue = self._queue
@@ -106,6 +121,8 @@ class EventStream:
         """Stop the stream: iteration ends after the events already buffered."""
         if self in self._subscribers:
             self._subscribers.remove(self)
+            if self._on_change is not None:
+                self._on_change()
             self.put(None)
 
     def __aiter__(self) -> AsyncIterator[ActionEvent]:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._action import Action, execute
+from ._capture import OutputCapture
 from ._codec import decode_value, digest_bytes
 from ._context import group_var
 from ._errors import EngineError, RunFailed
@@ -212,7 +213,7 @@ class Run:
         counts.pending -= 1
         counts.succeeded += 1
         counts.replayed += 1
-        if self.engine.subscribers:
+        if "replayed" in self.engine.wanted:
             self.engine.emit("replayed", action)
         return value
 
@@ -222,19 +223,19 @@ class Run:
         counts.pending -= 1
         counts.succeeded += 1
         counts.cached += 1
-        if self.engine.subscribers:
+        if "cached" in self.engine.wanted:
             self.engine.emit("cached", action)
         return value
 
     def retrying(self, action: Action, error: BaseException) -> None:
-        if self.engine.subscribers:
+        if "retrying" in self.engine.wanted:
             self.engine.emit("retrying", action, error)
 
     def finished(self, action: Action, state: Literal["failed", "cancelled"], error: BaseException | None) -> None:
         """Record an action that failed or was cancelled."""
         if self.journal is not None:
             self.journal.ended(action, state, error)
-        if self.engine.subscribers:
+        if state in self.engine.wanted:
             self.engine.emit(state, action, error)
 
     # -- lifecycle ---------------------------------------------------------
@@ -245,11 +246,13 @@ class Run:
     async def _drive(self) -> None:
         counts = self.counters_for(self.task.name)
         counts.pending += 1
+        capture = OutputCapture(self)
         try:
             key = ""
             if self.journal is not None:
                 key = self._key(self.task.name, None, self._values, self._named)
                 await self.journal.started(self)
+                capture.start()
             self._result = await execute(self, self.task, None, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
@@ -265,6 +268,7 @@ class Run:
                 counts.cancelled += self.status == "cancelled"
                 counts.failed += self.status == "failed"
             await self._cancel_leftovers()
+            await capture.stop()
             self.finished_at = datetime.now(UTC)
             try:
                 if self.journal is not None:

@@ -1,0 +1,240 @@
+"""Progress of a running run: a live rich display, or plain periodic lines.
+
+The display reads the run's per-task counters a few times a second (never
+anything per action), so it costs the engine nothing measurable whatever
+the number of actions.  Failures are the exception: they are printed as they
+happen, from the engine's event stream, with only failure events queued.
+
+On a terminal it is a rich ``Live`` table, one row per task (pending,
+running, succeeded, failed, cached, rate, elapsed) above an overall bar.
+Elsewhere (a pipe, a CI log) it prints one line per task every
+``plain_every`` seconds, ``[12.3s] square: 4000/10000 done, 0 failed``,
+and nothing for a run that ends sooner.  Either way it ends with a one-line
+summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ._render import duration
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._engine import Engine
+    from .._events import ActionEvent, TaskCounts
+    from .._run import Run
+
+__all__ = ["Progress"]
+
+#: Seconds between two refreshes of the live display.
+LIVE_EVERY = 0.25
+#: Seconds between two batches of plain progress lines.
+PLAIN_EVERY = 2.0
+#: Failures printed one by one; after that only counted (``shoal show`` lists them).
+MAX_FAILURES_SHOWN = 20
+#: Seconds of history behind the rate column.
+RATE_WINDOW = 3.0
+
+
+class _TaskRate:
+    """Recent (time, done) samples of one task, for its rate and elapsed time."""
+
+    __slots__ = ("finished", "first_seen", "samples")
+
+    def __init__(self, now: float) -> None:
+        self.first_seen = now
+        self.finished: float | None = None
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def update(self, now: float, counts: TaskCounts) -> None:
+        done = counts.done
+        samples = self.samples
+        samples.append((now, done))
+        while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW:
+            samples.popleft()
+        active = counts.pending + counts.running
+        if active == 0 and self.finished is None:
+            self.finished = now
+        elif active:
+            self.finished = None
+
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def elapsed(self, now: float) -> float:
+        return (self.finished or now) - self.first_seen
+
+
+class Progress:
+    """Follows one run on ``console`` (see the module docstring).
+
+    Create it before the run starts (it subscribes to failure events at
+    once), then ``await progress.follow(run)``; it returns when the run has
+    finished and the summary is printed.  ``live`` picks the rich display;
+    ``clock`` is injected for tests.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        console: Console,
+        *,
+        live: bool,
+        plain_every: float = PLAIN_EVERY,
+        live_every: float = LIVE_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.console = console
+        self.live = live
+        self.interval = live_every if live else plain_every
+        self.clock = clock
+        # Only failures: the engine then builds no event for the others.
+        self.failures = engine.events(kinds={"failed"})
+        self.failures_seen = 0
+        self._rates: dict[str, _TaskRate] = {}
+        self._start = clock()
+        self._out: Console = console
+
+    def close(self) -> None:
+        self.failures.close()
+
+    async def follow(self, run: Run) -> None:
+        self._start = self.clock()
+        waiter = asyncio.ensure_future(run.wait())
+        printer = asyncio.ensure_future(self._print_failures(run))
+        try:
+            if self.live:
+                await self._follow_live(run, waiter)
+            else:
+                await self._follow_plain(run, waiter)
+        finally:
+            waiter.cancel()
+            self.failures.close()
+            # Print the failures still queued before the summary.
+            with contextlib.suppress(asyncio.CancelledError):
+                await printer
+        self.console.print(self.summary(run), highlight=False)
+
+    async def _follow_live(self, run: Run, waiter: asyncio.Future[Any]) -> None:
+        with Live(
+            self.render(run), console=self.console, auto_refresh=False, transient=False,
+            redirect_stdout=True, redirect_stderr=True,
+        ) as live:
+            self._out = live.console
+            try:
+                while not waiter.done():
+                    await asyncio.wait([waiter], timeout=self.interval)
+                    live.update(self.render(run), refresh=True)
+            finally:
+                self._out = self.console
+
+    async def _follow_plain(self, run: Run, waiter: asyncio.Future[Any]) -> None:
+        while True:
+            await asyncio.wait([waiter], timeout=self.interval)
+            if waiter.done():
+                return
+            for line in self.plain_lines(run):
+                self.console.print(line, highlight=False, markup=False)
+
+    async def _print_failures(self, run: Run) -> None:
+        async for event in self.failures:
+            if event.run_id != run.id:
+                continue
+            self.failures_seen += 1
+            if self.failures_seen <= MAX_FAILURES_SHOWN:
+                self._out.print(failure_line(event), highlight=False)
+            elif self.failures_seen == MAX_FAILURES_SHOWN + 1:
+                self._out.print(
+                    f"[red]... more failures; list them with 'shoal show {run.id}'[/red]",
+                    highlight=False,
+                )
+
+    # -- rendering -------------------------------------------------------------
+
+    def _sample(self, run: Run, now: float) -> list[tuple[TaskCounts, _TaskRate]]:
+        rows = []
+        for counts in list(run.counters.values()):
+            rate = self._rates.get(counts.name)
+            if rate is None:
+                rate = self._rates[counts.name] = _TaskRate(now)
+            rate.update(now, counts)
+            rows.append((counts, rate))
+        return rows
+
+    def render(self, run: Run) -> RenderableType:
+        """The live display: a table of tasks and an overall bar."""
+        now = self.clock()
+        table = Table(box=None, padding=(0, 1), header_style="bold")
+        table.add_column("task")
+        for name in ("pending", "running", "succeeded", "failed", "cached", "rate", "elapsed"):
+            table.add_column(name, justify="right")
+        total = done = failed = 0
+        for counts, rate in self._sample(run, now):
+            total += counts.total
+            done += counts.done
+            failed += counts.failed
+            table.add_row(
+                escape(counts.name),
+                str(counts.pending),
+                str(counts.running),
+                f"[green]{counts.succeeded}[/green]" if counts.succeeded else "0",
+                f"[red]{counts.failed}[/red]" if counts.failed else "0",
+                str(counts.cached),
+                f"{rate.rate():,.0f}/s",
+                duration(rate.elapsed(now)),
+            )
+        bar = ProgressBar(total=max(total, 1), completed=done, width=40)
+        line = Table.grid(padding=(0, 1))
+        line.add_row(
+            bar,
+            Text(f"{done:,}/{total:,} actions", style="bold"),
+            Text(f"{failed:,} failed", style="red" if failed else "dim"),
+            Text(duration(now - self._start), style="dim"),
+        )
+        return Group(table, line)
+
+    def plain_lines(self, run: Run) -> list[str]:
+        """One line per task: ``[12.3s] square: 4000/10000 done, 0 failed``."""
+        now = self.clock()
+        stamp = f"[{now - self._start:.1f}s]"
+        return [
+            f"{stamp} {counts.name}: {counts.done}/{counts.total} done, {counts.failed} failed"
+            for counts, _ in self._sample(run, now)
+        ]
+
+    def summary(self, run: Run) -> str:
+        """The closing line: status, time, and the actions by outcome."""
+        stats = run.stats
+        finished = run.finished_at or run.started_at
+        took = duration((finished - run.started_at).total_seconds())
+        actions = stats["succeeded"] + stats["failed"] + stats["cancelled"]
+        parts = [f"{stats['succeeded']:,} succeeded"]
+        for key in ("failed", "cancelled", "cached", "replayed", "retries"):
+            if stats[key]:
+                parts.append(f"{stats[key]:,} {key}")
+        counts = f"{actions:,} action{'s' if actions != 1 else ''}: {', '.join(parts)}"
+        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(run.status, "white")
+        return f"[{colour}]run {run.id} {run.status}[/{colour}] in {took} ({counts})"
+
+
+def failure_line(event: ActionEvent) -> str:
+    """``✗ square 3f2a…: ValueError: bad input`` (the error's first line only)."""
+    first = (event.error or "failed").strip().splitlines()[0] if event.error else "failed"
+    return f"[red]✗[/red] {escape(event.task)} {event.action_id}: {escape(first)}"

@@ -1,0 +1,233 @@
+"""How recorded runs look: rich tables and trees for people, JSON for machines.
+
+Times are shown in local time (``2024-05-01 14:03:22``); JSON carries the
+journal's Unix timestamps unchanged, plus ``duration`` in seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from rich import box
+from rich.console import Group, RenderableType
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .._records import ActionRecord, RunSummary, TaskSummary
+
+__all__ = [
+    "actions_table",
+    "duration",
+    "escape_markup",
+    "failed_table",
+    "json_text",
+    "logs_json",
+    "run_json",
+    "run_panel",
+    "runs_table",
+    "stamp",
+    "task_tree",
+]
+
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "pending": "dim",
+}
+
+
+def duration(seconds: float | None) -> str:
+    """``0.42s``, ``12.3s``, ``4m05s``, ``2h03m``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def stamp(ts: float | None) -> str:
+    """A Unix time as local ``YYYY-MM-DD HH:MM:SS``."""
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def escape_markup(text: str) -> str:
+    """``text`` with rich markup characters escaped, for messages built from user data."""
+    return escape(text)
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+# -- runs ----------------------------------------------------------------------------
+
+
+def runs_table(runs: Iterable[RunSummary]) -> Table:
+    """``shoal runs``: one row per run, latest first."""
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
+    for name in ("id", "task", "status", "actions", "duration", "started", "tags"):
+        table.add_column(
+            name,
+            justify="right" if name in ("actions", "duration") else "left",
+            no_wrap=name in ("id", "status", "started"),
+        )
+    for run in runs:
+        table.add_row(
+            run.id,
+            escape(run.task),
+            status_text(run.status),
+            f"{run.actions:,}",
+            duration(run.duration),
+            stamp(run.started),
+            escape(", ".join(run.tags)),
+        )
+    return table
+
+
+def run_panel(run: RunSummary) -> RenderableType:
+    """The head of ``shoal show``: what, when, how it ended."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("run", run.id)
+    grid.add_row("task", f"{escape(run.task)} ({escape(run.root)})")
+    grid.add_row("status", status_text(run.status))
+    grid.add_row("attempt", str(run.attempt))
+    grid.add_row("started", stamp(run.started))
+    grid.add_row("finished", stamp(run.finished))
+    grid.add_row("duration", duration(run.duration))
+    grid.add_row("actions", f"{run.actions:,}")
+    if run.tags:
+        grid.add_row("tags", escape(", ".join(run.tags)))
+    if run.error is not None:
+        grid.add_row("error", Text(f"{run.error.type}: {first_line(run.error.message)}", style="red"))
+    return grid
+
+
+def _counts(task: TaskSummary) -> Text:
+    text = Text()
+    text.append(escape(task.task), style="bold")
+    parts: list[tuple[str, str]] = [(f"{task.succeeded:,} succeeded", "green")]
+    if task.failed:
+        parts.append((f"{task.failed:,} failed", "red"))
+    if task.cancelled:
+        parts.append((f"{task.cancelled:,} cancelled", "yellow"))
+    if task.running:
+        parts.append((f"{task.running:,} running", "cyan"))
+    if task.cached:
+        parts.append((f"{task.cached:,} cached", "dim"))
+    text.append("  ")
+    for i, (part, style) in enumerate(parts):
+        if i:
+            text.append(", ")
+        text.append(part, style=style)
+    return text
+
+
+def task_tree(run: RunSummary) -> Tree:
+    """The run's tasks under their groups (``engine.group`` labels, nested by ``/``)."""
+    tree = Tree(Text.assemble(("run ", "bold"), run.id, " ", status_text(run.status)))
+    groups: dict[str, Tree] = {}
+
+    def node(label: str | None) -> Tree:
+        if not label:
+            return tree
+        found = groups.get(label)
+        if found is None:
+            parent_label, _, name = label.rpartition("/")
+            found = groups[label] = node(parent_label or None).add(Text(f"group {name}", style="magenta"))
+        return found
+
+    for task in run.tasks:
+        node(task.group).add(_counts(task))
+    return tree
+
+
+def failed_table(records: Iterable[ActionRecord]) -> Table:
+    """Failed actions: id, task, attempt, group, error type and first line."""
+    table = Table(header_style="bold", title="failed actions", title_justify="left")
+    for name in ("action", "task", "attempt", "group", "error"):
+        table.add_column(name, no_wrap=name == "action", overflow="fold")
+    for rec in records:
+        error = "" if rec.error is None else f"{rec.error.type}: {first_line(rec.error.message)}"
+        table.add_row(rec.key, escape(rec.task), str(rec.attempt), escape(rec.group or ""), Text(error, style="red"))
+    return table
+
+
+def actions_table(records: Iterable[ActionRecord]) -> Table:
+    """``shoal show --actions``: a page of the run's actions."""
+    table = Table(header_style="bold", title="actions", title_justify="left")
+    for name in ("action", "task", "state", "attempt", "group", "duration", "parent"):
+        table.add_column(name, no_wrap=name in ("action", "state", "parent"))
+    for rec in records:
+        took = None if rec.started is None or rec.finished is None else rec.finished - rec.started
+        state = "cached" if rec.cached else rec.state
+        table.add_row(
+            rec.key, escape(rec.task), status_text(state), str(rec.attempt), escape(rec.group or ""),
+            duration(took), (rec.parent or "")[:8],
+        )
+    return table
+
+
+def show(run: RunSummary, failed: list[ActionRecord], *, actions: bool) -> RenderableType:
+    parts: list[RenderableType] = [run_panel(run), Text(), task_tree(run)]
+    if failed:
+        parts += [Text(), failed_table(failed)]
+    if actions:
+        parts += [Text(), actions_table(run.action_records)]
+    return Group(*parts)
+
+
+# -- JSON ------------------------------------------------------------------------------
+
+
+def _action_json(rec: ActionRecord) -> dict[str, Any]:
+    data = msgspec.to_builtins(rec)
+    # Outputs are encoded values, meaningful only to the engine.
+    data.pop("output", None)
+    data.pop("type", None)
+    return data  # type: ignore[no-any-return]
+
+
+def run_json(run: RunSummary, failed: list[ActionRecord] | None = None, *, actions: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(run)
+    data["duration"] = run.duration
+    data.pop("action_records", None)
+    if failed is not None:
+        data["failed_actions"] = [_action_json(r) for r in failed]
+    else:
+        data.pop("tasks", None)
+    if actions:
+        data["actions"] = [_action_json(r) for r in run.action_records]
+    return data
+
+
+def logs_json(rows: Iterable[tuple[str, float, str, str]]) -> list[dict[str, Any]]:
+    return [{"action": a, "at": at, "stream": s, "text": t} for a, at, s, t in rows]
+
+
+def json_text(value: Any) -> str:
+    """Indented JSON (msgspec's encoding, so Structs and datetimes work)."""
+    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()

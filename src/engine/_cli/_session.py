@@ -1,0 +1,123 @@
+"""Running a task, or resuming a run, from the command line: progress, Ctrl-C, outcome.
+
+One event loop per command (``asyncio.run``).  Python's runner turns the
+first Ctrl-C into a cancellation of the main coroutine; here that cancels
+the run (every action is cancelled and recorded so, see
+:meth:`Engine.wait_run`), the journal is closed cleanly, and the outcome
+says ``interrupted`` so that the command can print how to resume and exit
+with 130.  A second Ctrl-C while that happens aborts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from .._engine import Engine
+from ._progress import Progress
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from rich.console import Console
+
+    from .._run import Run
+    from .._task import Task
+
+__all__ = ["Outcome", "resume_with_progress", "run_with_progress"]
+
+#: How often ``resume`` looks for the resumed run among the engine's runs in flight.
+FIND_EVERY = 0.005
+
+
+class Outcome:
+    """How a command's run ended: the run (None if it never started) and whether Ctrl-C stopped it."""
+
+    def __init__(self, run: Run | None, interrupted: bool, durable: bool, *, already_done: bool = False) -> None:
+        self.run = run
+        self.interrupted = interrupted
+        self.durable = durable
+        #: The run had finished before (resume of a run that succeeded): nothing ran.
+        self.already_done = already_done
+
+
+async def _follow(
+    engine: Engine,
+    console: Console,
+    live: bool,
+    start: Callable[[], Awaitable[Run]],
+    finish: Callable[[Run], Awaitable[Any]],
+) -> Outcome:
+    progress = Progress(engine, console, live=live)
+    run: Run | None = None
+    display: asyncio.Task[None] | None = None
+    interrupted = False
+    already_done = False
+    try:
+        run = await start()
+        if run.done:
+            already_done = True
+            return Outcome(run, False, engine.durable, already_done=True)
+        display = asyncio.create_task(progress.follow(run))
+        await finish(run)
+    except asyncio.CancelledError:
+        # Ctrl-C: the run is cancelled and recorded by now (wait_run does
+        # that before re-raising); finish cleanly instead of unwinding.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        interrupted = True
+    finally:
+        if display is not None:
+            await display
+        progress.close()
+    return Outcome(run, interrupted, engine.durable, already_done=already_done)
+
+
+async def run_with_progress(
+    task: Task[Any, Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    tags: Sequence[str],
+    store: str | None,
+    max_concurrency: int | None,
+    console: Console,
+    live: bool,
+) -> Outcome:
+    """Run ``task`` with a progress display on ``console`` until it finishes or Ctrl-C."""
+    async with Engine(store, max_concurrency=max_concurrency) as eng:
+
+        async def start() -> Run:
+            return await eng.submit(task, *args, tags=tags, **kwargs)
+
+        return await _follow(eng, console, live, start, eng.wait_run)
+
+
+async def resume_with_progress(
+    run_id: str, *, store: str | None, max_concurrency: int | None, console: Console, live: bool
+) -> Outcome:
+    """Resume ``run_id`` with a progress display; a run that already succeeded is returned as is."""
+    async with Engine(store, max_concurrency=max_concurrency) as eng:
+        resuming = asyncio.create_task(eng.resume(run_id))
+
+        async def start() -> Run:
+            # Engine.resume starts the run and waits for it; the display
+            # needs the Run while it is running, so look for it among the
+            # runs in flight.
+            while not resuming.done():
+                found = eng.runs_in_flight.get(run_id)
+                if found is not None:
+                    return found
+                await asyncio.wait([resuming], timeout=FIND_EVERY)
+            return resuming.result()
+
+        async def finish(run: Run) -> None:
+            await resuming
+
+        try:
+            return await _follow(eng, console, live, start, finish)
+        finally:
+            if not resuming.done():
+                resuming.cancel()
+                await asyncio.gather(resuming, return_exceptions=True)
