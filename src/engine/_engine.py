@@ -236,20 +236,24 @@ class Engine:
         return await self.wait_run(run)
 
     async def resume(self, run_id: str) -> Run:
-        """Continue a failed, cancelled or interrupted run in place.
+        """Continue a failed, cancelled or interrupted run in place, and wait for it.
 
         The root task runs again with its recorded arguments; every action
         that succeeded before returns its recorded output without running.
         A run that already succeeded is returned as it is.
         """
+        run = await self.submit_resume(run_id)
+        return run if run.done else await self.wait_run(run)
+
+    async def submit_resume(self, run_id: str) -> Run:
+        """Like :meth:`resume`, but return the run at once, still running."""
         if self._closed:
             raise EngineError("this engine is closed; create a new Engine")
         journal = await self.journal()
         run = await journal.prepare_resume(run_id, self.use_cache)
-        if run.done:
-            return run
-        self._start(run)
-        return await self.wait_run(run)
+        if not run.done:
+            self._start(run)
+        return run
 
     def _start(self, run: Run) -> None:
         self.runs_in_flight[run.id] = run

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from ._context import action_var, group_var
 from ._errors import ConfigError
@@ -83,12 +83,28 @@ class MapResults(Generic[R]):
         return result
 
 
+@overload
 def map(
-    task: Callable[..., Awaitable[R]] | Callable[..., R],
+    task: Callable[..., Awaitable[R]],
     *iterables: Iterable[Any],
     concurrency: int | None = None,
     return_exceptions: bool = False,
-) -> MapResults[R]:
+) -> MapResults[R]: ...
+@overload
+def map(
+    task: Callable[..., R],
+    *iterables: Iterable[Any],
+    concurrency: int | None = None,
+    return_exceptions: bool = False,
+) -> MapResults[R]: ...
+
+
+def map(
+    task: Callable[..., Any],
+    *iterables: Iterable[Any],
+    concurrency: int | None = None,
+    return_exceptions: bool = False,
+) -> MapResults[Any]:
     """Call ``task`` once per item (zipping several iterables like ``builtins.map``).
 
     Await the result for a list in input order, or ``async for`` over it to

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Outcome", "resume_with_progress", "run_with_progress"]
 
-#: How often ``resume`` looks for the resumed run among the engine's runs in flight.
-FIND_EVERY = 0.005
-
-
 class Outcome:
     """How a command's run ended: the run (None if it never started) and whether Ctrl-C stopped it."""
 
@@ -99,25 +95,8 @@ async def resume_with_progress(
 ) -> Outcome:
     """Resume ``run_id`` with a progress display; a run that already succeeded is returned as is."""
     async with Engine(store, max_concurrency=max_concurrency) as eng:
-        resuming = asyncio.create_task(eng.resume(run_id))
 
         async def start() -> Run:
-            # Engine.resume starts the run and waits for it; the display
-            # needs the Run while it is running, so look for it among the
-            # runs in flight.
-            while not resuming.done():
-                found = eng.runs_in_flight.get(run_id)
-                if found is not None:
-                    return found
-                await asyncio.wait([resuming], timeout=FIND_EVERY)
-            return resuming.result()
+            return await eng.submit_resume(run_id)
 
-        async def finish(run: Run) -> None:
-            await resuming
-
-        try:
-            return await _follow(eng, console, live, start, finish)
-        finally:
-            if not resuming.done():
-                resuming.cancel()
-                await asyncio.gather(resuming, return_exceptions=True)
+        return await _follow(eng, console, live, start, eng.wait_run)
