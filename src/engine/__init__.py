@@ -56,6 +56,9 @@ from ._map import MapResults as MapResults
 from ._map import group as group
 from ._map import map as map
 from ._options import Resources as Resources
+from ._parallel import ParallelIterator as ParallelIterator
+from ._parallel import parallel_imap as parallel_imap
+from ._parallel import parallel_map as parallel_map
 from ._options import Retry as Retry
 from ._run import Run as Run
 from ._task import Task as Task
@@ -88,6 +91,7 @@ __all__ = [
     "MapResults",
     "MissingDependency",
     "OffloadError",
+    "ParallelIterator",
     "RemoteError",
     "ResourceError",
     "Resources",
@@ -105,6 +109,8 @@ __all__ = [
     "get_run",
     "group",
     "map",
+    "parallel_imap",
+    "parallel_map",
     "resume",
     "run",
     "runs",

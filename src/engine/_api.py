@@ -15,7 +15,7 @@ from ._engine import Engine, _check_root
 from ._errors import EngineError
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Sequence
+    from collections.abc import AsyncGenerator, Coroutine, Sequence
 
     from ._run import Run
     from ._task import Task
@@ -24,16 +24,34 @@ __all__ = ["aresume", "arun", "default_engine", "get_run", "resume", "run", "run
 
 T = TypeVar("T")
 
-_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Engine] = weakref.WeakKeyDictionary()
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Engine, AsyncGenerator[None, None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def default_engine() -> Engine:
-    """The default engine of the running event loop, built from config on first use."""
+    """The default engine of the running event loop, built from config on first use.
+
+    It is closed (journal, process pool, blob store) when the loop shuts
+    down its async generators, which ``asyncio.run`` does before closing
+    the loop: a suspended generator whose ``finally`` closes the engine is
+    left with the loop for that purpose.
+    """
     loop = asyncio.get_running_loop()
-    eng = _defaults.get(loop)
-    if eng is None:
-        eng = _defaults[loop] = Engine()
-    return eng
+    entry = _defaults.get(loop)
+    if entry is None:
+        eng = Engine()
+        closer = _close_at_shutdown(eng)
+        loop.create_task(closer.__anext__(), name="shoal-default-engine")  # type: ignore[arg-type]
+        entry = _defaults[loop] = (eng, closer)
+    return entry[0]
+
+
+async def _close_at_shutdown(eng: Engine) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await eng.aclose()
 
 
 def _sync(name: str, make: Any) -> Any:

@@ -1,0 +1,58 @@
+"""Functions for tests/test_parallel_map.py that worker processes import by reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pid_of(_: object) -> int:
+    return os.getpid()
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def sleep_then_return(item: tuple[int, float]) -> int:
+    index, seconds = item
+    time.sleep(seconds)
+    return index
+
+
+def fail_on_seven(x: int) -> int:
+    if x == 7:
+        raise ValueError(f"seven is not allowed (got {x})")
+    return x
+
+
+class StubbornError(Exception):
+    """Pickles, but cannot be unpickled (its __init__ wants two arguments)."""
+
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(f"{what} failed with code {code}")
+        self.code = code
+
+
+def fail_stubbornly(x: int) -> int:
+    if x == 3:
+        raise StubbornError("item three", 42)
+    return x
+
+
+def kill_self_on_five(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def exit_on_five(x: int) -> int:
+    if x == 5:
+        os._exit(3)
+    return x
