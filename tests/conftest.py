@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import engine
+from _fakes import FakeSleep
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -22,16 +23,6 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.delenv("SHOAL_CONFIG", raising=False)
     monkeypatch.delenv("SHOAL_BLOB_STORE", raising=False)
     yield tmp_path
-
-
-class FakeSleep:
-    """Records retry delays instead of sleeping them."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import engine
 
 if TYPE_CHECKING:
     from pathlib import Path
+from typing import Any
 
 
 class Tree:
@@ -25,7 +26,7 @@ class Tree:
         self.all_started = asyncio.Event()
 
 
-def make_tree(tree: Tree, leaves: int) -> engine.Task[[], None]:
+def make_tree(tree: Tree, leaves: int) -> engine.Task[[], Any]:
     @engine.task
     async def grandchild(i: int) -> None:
         tree.started.append(f"g{i}")

@@ -11,7 +11,7 @@ import pytest
 import engine
 
 if TYPE_CHECKING:
-    from tests.conftest import FakeSleep
+    from _fakes import FakeSleep
 
 
 async def test_retries_with_their_count(eng: engine.Engine, fake_sleep: FakeSleep) -> None:

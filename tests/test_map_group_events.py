@@ -146,7 +146,7 @@ async def test_groups_label_actions_and_nest(eng: engine.Engine) -> None:
 
     run = await eng.run(main)
     events.close()
-    groups = {}
+    groups: dict[str | None, int] = {}
     async for ev in events:
         if ev.kind == "succeeded" and ev.task == "double":
             groups.setdefault(ev.group, 0)

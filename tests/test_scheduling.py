@@ -155,7 +155,7 @@ async def test_sync_tasks_do_not_block_the_loop(eng: engine.Engine) -> None:
 
     @engine.task
     async def main() -> None:
-        await blocking()
+        await blocking()  # type: ignore[misc]
 
     t = asyncio.create_task(ticker())
     await eng.run(main)

@@ -56,10 +56,10 @@ from ._map import MapResults as MapResults
 from ._map import group as group
 from ._map import map as map
 from ._options import Resources as Resources
+from ._options import Retry as Retry
 from ._parallel import ParallelIterator as ParallelIterator
 from ._parallel import parallel_imap as parallel_imap
 from ._parallel import parallel_map as parallel_map
-from ._options import Retry as Retry
 from ._run import Run as Run
 from ._task import Task as Task
 from ._task import task as task

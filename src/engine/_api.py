@@ -24,7 +24,7 @@ __all__ = ["aresume", "arun", "default_engine", "get_run", "resume", "run", "run
 
 T = TypeVar("T")
 
-_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Engine, AsyncGenerator[None, None]]] = (
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Engine, AsyncGenerator[None, None], asyncio.Task[None]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -42,9 +42,15 @@ def default_engine() -> Engine:
     if entry is None:
         eng = Engine()
         closer = _close_at_shutdown(eng)
-        loop.create_task(closer.__anext__(), name="shoal-default-engine")  # type: ignore[arg-type]
-        entry = _defaults[loop] = (eng, closer)
+        started = loop.create_task(_advance(closer), name="shoal-default-engine")
+        # The generator must stay referenced: collected, it would be
+        # finalized (closing the engine) at once.
+        entry = _defaults[loop] = (eng, closer, started)
     return entry[0]
+
+
+async def _advance(gen: AsyncGenerator[None, None]) -> None:
+    await gen.__anext__()
 
 
 async def _close_at_shutdown(eng: Engine) -> AsyncGenerator[None, None]:

@@ -41,7 +41,7 @@ from ._errors import (
 from ._records import SCHEMA_VERSION, ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping, Sequence
 
     from ._action import Action
     from ._engine import Engine
@@ -644,7 +644,7 @@ class RunJournal:
             # queue belongs to the event loop.
             self.journal._loop.call_soon_threadsafe(self.journal.append, record)
 
-    async def cache_lookup(self, action: Action, values: list[Any], named: dict[str, Any]) -> Any:
+    async def cache_lookup(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> Any:
         task = action.task
         key = action.cache_key = digest("cache", task.name, task.cache_version, values, named)
 

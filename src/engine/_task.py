@@ -49,6 +49,12 @@ class Task(Generic[P, R]):
         "timeout",
     )
 
+    if TYPE_CHECKING:
+        # Copied from the function by functools.update_wrapper.
+        __name__: str
+        __qualname__: str
+        __wrapped__: Callable[P, Any]
+
     def __init__(
         self,
         fn: Callable[P, Any],

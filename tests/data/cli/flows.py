@@ -61,7 +61,7 @@ async def chatty(n: int = 2) -> int:
     print("root done")  # noqa: T201 - output to capture
     print("to stderr", file=sys.stderr)  # noqa: T201 - output to capture
     logging.getLogger("flows").warning("careful %d", n)
-    return n + len(await shout("hi"))
+    return n + len(await shout("hi"))  # type: ignore[misc]
 
 
 @engine.task
