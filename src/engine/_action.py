@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._context import action_var
+from ._context import action_var, task_of
 from ._errors import ActionTimeout
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class Action:
         self.group = group
         self.id = id
         self.key = id
-        self.attempt = 0
+        self.attempt = 1
         self.started_at = 0.0
         self.cache_key: str | None = None
         # Invariant: ``held`` lists the slots this action holds right now and
@@ -114,19 +114,22 @@ async def execute(
     (fewer live objects also means less work for the garbage collector).
     """
     action = Action(run, task, parent, group, key)
-    if run.replay is not None:
-        found = run.replay.get(key)
-        if found is not None:
-            return await run.replayed(action, found, counts)
-    if task.cache_version is not None and run.journal is not None and run.use_cache:
-        hit = await run.journal.cache_lookup(action, values, named)
-        if hit is not None:
-            return await run.cached(action, hit.value, counts)
+    journal = run.journal
+    if journal is not None:
+        # Replay and cache exist only for journaled runs.
+        if run.replay is not None:
+            found = run.replay.get(key)
+            if found is not None:
+                return await run.replayed(action, found, counts)
+        if task.cache_version is not None and run.use_cache:
+            hit = await journal.cache_lookup(action, values, named)
+            if hit is not None:
+                return await run.cached(action, hit.value, counts)
 
     engine = run.engine
     if parent is not None and parent.held is not None:
         parent.lend()
-    if engine.limited or task.concurrency is not None or task.resources is not None:
+    if task.admitted or engine.limited:
         try:
             action.held = await engine.admit(task)
         except asyncio.CancelledError:
@@ -135,7 +138,7 @@ async def execute(
             run.finished(action, "cancelled", None)
             raise
 
-    current = asyncio.current_task()
+    current = task_of(run.loop)
     live = run.live
     owner = current not in live
     if owner:
@@ -143,16 +146,16 @@ async def execute(
     token = action_var.set(action)
     counts.pending -= 1
     counts.running += 1
-    if run.journal is not None:
+    if journal is not None:
         action.started_at = time.time()
-    if "started" in engine.wanted:
+    wanted = engine.wanted
+    if wanted and "started" in wanted:
         engine.emit("started", action)
     try:
         if task.plain:
             # No retry, no timeout, async: the common case, without the
             # attempt loop's frame.
-            action.attempt = 1
-            result = await task.fn(*values, **named)
+            result = await (task.fn(*values, **named) if named else task.fn(*values))
         else:
             result = await _attempts(action, task, values, named, counts)
     except asyncio.CancelledError:
@@ -171,9 +174,9 @@ async def execute(
             action.lend()
         if owner:
             live.discard(current)
-    if run.journal is not None:
+    if journal is not None:
         try:
-            await run.journal.succeeded(action, result)
+            await journal.succeeded(action, result)
         except BaseException as exc:
             counts.running -= 1
             if isinstance(exc, asyncio.CancelledError):
@@ -184,7 +187,8 @@ async def execute(
             raise
     counts.running -= 1
     counts.succeeded += 1
-    if "succeeded" in engine.wanted:
+    wanted = engine.wanted
+    if wanted and "succeeded" in wanted:
         engine.emit("succeeded", action)
     return result
 

@@ -7,20 +7,33 @@ in two concurrent runs never sees the other's.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._action import Action
     from ._engine import Engine
     from ._run import Run
 
-__all__ = ["current_action", "current_engine", "current_group", "current_run"]
+__all__ = ["current_action", "current_engine", "current_group", "current_run", "task_of"]
 
 #: The action whose code is running here, or None outside any run.
 action_var: ContextVar[Action | None] = ContextVar("shoal.action", default=None)
 #: The label of the innermost ``engine.group(...)`` block, or None.
 group_var: ContextVar[str | None] = ContextVar("shoal.group", default=None)
+
+
+#: ``task_of(loop)``: the asyncio task running now on ``loop``.  On 3.11
+#: ``asyncio.current_task`` is a Python function over this dict; the action
+#: path calls it once per action, so it reads the dict directly.
+task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
+if sys.version_info >= (3, 12):
+    task_of = asyncio.current_task
+else:
+    task_of = asyncio.tasks._current_tasks.get
 
 
 def current_action() -> Action | None:

@@ -77,7 +77,7 @@ class Run:
         self.replay = replay
         self.use_cache = use_cache
         self.thread_id = threading.get_ident()
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._values = values
         self._named = named
         self._result: Any = None
@@ -171,7 +171,7 @@ class Run:
         async def call() -> Any:
             return await self.call(task, parent, args, kwargs)
 
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
 
     def _key(self, name: str, parent: Action | None, values: Sequence[Any], named: Mapping[str, Any]) -> str:
         inputs = digest_bytes(name, values, dict(named))
@@ -241,7 +241,7 @@ class Run:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        self._main = self._loop.create_task(self._drive(), name=f"shoal-run-{self.id}")
+        self._main = self.loop.create_task(self._drive(), name=f"shoal-run-{self.id}")
 
     async def _drive(self) -> None:
         counts = self.counters_for(self.task.name)

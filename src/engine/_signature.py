@@ -105,6 +105,7 @@ class Signature:
     __slots__ = (
         "_by_name",
         "_decoder",
+        "_fast",
         "_fn",
         "_positional",
         "_resolved",
@@ -149,6 +150,14 @@ class Signature:
         }
         self.return_type = hints.get("return", _MISSING)
         self._decoder: msgspec.msgpack.Decoder[Any] | None = None
+        # (index, param) of the positional parameters that need a check, for
+        # calls that pass every parameter positionally; None when the
+        # function also has keyword-only parameters.
+        self._fast: tuple[tuple[int, _Param], ...] | None = (
+            None
+            if keyword_only
+            else tuple((i, p) for i, p in enumerate(positional) if p.check is not None)
+        )
         self._resolved = True
 
     @property
@@ -193,14 +202,14 @@ class Signature:
         """
         if not self._resolved:
             self._resolve()
-        if not kwargs and len(args) == len(self._positional) and not self.keyword_only:
+        fast = self._fast
+        if fast is not None and not kwargs and len(args) == len(self._positional):
             # Fast path: every parameter given positionally.  The args tuple
             # itself is returned unless a value had to be converted.
             converted: list[Any] | None = None
-            for i, param in enumerate(self._positional):
-                check = param.check
-                if check is not None:
-                    value = args[i]
+            for i, param in fast:
+                value = args[i]
+                if type(value) is not param.type:
                     new = self._convert(param, value)
                     if new is not value:
                         if converted is None:

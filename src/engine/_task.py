@@ -36,6 +36,7 @@ class Task(Generic[P, R]):
     __slots__ = (
         "__dict__",
         "__weakref__",
+        "admitted",
         "cache_version",
         "concurrency",
         "fn",
@@ -109,6 +110,8 @@ class Task(Generic[P, R]):
         # An async task with no retry and no timeout takes the action path's
         # shortest branch.
         self.plain = self.is_async and self.retry.attempts == 0 and self.timeout is None
+        # Whether an action of this task must take slots before it runs.
+        self.admitted = concurrency is not None or (resources is not None and offload is None)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
