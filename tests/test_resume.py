@@ -531,3 +531,32 @@ def test_flow_script_is_importable_without_running() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["35"], proc.stderr
+
+
+async def test_replayed_calls_work_wherever_a_call_does(tmp_path: Path) -> None:
+    """On resume a replayed call is awaitable, gatherable and can become a task."""
+    attempts = 0
+
+    @engine.task
+    async def leaf(i: int) -> int:
+        return i * 2
+
+    @engine.task
+    async def root() -> list[int]:
+        nonlocal attempts
+        attempts += 1
+        direct = await leaf(1)
+        gathered = await asyncio.gather(leaf(2), leaf(3))
+        spawned = await asyncio.create_task(leaf(4))
+        waited = await asyncio.wait_for(leaf(5), 10)
+        if attempts == 1:
+            raise RuntimeError("fail once, after the children")
+        return [direct, *gathered, spawned, waited]
+
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        first = await eng.run(root)
+        assert first.status == "failed"
+        again = await eng.resume(first.id, task=root)
+    assert again.result == [2, 4, 6, 8, 10]
+    assert again.counters["leaf"].replayed == 5
+    assert again.counters["leaf"].succeeded == 5

@@ -9,6 +9,7 @@ slots only when a limit is set, events only when someone listens).
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,30 @@ if TYPE_CHECKING:
     from ._run import Run
     from ._task import Task
 
-__all__ = ["Action", "execute"]
+__all__ = ["Action", "Done", "execute"]
+
+
+class Done(asyncio.Future[Any]):
+    """An already finished result that can stand wherever a task call's coroutine can.
+
+    ``await`` it, pass it to ``asyncio.gather`` (which takes it as is: no
+    task is created) or to ``asyncio.create_task`` (it speaks the coroutine
+    protocol, so a task wraps it and finishes at its first step).
+    """
+
+    __slots__ = ()
+
+    def send(self, value: Any) -> Any:
+        raise StopIteration(self.result())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        pass
+
+
+collections.abc.Coroutine.register(Done)
 
 
 class Action:

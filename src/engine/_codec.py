@@ -20,6 +20,8 @@ __all__ = ["MSGPACK", "PICKLE", "decode_value", "digest", "digest_bytes", "encod
 
 MSGPACK: Final = "msgpack"
 PICKLE: Final = "pickle"
+#: Kinds of recorded output stored in the journal itself (not in the blob store).
+INLINE_KINDS: Final = frozenset((MSGPACK, PICKLE))
 
 _det_encoder = msgspec.msgpack.Encoder(order="deterministic")
 _encoder = msgspec.msgpack.Encoder()

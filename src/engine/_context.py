@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._action import Action
     from ._engine import Engine
     from ._run import Run
@@ -33,7 +34,7 @@ task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
 if sys.version_info >= (3, 12):
     task_of = asyncio.current_task
 else:
-    task_of = asyncio.tasks._current_tasks.get
+    task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
 def current_action() -> Action | None:

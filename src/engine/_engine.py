@@ -235,22 +235,24 @@ class Engine:
         run = await self.submit(task, *args, tags=tags, cache=cache, **kwargs)
         return await self.wait_run(run)
 
-    async def resume(self, run_id: str) -> Run:
+    async def resume(self, run_id: str, *, task: Task[Any, Any] | None = None) -> Run:
         """Continue a failed, cancelled or interrupted run in place, and wait for it.
 
         The root task runs again with its recorded arguments; every action
         that succeeded before returns its recorded output without running.
-        A run that already succeeded is returned as it is.
+        A run that already succeeded is returned as it is.  The root task is
+        imported again from where the run recorded it, unless ``task`` is
+        given (a task defined inside a function cannot be imported).
         """
-        run = await self.submit_resume(run_id)
+        run = await self.submit_resume(run_id, task=task)
         return run if run.done else await self.wait_run(run)
 
-    async def submit_resume(self, run_id: str) -> Run:
+    async def submit_resume(self, run_id: str, *, task: Task[Any, Any] | None = None) -> Run:
         """Like :meth:`resume`, but return the run at once, still running."""
         if self._closed:
             raise EngineError("this engine is closed; create a new Engine")
         journal = await self.journal()
-        run = await journal.prepare_resume(run_id, self.use_cache)
+        run = await journal.prepare_resume(run_id, self.use_cache, task)
         if not run.done:
             self._start(run)
         return run

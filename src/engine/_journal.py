@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._action import Action
     from ._engine import Engine
     from ._run import Run
+    from ._task import Task
 
 __all__ = ["Journal", "RunJournal"]
 
@@ -452,12 +453,18 @@ class Journal:
 
     # -- resume ----------------------------------------------------------------
 
-    async def prepare_resume(self, run_id: str, use_cache: bool) -> Run:
+    async def prepare_resume(self, run_id: str, use_cache: bool, task: Task[Any, Any] | None = None) -> Run:
         from ._loader import load_root
         from ._run import Run
 
         record, output, output_kind = await self.load_run(run_id)
-        task = load_root(record.root, record.root_file)
+        if task is None:
+            task = load_root(record.root, record.root_file)
+        elif task.name != record.task:
+            raise EngineError(
+                f"run {run_id} was a run of task {record.task!r}, not {task.name!r}; "
+                f"pass its own root task (or none, to import it again)"
+            )
         args = decode_value(record.args_kind, record.args)
         values, named = task.signature.bind(tuple(args[0]), dict(args[1]))
         if record.status == "running" and record.pid is not None and record.host == socket.gethostname():
