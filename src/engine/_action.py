@@ -200,14 +200,24 @@ async def execute(
             live.discard(current)
     if journal is not None:
         try:
-            await journal.succeeded(action, result)
+            durable = journal.succeeded(action, result)
+        except BaseException as exc:
+            counts.running -= 1
+            counts.failed += 1
+            run.finished(action, "failed", exc)
+            raise
+        if not engine.wanted:
+            # Nothing needs the action any more: let it go before waiting.
+            action = None  # type: ignore[assignment]
+        try:
+            await durable
         except BaseException as exc:
             counts.running -= 1
             if isinstance(exc, asyncio.CancelledError):
                 counts.cancelled += 1
             else:
                 counts.failed += 1
-                run.finished(action, "failed", exc)
+                run.finished(action or Action(run, task, parent, group, key), "failed", exc)
             raise
     counts.running -= 1
     counts.succeeded += 1

@@ -41,7 +41,7 @@ from ._errors import (
 from ._records import SCHEMA_VERSION, ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from ._action import Action
     from ._engine import Engine
@@ -109,6 +109,23 @@ def error_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(name, message, text)
 
 
+class Commit(asyncio.Future[None]):
+    """The commit of one batch of records, awaited by every action in it.
+
+    One future for the whole batch, not one per action: a fan-out of
+    100,000 actions waiting for their records keeps 100,000 fewer objects
+    alive for the garbage collector to walk.  Cancelling one waiting action
+    must not cancel the commit that the others wait for, so ``cancel()`` is
+    refused here; the waiting action is still cancelled, at its next step,
+    which comes when the commit is done (a few milliseconds).
+    """
+
+    __slots__ = ()
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class Journal:
     """One journal file, shared by the runs of an engine."""
 
@@ -121,13 +138,14 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._loop = asyncio.get_running_loop()
         # Invariant: ``_pending`` holds the records not yet handed to the
-        # writer thread and ``_waiters`` one future per record, resolved
-        # when the transaction holding it commits.  A writer task runs iff
-        # ``_pending`` is not empty (or a batch is being committed); it
-        # drains ``_pending`` batch by batch, so everything queued while a
-        # commit is in flight goes into the next one (group commit).
+        # writer thread, and ``_commit`` is the future they all wait on
+        # (None iff ``_pending`` is empty), resolved when the transaction
+        # holding them commits.  A writer task runs while ``_pending`` is
+        # not empty or a batch is being committed; it drains ``_pending``
+        # batch by batch, so everything queued while a commit is in flight
+        # goes into the next one (group commit).
         self._pending: list[Any] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        self._commit: Commit | None = None
         self._writer: asyncio.Task[None] | None = None
 
     # -- thread plumbing -----------------------------------------------------
@@ -226,17 +244,19 @@ class Journal:
     def append(self, record: Any) -> asyncio.Future[None]:
         """Queue a record for the next commit; the future resolves once it is durable.
 
-        Each caller gets a future of its own: a waiter that is cancelled
-        cancels only its own future, never the batch's other waiters.  A
-        caller that does not wait for durability (failure records, traces)
-        may drop the future.
+        Every record of a batch shares the batch's :class:`Commit` future.
+        A caller that does not wait for durability (failure records,
+        traces) may drop it.
         """
         self._pending.append(record)
-        fut = self._loop.create_future()
-        self._waiters.append(fut)
-        if self._writer is None:
-            self._writer = self._loop.create_task(self._write_loop())
-        return fut
+        commit = self._commit
+        if commit is None:
+            commit = self._commit = Commit(loop=self._loop)
+            # Marked retrieved: a batch of failure records has no waiter.
+            commit.add_done_callback(_consume)
+            if self._writer is None:
+                self._writer = self._loop.create_task(self._write_loop())
+        return commit
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -246,24 +266,17 @@ class Journal:
     async def _write_loop(self) -> None:
         try:
             while self._pending:
-                records, waiters = self._pending, self._waiters
-                self._pending, self._waiters = [], []
+                records, commit = self._pending, self._commit
+                self._pending, self._commit = [], None
+                assert commit is not None
                 try:
                     await asyncio.shield(self._loop.run_in_executor(self._thread, self._guard, self._write, (records,)))
                 except BaseException as exc:
-                    error = exc if isinstance(exc, Exception) else JournalError(str(exc))
-                    for fut in waiters:
-                        if not fut.done():
-                            fut.set_exception(error)
-                            # Marked retrieved: callers that do not wait
-                            # (failure records, traces) drop their future.
-                            fut.add_done_callback(_consume)
+                    commit.set_exception(exc if isinstance(exc, Exception) else JournalError(str(exc)))
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                 else:
-                    for fut in waiters:
-                        if not fut.done():
-                            fut.set_result(None)
+                    commit.set_result(None)
         finally:
             self._writer = None
 
@@ -582,32 +595,48 @@ class RunJournal:
             return f"blob-{kind}", key.encode()
         return kind, data
 
-    async def succeeded(self, action: Action, result: Any, *, cached: bool = False) -> None:
+    def succeeded(self, action: Action, result: Any, *, cached: bool = False) -> Awaitable[None]:
+        """Record a success; await the result to know it is durable.
+
+        Encoding happens now (an unencodable output raises here).  The
+        awaitable is the batch's commit, or, for an output large enough for
+        the blob store, a coroutine that uploads it first.  It does not
+        keep ``action`` alive: a fan-out waiting for its commit holds no
+        action objects.
+        """
         task = action.task
-        kind, data = await self._encode(result, f"output of task {task.name!r} (action {action.key})")
-        cache_key = action.cache_key
+        what = f"output of task {task.name!r} (action {action.key})"
+        kind, data = encode_value(result, what=what)
         parent = action.parent
         now = time.time()
         run = action.run
+        record = ActionRecord(
+            run.id,
+            action.key,
+            None if parent is None else parent.key,
+            task.name,
+            "succeeded",
+            action.attempt,
+            run.attempt,
+            action.started_at or now,
+            now,
+            action.group,
+            data,
+            kind,  # type: ignore[arg-type]
+            None,
+            "action",
+            action.cache_key,
+            cached,
+        )
+        if len(data) > INLINE_LIMIT:
+            return self._via_blob(record)
+        return self.journal.append(record)
+
+    async def _via_blob(self, record: ActionRecord) -> None:
+        assert record.output is not None
+        key = await self.journal.engine.blob_store.put_bytes(record.output)
         await self.journal.append(
-            ActionRecord(
-                run.id,
-                action.key,
-                None if parent is None else parent.key,
-                task.name,
-                "succeeded",
-                action.attempt,
-                run.attempt,
-                action.started_at or now,
-                now,
-                action.group,
-                data,
-                kind,  # type: ignore[arg-type]
-                None,
-                "action",
-                cache_key,
-                cached,
-            )
+            msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}")
         )
 
     def ended(self, action: Action, state: Any, error: BaseException | None) -> None:

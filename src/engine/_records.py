@@ -22,7 +22,10 @@ State = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 ValueKind = Literal["msgpack", "pickle", "blob-msgpack", "blob-pickle"]
 
 
-class ErrorInfo(msgspec.Struct, frozen=True):
+# ``gc=False``: records hold only strings, bytes and numbers (no cycles), and
+# a fan-out queues one per action for the next commit; keeping them out of
+# the garbage collector's sight keeps its passes short.
+class ErrorInfo(msgspec.Struct, frozen=True, gc=False):
     """An exception as text: its type (``module.QualName``), message and traceback."""
 
     type: str
@@ -51,7 +54,7 @@ class RunRecord(msgspec.Struct, frozen=True, tag="run"):
     host: str | None = None
 
 
-class ActionRecord(msgspec.Struct, frozen=True, tag="action"):
+class ActionRecord(msgspec.Struct, frozen=True, tag="action", gc=False):
     """One action (or trace call, ``kind="trace"``) in its last recorded state."""
 
     run_id: str
