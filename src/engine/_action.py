@@ -206,8 +206,11 @@ async def execute(
             counts.failed += 1
             run.finished(action, "failed", exc)
             raise
+        # Nothing below needs the arguments, nor (unless someone listens to
+        # events) the action: let them go before waiting, so that a fan-out
+        # waiting for its commit keeps as few objects alive as possible.
+        values = named = None  # type: ignore[assignment]
         if not engine.wanted:
-            # Nothing needs the action any more: let it go before waiting.
             action = None  # type: ignore[assignment]
         try:
             await durable

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
+from msgspec.structs import astuple
 
 from ._codec import decode_value, digest, encode_value
 from ._errors import (
@@ -289,7 +290,10 @@ class Journal:
         caches = []
         for rec in records:
             if type(rec) is ActionRecord:
-                actions.append(_action_row(rec))
+                # astuple (in C) gives the columns in table order; only an
+                # error needs encoding.  This thread holds the GIL while it
+                # builds rows, and the event loop wants it back.
+                actions.append(astuple(rec) if rec.error is None else _action_row(rec))
                 if rec.cache_key is not None and rec.output is not None and not rec.cached:
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
             elif type(rec) is RunRecord:
