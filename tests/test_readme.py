@@ -1,0 +1,24 @@
+"""The README's tour of the API runs as written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_api_tour_runs(tmp_path: Path) -> None:
+    text = README.read_text()
+    start = text.index("```python\nimport asyncio, engine") + len("```python\n")
+    code = text[start : text.index("```", start)]
+    script = tmp_path / "tour.py"
+    script.write_text(code)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    # 0..9 squared is 285; cubes shifted by one add 2,025 + 10.
+    assert out.stdout.split() == ["succeeded", "2320", "31", "2320"]
+    assert (tmp_path / ".shoal" / "shoal.db").is_file()
