@@ -243,7 +243,25 @@ class BlobStore(Protocol):
     ) -> None: ...
 
 
-class LocalBlobStore:
+class ClosingStore:
+    """``async with store: ...`` closes the store (``aclose``) at the end."""
+
+    async def aclose(self) -> None:
+        """Release what the store holds (connections, clients)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class LocalBlobStore(ClosingStore):
     """Blobs as files in a directory: ``<root>/<first 2 hex>/<digest>``.
 
     Writes go to a temporary file in ``<root>/tmp``, are flushed to disk
@@ -487,18 +505,6 @@ class LocalBlobStore:
 
     async def aclose(self) -> None:
         """Nothing to release: the local store holds no open files between calls."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
 
 def _local_root(spec: str) -> pathlib.Path:
     if spec.startswith("file://"):

@@ -348,15 +348,7 @@ class Journal:
         """
 
         def go(db: sqlite3.Connection) -> tuple[RunRecord, Any, str | None]:
-            row = db.execute(
-                "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
-                "tags, error, pid, host FROM runs WHERE id=?",
-                (run_id,),
-            ).fetchone()
-            if row is None:
-                raise RunNotFound(
-                    f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'"
-                )
+            row = self._run_row(db, run_id)
             out = db.execute(
                 "SELECT output, output_kind FROM actions WHERE run_id=? AND parent IS NULL "
                 "AND kind='action' AND state='succeeded' ORDER BY rowid DESC LIMIT 1",
@@ -365,6 +357,16 @@ class Journal:
             return _run_record(row), *(out if out is not None else (None, None))
 
         return await self.read(go)
+
+    def _run_row(self, db: sqlite3.Connection, run_id: str) -> tuple[Any, ...]:
+        row: tuple[Any, ...] | None = db.execute(
+            "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
+            "tags, error, pid, host FROM runs WHERE id=?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
+        return row
 
     async def list_runs(self, *, status: str | None, tag: str | None, limit: int) -> list[RunSummary]:
         def go(db: sqlite3.Connection) -> list[RunSummary]:
@@ -389,13 +391,7 @@ class Journal:
 
     async def run_details(self, run_id: str, *, actions: bool, offset: int, limit: int) -> RunSummary:
         def go(db: sqlite3.Connection) -> RunSummary:
-            row = db.execute(
-                "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
-                "tags, error, pid, host FROM runs WHERE id=?",
-                (run_id,),
-            ).fetchone()
-            if row is None:
-                raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
+            row = self._run_row(db, run_id)
             tasks = []
             count = 0
             for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
@@ -438,12 +434,10 @@ class Journal:
         """Ask the process running ``run_id`` to cancel it; returns the run's status."""
 
         def go(db: sqlite3.Connection) -> str:
-            row = db.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
-            if row is None:
-                raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
-            if row[0] == "running":
+            status = str(_run_record(self._run_row(db, run_id)).status)
+            if status == "running":
                 db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
-            return str(row[0])
+            return status
 
         return await self.read(go)
 

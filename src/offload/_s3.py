@@ -20,15 +20,13 @@ import random
 import tempfile
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine._blobs import CHUNK, BlobReader, check_digest, hash_file, run_bounded
+from engine._blobs import CHUNK, BlobReader, ClosingStore, check_digest, hash_file, run_bounded
 from engine._errors import BlobError, BlobNotFound, ConfigError
 
 from ._errors_map import error_code, is_retryable, map_s3_error, map_s3_errors
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-    from types import TracebackType
-    from typing import Self
 
 __all__ = ["S3BlobStore"]
 
@@ -49,7 +47,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-class S3BlobStore:
+class S3BlobStore(ClosingStore):
     """Blobs in S3 under ``s3://bucket/prefix``.
 
     - Uploads above ``multipart_threshold`` bytes are multipart uploads of
@@ -494,16 +492,6 @@ class S3BlobStore:
             # them run, or a loop closed right after warns about their sockets.
             await asyncio.sleep(0)
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _sha256(data: bytes) -> str:

@@ -47,6 +47,10 @@ StoreOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ResultJsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+MaxConcurrencyOption = Annotated[
+    int | None, typer.Option("--max-concurrency", min=1, help="Most actions running at once.")
+]
 
 RUN_HELP = """Run a task from a Python file: shoal run FILE[:TASK] [--PARAM VALUE ...].
 
@@ -206,11 +210,9 @@ def build_app() -> typer.Typer:
         ctx: typer.Context,
         target: Annotated[str | None, typer.Argument(metavar="FILE[:TASK]", show_default=False)] = None,
         tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the run (repeatable).")] = None,
-        max_concurrency: Annotated[
-            int | None, typer.Option("--max-concurrency", min=1, help="Most actions running at once.")
-        ] = None,
+        max_concurrency: MaxConcurrencyOption = None,
         store: StoreOption = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        as_json: ResultJsonOption = False,
     ) -> None:
         argv = list(ctx.args)
         if target is None or target.startswith("-"):
@@ -249,11 +251,9 @@ def build_app() -> typer.Typer:
     @app.command("resume")
     def resume_cmd(
         run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run id (see 'shoal runs').")],
-        max_concurrency: Annotated[
-            int | None, typer.Option("--max-concurrency", min=1, help="Most actions running at once.")
-        ] = None,
+        max_concurrency: MaxConcurrencyOption = None,
         store: StoreOption = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        as_json: ResultJsonOption = False,
     ) -> None:
         """Continue a failed, cancelled or interrupted run where it stopped (with progress).
 
