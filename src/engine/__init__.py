@@ -14,14 +14,15 @@
     assert run.result == 285
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._api import aresume as aresume
 from ._api import arun as arun
 from ._api import get_run as get_run
 from ._api import resume as resume
 from ._api import run as run
 from ._api import runs as runs
-from ._blobs import BlobStore as BlobStore
-from ._blobs import LocalBlobStore as LocalBlobStore
 from ._config import Config as Config
 from ._context import current_action as current_action
 from ._context import current_run as current_run
@@ -49,17 +50,11 @@ from ._errors import WorkerCrashed as WorkerCrashed
 from ._events import ActionEvent as ActionEvent
 from ._events import EventStream as EventStream
 from ._events import TaskCounts as TaskCounts
-from ._files import DataFrame as DataFrame
-from ._files import Dir as Dir
-from ._files import File as File
 from ._map import MapResults as MapResults
 from ._map import group as group
 from ._map import map as map
 from ._options import Resources as Resources
 from ._options import Retry as Retry
-from ._parallel import ParallelIterator as ParallelIterator
-from ._parallel import parallel_imap as parallel_imap
-from ._parallel import parallel_map as parallel_map
 from ._run import Run as Run
 from ._task import Task as Task
 from ._task import task as task
@@ -117,6 +112,43 @@ __all__ = [
     "task",
     "trace",
 ]
+
+# Imported on first use (PEP 562), so that `import engine` stays fast for
+# the many programs that never touch the process pool or the blob store.
+_LAZY = {
+    "BlobStore": "._blobs",
+    "LocalBlobStore": "._blobs",
+    "DataFrame": "._files",
+    "Dir": "._files",
+    "File": "._files",
+    "ParallelIterator": "._parallel",
+    "parallel_imap": "._parallel",
+    "parallel_map": "._parallel",
+}
+
+if TYPE_CHECKING:
+    from ._blobs import BlobStore as BlobStore
+    from ._blobs import LocalBlobStore as LocalBlobStore
+    from ._files import DataFrame as DataFrame
+    from ._files import Dir as Dir
+    from ._files import File as File
+    from ._parallel import ParallelIterator as ParallelIterator
+    from ._parallel import parallel_imap as parallel_imap
+    from ._parallel import parallel_map as parallel_map
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 for _name in ("MapResults", "Run"):
     globals()[_name].__module__ = "engine"

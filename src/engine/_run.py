@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._action import Action, Done, execute
-from ._capture import OutputCapture
 from ._codec import INLINE_KINDS, decode_value, digest_bytes
 from ._context import group_var
 from ._errors import EngineError, RunFailed
@@ -19,6 +18,7 @@ from ._events import TaskCounts
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Mapping, Sequence
 
+    from ._capture import OutputCapture
     from ._engine import Engine
     from ._journal import RunJournal
     from ._task import Task
@@ -269,12 +269,15 @@ class Run:
     async def _drive(self) -> None:
         counts = self.counters_for(self.task.name)
         counts.pending += 1
-        capture = OutputCapture(self)
+        capture: OutputCapture | None = None
         try:
             key = ""
             if self.journal is not None:
+                from ._capture import OutputCapture
+
                 key = self._key(self.task.name, None, self._values, self._named)
                 await self.journal.started(self)
+                capture = OutputCapture(self)
                 capture.start()
             self._result = await execute(self, self.task, None, None, key, self._values, self._named, counts)
             self.status = "succeeded"
@@ -291,7 +294,8 @@ class Run:
                 counts.cancelled += self.status == "cancelled"
                 counts.failed += self.status == "failed"
             await self._cancel_leftovers()
-            await capture.stop()
+            if capture is not None:
+                await capture.stop()
             self.finished_at = datetime.now(UTC)
             try:
                 if self.journal is not None:
