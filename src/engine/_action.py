@@ -199,29 +199,24 @@ async def execute(
         if owner:
             live.discard(current)
     if journal is not None:
+        # Counted succeeded when its record is committed (see
+        # RunJournal.succeeded); only a large output waits here, for its
+        # upload to the blob store.
         try:
-            durable = journal.succeeded(action, result)
+            upload = journal.succeeded(action, result, counts)
+            if upload is not None:
+                await upload
+        except asyncio.CancelledError:
+            counts.running -= 1
+            counts.cancelled += 1
+            run.finished(action, "cancelled", None)
+            raise
         except BaseException as exc:
             counts.running -= 1
             counts.failed += 1
             run.finished(action, "failed", exc)
             raise
-        # Nothing below needs the arguments, nor (unless someone listens to
-        # events) the action: let them go before waiting, so that a fan-out
-        # waiting for its commit keeps as few objects alive as possible.
-        values = named = None  # type: ignore[assignment]
-        if not engine.wanted:
-            action = None  # type: ignore[assignment]
-        try:
-            await durable
-        except BaseException as exc:
-            counts.running -= 1
-            if isinstance(exc, asyncio.CancelledError):
-                counts.cancelled += 1
-            else:
-                counts.failed += 1
-                run.finished(action or Action(run, task, parent, group, key), "failed", exc)
-            raise
+        return result
     counts.running -= 1
     counts.succeeded += 1
     wanted = engine.wanted

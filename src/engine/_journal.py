@@ -46,7 +46,11 @@ if TYPE_CHECKING:
 
     from ._action import Action
     from ._engine import Engine
+    from ._events import TaskCounts
     from ._run import Run
+
+    #: (counters, action or None): a success to count once committed.
+    Settle = tuple[TaskCounts, Action | None]
     from ._task import Task
 
 __all__ = ["Journal", "RunJournal"]
@@ -147,6 +151,8 @@ class Journal:
         # goes into the next one (group commit).
         self._pending: list[Any] = []
         self._commit: Commit | None = None
+        # The successes in ``_pending`` still to be counted, in order.
+        self._settles: list[Settle] = []
         self._writer: asyncio.Task[None] | None = None
 
     # -- thread plumbing -----------------------------------------------------
@@ -242,14 +248,18 @@ class Journal:
 
     # -- group commit ------------------------------------------------------------
 
-    def append(self, record: Any) -> asyncio.Future[None]:
+    def append(self, record: Any, settle: Settle | None = None) -> asyncio.Future[None]:
         """Queue a record for the next commit; the future resolves once it is durable.
 
         Every record of a batch shares the batch's :class:`Commit` future.
         A caller that does not wait for durability (failure records,
-        traces) may drop it.
+        traces, successes with a ``settle``) may drop it.  ``settle`` is the
+        (counters, action) of a success to count once it is committed: the
+        action is counted succeeded then, or failed if the commit fails.
         """
         self._pending.append(record)
+        if settle is not None:
+            self._settles.append(settle)
         commit = self._commit
         if commit is None:
             commit = self._commit = Commit(loop=self._loop)
@@ -267,19 +277,37 @@ class Journal:
     async def _write_loop(self) -> None:
         try:
             while self._pending:
-                records, commit = self._pending, self._commit
-                self._pending, self._commit = [], None
+                records, commit, settles = self._pending, self._commit, self._settles
+                self._pending, self._commit, self._settles = [], None, []
                 assert commit is not None
                 try:
                     await asyncio.shield(self._loop.run_in_executor(self._thread, self._guard, self._write, (records,)))
                 except BaseException as exc:
-                    commit.set_exception(exc if isinstance(exc, Exception) else JournalError(str(exc)))
+                    error = exc if isinstance(exc, Exception) else JournalError(str(exc))
+                    self._settle(settles, error)
+                    commit.set_exception(error)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                 else:
+                    self._settle(settles, None)
                     commit.set_result(None)
         finally:
             self._writer = None
+
+    def _settle(self, settles: list[Settle], error: Exception | None) -> None:
+        """Count the successes of a committed batch (or, if it failed, their failure)."""
+        engine = self.engine
+        wanted = engine.wanted
+        for counts, action in settles:
+            counts.running -= 1
+            if error is None:
+                counts.succeeded += 1
+                if action is not None and "succeeded" in wanted:
+                    engine.emit("succeeded", action)
+            else:
+                counts.failed += 1
+                if action is not None and "failed" in wanted:
+                    engine.emit("failed", action, error)
 
     def _write(self, records: list[Any]) -> None:
         db = self._db
@@ -593,14 +621,20 @@ class RunJournal:
             return f"blob-{kind}", key.encode()
         return kind, data
 
-    def succeeded(self, action: Action, result: Any, *, cached: bool = False) -> Awaitable[None]:
-        """Record a success; await the result to know it is durable.
+    def succeeded(
+        self, action: Action, result: Any, counts: TaskCounts, *, cached: bool = False
+    ) -> Awaitable[None] | None:
+        """Record a success, to be counted (``counts``) once it is committed.
 
         Encoding happens now (an unencodable output raises here).  The
-        awaitable is the batch's commit, or, for an output large enough for
-        the blob store, a coroutine that uploads it first.  It does not
-        keep ``action`` alive: a fan-out waiting for its commit holds no
-        action objects.
+        action does not wait for the commit: its result goes to its caller
+        at once, and it counts as succeeded (counters, events, the run's
+        success) only when its record is committed.  Records are committed
+        in the order they were appended, by one writer, so the journal never
+        holds a record without the records of the calls it came after: a
+        crash loses a suffix, which resume runs again.  An output large
+        enough for the blob store is uploaded first; the awaitable returned
+        then is that upload.
         """
         task = action.task
         what = f"output of task {task.name!r} (action {action.key})"
@@ -626,15 +660,18 @@ class RunJournal:
             action.cache_key,
             cached,
         )
+        settle = (counts, action if self.journal.engine.wanted else None)
         if len(data) > INLINE_LIMIT:
-            return self._via_blob(record)
-        return self.journal.append(record)
+            return self._via_blob(record, settle)
+        self.journal.append(record, settle)
+        return None
 
-    async def _via_blob(self, record: ActionRecord) -> None:
+    async def _via_blob(self, record: ActionRecord, settle: Settle) -> None:
         assert record.output is not None
         key = await self.journal.engine.blob_store.put_bytes(record.output)
-        await self.journal.append(
-            msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}")
+        self.journal.append(
+            msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}"),
+            settle,
         )
 
     def ended(self, action: Action, state: Any, error: BaseException | None) -> None:

@@ -241,11 +241,13 @@ class Run:
         return value
 
     async def cached(self, action: Action, value: Any, counts: TaskCounts) -> Any:
-        if self.journal is not None:
-            await self.journal.succeeded(action, value, cached=True)
+        assert self.journal is not None  # the cache lives in the journal
         counts.pending -= 1
-        counts.succeeded += 1
+        counts.running += 1  # until the record of the hit is committed
         counts.cached += 1
+        upload = self.journal.succeeded(action, value, counts, cached=True)
+        if upload is not None:
+            await upload
         if "cached" in self.engine.wanted:
             self.engine.emit("cached", action)
         return value
