@@ -142,18 +142,23 @@ class Journal:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="shoal-journal")
         self._db: sqlite3.Connection | None = None
         self._loop = asyncio.get_running_loop()
-        # Invariant: ``_pending`` holds the records not yet handed to the
-        # writer thread, and ``_commit`` is the future they all wait on
-        # (None iff ``_pending`` is empty), resolved when the transaction
-        # holding them commits.  A writer task runs while ``_pending`` is
-        # not empty or a batch is being committed; it drains ``_pending``
-        # batch by batch, so everything queued while a commit is in flight
-        # goes into the next one (group commit).
+        # Shared between the event loop (which appends) and the journal
+        # thread (which takes batches), under ``_lock``.
+        # Invariant: ``_pending`` holds the records not yet taken by the
+        # journal thread, ``_settles`` the successes among them still to be
+        # counted, and ``_commit`` the future they all wait on (None iff
+        # ``_pending`` is empty).  ``_draining`` is True from the moment a
+        # drain is handed to the journal thread until that drain finds
+        # ``_pending`` empty: while it runs, it takes whatever was appended
+        # meanwhile as its next batch without waiting for the loop, so
+        # commits overlap with the loop's work (group commit).
+        self._lock = threading.Lock()
         self._pending: list[Any] = []
-        self._commit: Commit | None = None
-        # The successes in ``_pending`` still to be counted, in order.
         self._settles: list[Settle] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._commit: Commit | None = None
+        self._draining = False
+        # The newest commit future (resolved last: batches commit in order).
+        self._last: Commit | None = None
 
     # -- thread plumbing -----------------------------------------------------
 
@@ -257,42 +262,54 @@ class Journal:
         (counters, action) of a success to count once it is committed: the
         action is counted succeeded then, or failed if the commit fails.
         """
-        self._pending.append(record)
-        if settle is not None:
-            self._settles.append(settle)
-        commit = self._commit
-        if commit is None:
-            commit = self._commit = Commit(loop=self._loop)
-            # Marked retrieved: a batch of failure records has no waiter.
-            commit.add_done_callback(_consume)
-            if self._writer is None:
-                self._writer = self._loop.create_task(self._write_loop())
+        with self._lock:
+            self._pending.append(record)
+            if settle is not None:
+                self._settles.append(settle)
+            commit = self._commit
+            if commit is None:
+                commit = self._commit = self._last = Commit(loop=self._loop)
+                # Marked retrieved: a batch of failure records has no waiter.
+                commit.add_done_callback(_consume)
+            start = not self._draining
+            self._draining = True
+        if start:
+            self._loop.run_in_executor(self._thread, self._drain).add_done_callback(_consume)
         return commit
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
-        if self._writer is not None:
-            await asyncio.shield(self._writer)
+        """Wait until everything appended so far is committed (or failed to be)."""
+        last = self._last
+        if last is not None:
+            await asyncio.wait([last])
 
-    async def _write_loop(self) -> None:
-        try:
-            while self._pending:
-                records, commit, settles = self._pending, self._commit, self._settles
-                self._pending, self._commit, self._settles = [], None, []
-                assert commit is not None
-                try:
-                    await asyncio.shield(self._loop.run_in_executor(self._thread, self._guard, self._write, (records,)))
-                except BaseException as exc:
-                    error = exc if isinstance(exc, Exception) else JournalError(str(exc))
-                    self._settle(settles, error)
-                    commit.set_exception(error)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
-                else:
-                    self._settle(settles, None)
-                    commit.set_result(None)
-        finally:
-            self._writer = None
+    def _drain(self) -> None:
+        """On the journal thread: commit batches until nothing is pending."""
+        while True:
+            with self._lock:
+                records, settles, commit = self._pending, self._settles, self._commit
+                if not records:
+                    self._draining = False
+                    return
+                self._pending, self._settles, self._commit = [], [], None
+            error: Exception | None = None
+            try:
+                self._guard(self._write, (records,))
+            except Exception as exc:
+                error = exc
+            try:
+                self._loop.call_soon_threadsafe(self._committed, settles, commit, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _committed(self, settles: list[Settle], commit: Commit | None, error: Exception | None) -> None:
+        """On the loop: count a batch's successes and wake whoever waits for it."""
+        self._settle(settles, error)
+        if commit is not None:
+            if error is None:
+                commit.set_result(None)
+            else:
+                commit.set_exception(error)
 
     def _settle(self, settles: list[Settle], error: Exception | None) -> None:
         """Count the successes of a committed batch (or, if it failed, their failure)."""

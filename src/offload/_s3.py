@@ -12,12 +12,14 @@ built, so ``Engine(blob_store="s3://...")`` stays cheap.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import os
 import pathlib
 import random
 import tempfile
+import zlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine._blobs import CHUNK, BlobReader, ClosingStore, check_digest, hash_file, run_bounded
@@ -153,10 +155,15 @@ class S3BlobStore(ClosingStore):
                     max_pool_connections=self.max_connections,
                     connect_timeout=self.connect_timeout,
                     read_timeout=self.read_timeout,
-                    # We name blobs by SHA-256 and check downloads ourselves;
-                    # an extra CRC per request buys nothing.
+                    # We name blobs by SHA-256 and check downloads ourselves.
+                    # Uploads carry a CRC32 that _upload computes (off the
+                    # event loop for big bodies), so botocore computes none...
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required",
+                    # ...and need not sign the payload either: signing hashes
+                    # every body again, on the event loop.  boto3 skips it over
+                    # https when a checksum is sent; the CRC covers plain http.
+                    s3={"payload_signing_enabled": False},
                 )
                 session = self._session or get_session()
                 stack = contextlib.AsyncExitStack()
@@ -176,6 +183,11 @@ class S3BlobStore(ClosingStore):
                             f"cannot create an S3 client for {self.uri} with endpoint "
                             f"{self._endpoint}: {exc}; check endpoint_url / AWS_ENDPOINT_URL"
                         ) from exc
+                # botocore asks for "Expect: 100-continue" on every upload: a
+                # round trip before each body is sent.  Our bodies are in
+                # memory, at most a part long, and go to keys we own, so an
+                # early refusal would save little; skip the wait.
+                client.meta.events.register_last("before-call.s3", _no_expect_header)
                 self._stack, self._client = stack, client
         return self._client
 
@@ -268,16 +280,21 @@ class S3BlobStore(ClosingStore):
         uri = self.object_uri(digest)
         if size <= self.multipart_threshold:
             data = await read(0, size)
+            crc = await _crc32_of(data)
             await self._call(
                 "upload",
                 uri,
-                lambda c: c.put_object(Bucket=self.bucket, Key=key, Body=data),
+                lambda c: c.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumCRC32=crc),
             )
             return
+        # CRC32 parts, like boto3's transfers: S3 checks each part as it
+        # arrives, and the completed object's checksum is built from them.
         created = await self._call(
             "start multipart upload of",
             uri,
-            lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=key),
+            lambda c: c.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32"
+            ),
         )
         upload_id: str = created["UploadId"]
         try:
@@ -289,6 +306,7 @@ class S3BlobStore(ClosingStore):
             async def upload_part(part: tuple[int, int, int]) -> dict[str, Any]:
                 number, start, end = part
                 body = await read(start, end)
+                crc = await _crc32_of(body)
                 resp = await self._call(
                     f"upload part {number} of",
                     uri,
@@ -298,9 +316,10 @@ class S3BlobStore(ClosingStore):
                         UploadId=upload_id,
                         PartNumber=number,
                         Body=body,
+                        ChecksumCRC32=crc,
                     ),
                 )
-                return {"PartNumber": number, "ETag": resp["ETag"]}
+                return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumCRC32": crc}
 
             parts = await run_bounded(upload_part, ranges, limit=self.max_concurrency)
             await self._call(
@@ -347,12 +366,23 @@ class S3BlobStore(ClosingStore):
     async def put_file(self, path: str | os.PathLike[str]) -> str:
         path = pathlib.Path(path)
         try:
-            digest, size = await asyncio.to_thread(hash_file, path)
+            # One thread hop hashes the file and keeps a small one's content:
+            # exactly the bytes hashed are uploaded, with no second read.
+            digest, size, content = await asyncio.to_thread(
+                _hash_small_file, path, min(CHUNK, self.multipart_threshold)
+            )
         except FileNotFoundError as exc:
             raise BlobNotFound(f"cannot store {path} in {self.uri}: no such file") from exc
         except OSError as exc:
             raise BlobError(f"cannot store {path} in {self.uri}: {exc}") from exc
         if await self._head(digest) is not None:
+            return digest
+        if content is not None:
+
+            async def read_content(start: int, end: int) -> bytes:
+                return content[start:end]
+
+            await self._upload(digest, size, read_content)
             return digest
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
@@ -492,6 +522,30 @@ class S3BlobStore(ClosingStore):
             # them run, or a loop closed right after warns about their sockets.
             await asyncio.sleep(0)
 
+
+def _no_expect_header(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
+
+
+def _hash_small_file(path: pathlib.Path, limit: int) -> tuple[str, int, bytes | None]:
+    """SHA-256 digest, size and (when at most ``limit`` bytes) content of a file (blocking)."""
+    with path.open("rb") as fh:
+        if os.fstat(fh.fileno()).st_size <= limit:
+            content = fh.read()
+            if len(content) <= limit:
+                return _sha256(content), len(content), content
+    digest, size = hash_file(path)
+    return digest, size, None
+
+
+def _crc32(data: bytes) -> str:
+    """The base64 CRC32 that S3 checks an upload's body against (``ChecksumCRC32``)."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+async def _crc32_of(data: bytes) -> str:
+    # zlib releases the GIL for large buffers: hash big parts off the loop.
+    return await asyncio.to_thread(_crc32, data) if len(data) > CHUNK else _crc32(data)
 
 
 def _sha256(data: bytes) -> str:
