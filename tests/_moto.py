@@ -33,6 +33,11 @@ class Request:
     method: str
     path: str
     query: str
+    #: The request's headers, names in lower case.
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name.lower()), None)
 
     @property
     def is_write(self) -> bool:
@@ -68,8 +73,16 @@ class Recorder:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
+        headers = tuple(
+            (k[5:].replace("_", "-").lower(), str(v))
+            for k, v in environ.items()
+            if k.startswith("HTTP_")
+        )
         req = Request(
-            environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+            environ["REQUEST_METHOD"],
+            environ.get("PATH_INFO", ""),
+            environ.get("QUERY_STRING", ""),
+            headers,
         )
         with self.lock:
             self.log.append(req)

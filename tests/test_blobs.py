@@ -383,6 +383,55 @@ async def test_s3_cancelled_multipart_upload_is_aborted(
         client.close()
 
 
+async def test_s3_small_upload_costs_one_lookup_and_one_put(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: pathlib.Path
+) -> None:
+    src = tmp_path / "small.txt"
+    src.write_bytes(b"a small file")
+    async with make_s3(moto_server, s3_bucket) as store:
+        await store.exists(sha(b"warm up"))  # connects and checks the bucket once
+        mark = moto_server.mark()
+        digest = await store.put_file(src)
+        assert [r.method for r in moto_server.since(mark)] == ["HEAD", "PUT"]
+        mark = moto_server.mark()
+        assert await store.put_file(src) == digest
+        assert await store.put_bytes(b"a small file") == digest
+        assert [r.method for r in moto_server.since(mark)] == ["HEAD", "HEAD"]
+
+
+async def test_s3_uploads_carry_crc32_and_skip_100_continue(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: pathlib.Path
+) -> None:
+    import base64
+    import zlib
+
+    def crc32(data: bytes) -> str:
+        return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+    small = b"checked by S3"
+    big = random_bytes(2 * PART + 7, seed=8)
+    src = tmp_path / "big.bin"
+    src.write_bytes(big)
+    mark = moto_server.mark()
+    async with make_s3(moto_server, s3_bucket) as store:
+        await store.put_bytes(small)
+        digest = await store.put_file(src)
+        assert await store.get_bytes(digest) == big
+    puts = [r for r in moto_server.since(mark) if r.method == "PUT"]
+    assert len(puts) == 4  # one object, three parts (sent concurrently, in any order)
+    parts = [big[i : i + PART] for i in range(0, len(big), PART)]
+    sent = {r.query: r.header("x-amz-checksum-crc32") for r in puts}
+    assert sent.pop("") == crc32(small)
+    assert {int(q.split("partNumber=")[1].split("&")[0]): v for q, v in sent.items()} == {
+        n: crc32(p) for n, p in enumerate(parts, start=1)
+    }
+    for r in puts:
+        assert r.header("expect") is None  # no round trip before the body
+        assert r.header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"
+    created = [r for r in moto_server.since(mark) if r.method == "POST" and "uploads" in r.query]
+    assert [r.header("x-amz-checksum-algorithm") for r in created] == ["CRC32"]
+
+
 async def test_s3_wrong_bucket(moto_server: MotoServer, s3_env: None) -> None:
     uri = "s3://no-such-bucket-here/blobs"
     async with make_s3(moto_server, "no-such-bucket-here") as store:

@@ -179,3 +179,73 @@ def test_ctrl_c_cancels_the_run_and_raises_keyboard_interrupt(tmp_path: Path) ->
     details = engine.get_run(run.id, actions=True)
     assert {a.state for a in details.action_records} == {"cancelled"}
     assert len(details.action_records) == 4
+
+
+async def test_cancel_while_actions_wait_for_a_slot() -> None:
+    started = asyncio.Event()
+
+    @engine.task
+    async def child(i: int) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    @engine.task
+    async def main() -> None:
+        await asyncio.gather(*(child(i) for i in range(4)))
+
+    async with engine.Engine(store="j.db", max_concurrency=1) as eng:
+        run = await eng.submit(main)
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(0.05)
+        run.cancel()
+        await run.wait()
+        details = await eng.get_run(run.id, actions=True)
+    assert run.status == "cancelled"
+    counts = run.counters["child"]
+    assert (counts.pending, counts.running, counts.cancelled) == (0, 0, 4)
+    assert sorted(a.state for a in details.action_records) == ["cancelled"] * 5
+
+
+async def test_no_action_outlives_a_failed_run() -> None:
+    """Siblings of a failed child, still waiting for a slot, are cancelled with the run."""
+    ran_after: list[int] = []
+
+    @engine.task
+    async def child(i: int) -> int:
+        if i == 0:
+            raise ValueError("first child fails")
+        await asyncio.sleep(0.05)
+        ran_after.append(i)
+        return i
+
+    @engine.task
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(child(i) for i in range(6))))
+
+    async with engine.Engine(store="memory", max_concurrency=2) as eng:
+        run = await eng.run(main)
+        stats_at_end = run.stats
+        done_at_end = list(ran_after)
+        await asyncio.sleep(0.3)
+    assert run.status == "failed"
+    assert stats_at_end["running"] == 0 and stats_at_end["pending"] == 0
+    assert ran_after == done_at_end  # nothing ran after the run ended
+
+
+async def test_abandoned_call_does_not_run_after_its_run(eng: engine.Engine) -> None:
+    ran = asyncio.Event()
+
+    @engine.task
+    async def later() -> None:
+        ran.set()
+
+    @engine.task
+    async def main() -> str:
+        asyncio.get_running_loop().create_task(later())  # started after main returns
+        return "done"
+
+    run = await eng.run(main)
+    await asyncio.sleep(0.05)
+    assert run.result == "done"
+    assert not ran.is_set()
+    assert run.counters["later"].cancelled == 1

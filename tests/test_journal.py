@@ -526,3 +526,44 @@ def test_disk_full_fails_the_run_and_keeps_the_journal(tmp_path: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         db.close()
+
+
+async def test_a_run_with_a_record_that_failed_to_commit_does_not_succeed(tmp_path: Path) -> None:
+    """A batch that cannot be committed fails the run, even if later batches commit."""
+    path = tmp_path / "j.db"
+    first_done = asyncio.Event()
+    go_on = asyncio.Event()
+    locked = asyncio.Event()
+
+    @engine.task
+    async def child(i: int) -> int:
+        if i == 1:
+            await locked.wait()
+        return i
+
+    @engine.task
+    async def main() -> int:
+        a = await child(1)
+        first_done.set()
+        await go_on.wait()
+        return a + await child(2)
+
+    async with engine.Engine(store=path, journal_timeout=0.2) as eng:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            run = await eng.submit(main)
+            while run.counters.get("main") is None or run.counters["main"].running == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            blocker.execute("BEGIN IMMEDIATE")
+            locked.set()
+            await first_done.wait()
+            await asyncio.sleep(1.0)  # child(1)'s batch gives up on the lock
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+        go_on.set()
+        await run.wait()
+        assert [r.status for r in await eng.runs()] == ["failed"]
+    assert run.status == "failed"
+    assert isinstance(run.error, engine.JournalBusy)
+    assert run.counters["child"].failed == 1

@@ -151,22 +151,37 @@ async def execute(
                 return await run.cached(action, hit.value, counts)
 
     engine = run.engine
+    current = task_of(run.loop)
+    live = run.live
+    owner = current not in live
+    if owner:
+        # Tracked before admission: an action still waiting for a slot when
+        # its run ends is cancelled with the others.
+        live.add(current)  # type: ignore[arg-type]
+    if run.closing:
+        # Started after its run ended (an abandoned call): never runs.
+        counts.pending -= 1
+        counts.cancelled += 1
+        if owner:
+            live.discard(current)
+        raise asyncio.CancelledError(f"run {run.id} has ended")
     if parent is not None and parent.held is not None:
         parent.lend()
     if task.admitted or engine.limited:
         try:
             action.held = await engine.admit(task)
-        except asyncio.CancelledError:
+        except BaseException as exc:
             counts.pending -= 1
-            counts.cancelled += 1
-            run.finished(action, "cancelled", None)
+            if owner:
+                live.discard(current)
+            if isinstance(exc, asyncio.CancelledError):
+                counts.cancelled += 1
+                run.finished(action, "cancelled", None)
+            else:
+                counts.failed += 1
+                run.finished(action, "failed", exc)
             raise
 
-    current = task_of(run.loop)
-    live = run.live
-    owner = current not in live
-    if owner:
-        live.add(current)  # type: ignore[arg-type]
     token = action_var.set(action)
     counts.pending -= 1
     counts.running += 1

@@ -58,6 +58,9 @@ class Engine:
     fan-outs cannot deadlock.  ``cpus``/``gpus``: local resource slots for
     tasks that declare ``Resources`` (default: usable CPUs, detected GPUs).
 
+    ``journal_timeout``: seconds a journal write waits for another process
+    holding the file's lock before it fails with :class:`JournalBusy`.
+
     ``sleep`` and ``rng`` drive retry backoff; tests inject them so that
     they never sleep.
 
@@ -75,6 +78,7 @@ class Engine:
         cpus: float | None = None,
         gpus: int | None = None,
         home: str | os.PathLike[str] | None = None,
+        journal_timeout: float = 10.0,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
@@ -92,8 +96,15 @@ class Engine:
         self.max_concurrency = max_concurrency
         self.home = Path(home or self.config.home or os.environ.get("SHOAL_HOME") or Path.cwd() / ".shoal")
         store = store if store is not None else self.config.store
+        if store is not None and not isinstance(store, str | os.PathLike):
+            raise ConfigError(
+                f'Engine store= takes "memory", a path to a SQLite file, or None, got {store!r}'
+            )
         self.store = "memory" if store == "memory" else str(Path(store) if store else self.home / "shoal.db")
         self.use_cache = cache
+        if isinstance(journal_timeout, bool) or not isinstance(journal_timeout, int | float) or journal_timeout < 0:
+            raise ConfigError(f"Engine journal_timeout= is seconds >= 0, got {journal_timeout!r}")
+        self.journal_timeout = float(journal_timeout)
         self.sleep: Callable[[float], Awaitable[None]] = sleep or asyncio.sleep
         self.rng = rng or random.Random()
         self.clock = clock or time.time
@@ -162,7 +173,7 @@ class Engine:
         if self._journal is None:
             from ._journal import Journal
 
-            journal = Journal(Path(self.store), self)
+            journal = Journal(Path(self.store), self, busy_timeout=self.journal_timeout)
             await journal.open()
             self._journal = journal
         return self._journal

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from ._events import TaskCounts
     from ._run import Run
 
-    #: (counters, action or None): a success to count once committed.
-    Settle = tuple[TaskCounts, Action | None]
+    #: (counters, run's journal, action or None): a success to count once committed.
+    Settle = tuple[TaskCounts, "RunJournal", Action | None]
     from ._task import Task
 
 __all__ = ["Journal", "RunJournal"]
@@ -315,8 +315,12 @@ class Journal:
         """Count the successes of a committed batch (or, if it failed, their failure)."""
         engine = self.engine
         wanted = engine.wanted
-        for counts, action in settles:
+        for counts, owner, action in settles:
             counts.running -= 1
+            if error is not None:
+                # Sticky for the run: it must not report success with a
+                # record missing (later batches may still commit).
+                owner.error = error
             if error is None:
                 counts.succeeded += 1
                 if action is not None and "succeeded" in wanted:
@@ -571,6 +575,8 @@ class RunJournal:
         # Whether the run's record was committed by ``started``; if not,
         # there is nothing in the journal for ``finished`` to update.
         self._recorded = False
+        #: The first commit of this run's records that failed, if any.
+        self.error: Exception | None = None
 
     async def started(self, run: Run) -> None:
         from ._loader import root_of
@@ -610,6 +616,12 @@ class RunJournal:
         if not self._recorded:
             return
         assert run.finished_at is not None
+        # Every record of the run commits (or fails) before its final one is
+        # written: a run with a record missing does not say it succeeded.
+        await self.journal.flush()
+        if self.error is not None and run.status == "succeeded":
+            run.status = "failed"
+            run.error = self.error
         try:
             await self.journal.append(self._run_record(run, run.status, run.finished_at.timestamp()))
         except JournalError as exc:
@@ -677,7 +689,7 @@ class RunJournal:
             action.cache_key,
             cached,
         )
-        settle = (counts, action if self.journal.engine.wanted else None)
+        settle = (counts, self, action if self.journal.engine.wanted else None)
         if len(data) > INLINE_LIMIT:
             return self._via_blob(record, settle)
         self.journal.append(record, settle)

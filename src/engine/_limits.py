@@ -49,7 +49,9 @@ class Slots:
                 # Granted and cancelled in the same tick: hand the slots back.
                 self.release(amount)
             else:
-                self._waiters.remove(entry)
+                # _wake() may already have dropped this (cancelled) entry.
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
                 self._wake()
             raise
 

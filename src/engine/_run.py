@@ -71,6 +71,9 @@ class Run:
         # task).  When the root finishes, whatever is still in it was spawned
         # and abandoned, and is cancelled: no action outlives its run.
         self.live: set[asyncio.Task[Any]] = set()
+        #: Set once the root has finished: an action that starts after that
+        #: (spawned and abandoned) is cancelled before it runs.
+        self.closing = False
         self.journal = journal
         # Outputs of actions that succeeded in an earlier attempt of this
         # run, by key; None when this attempt is not a resume.
@@ -314,11 +317,13 @@ class Run:
                 self.engine.run_finished(self)
 
     async def _cancel_leftovers(self) -> None:
+        self.closing = True
         me = asyncio.current_task()
-        leftovers = [t for t in self.live if t is not me and not t.done()]
-        for t in leftovers:
-            t.cancel()
-        if leftovers:
+        # Cancelling an action can start others (its except/finally code may
+        # call tasks), so repeat until nothing of this run is left running.
+        while leftovers := [t for t in self.live if t is not me and not t.done()]:
+            for t in leftovers:
+                t.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
 
 
