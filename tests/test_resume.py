@@ -560,3 +560,50 @@ async def test_replayed_calls_work_wherever_a_call_does(tmp_path: Path) -> None:
     assert again.result == [2, 4, 6, 8, 10]
     assert again.counters["leaf"].replayed == 5
     assert again.counters["leaf"].succeeded == 5
+
+
+async def test_cancel_of_a_run_whose_process_died_records_it_cancelled(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    db_path = tmp_path / ".shoal" / "shoal.db"
+    proc = _start(tmp_path, [str(FLOW), str(N)], _env(tmp_path, marks))
+    run_id = _kill_when(proc, db_path, 2, 0)
+    async with engine.Engine(store=db_path) as eng:
+        journal = await eng.journal()
+        assert await journal.request_cancel(run_id) == "abandoned"
+        assert (await eng.get_run(run_id)).status == "cancelled"
+        assert await journal.request_cancel(run_id) == "cancelled"
+    out = subprocess.run(
+        [sys.executable, "-c", RESUME, run_id],
+        cwd=tmp_path, env=_env(tmp_path, marks), capture_output=True, text=True, timeout=60,
+    )
+    assert f"RESULT {run_id} succeeded {EXPECTED}" in out.stdout, out.stderr
+
+
+def test_resume_uses_the_recorded_file_when_a_module_of_that_name_exists(tmp_path: Path) -> None:
+    """A script named like an importable module (test.py) resumes from the script."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "test.py").write_text(
+        "import os, engine\n"
+        "@engine.task\n"
+        "async def main(n: int) -> int:\n"
+        "    if os.environ.get('FAIL_ONCE'):\n"
+        "        raise RuntimeError('first attempt fails')\n"
+        "    return n * 2\n"
+        "if __name__ == '__main__':\n"
+        "    print(engine.run(main, 21).id)\n"
+    )
+    env = {**os.environ, "SHOAL_HOME": str(tmp_path / ".shoal")}
+    first = subprocess.run(
+        [sys.executable, "test.py"], cwd=work, env={**env, "FAIL_ONCE": "1"},
+        capture_output=True, text=True, timeout=60,
+    )
+    run_id = first.stdout.strip()
+    assert run_id, first.stderr
+    # Resumed from another folder, where `import test` finds the standard library's package.
+    again = subprocess.run(
+        [sys.executable, "-c", RESUME, run_id], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert f"RESULT {run_id} succeeded 42" in again.stdout, again.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import msgspec
 import pytest
@@ -235,3 +236,49 @@ async def test_keys_do_not_depend_on_scheduling_order() -> None:
     assert orders[0] != orders[1]
     assert len(keys[0]) == 5  # main + four leaves, the two leaf(0) calls distinct
     assert keys[0] == keys[1]
+
+
+async def test_var_arguments_are_validated_and_positional_only_respected(eng: engine.Engine) -> None:
+    @engine.task
+    async def va(*args: int, **kw: int) -> int:
+        return sum(args) + sum(kw.values())
+
+    @engine.task
+    async def po(x: int, /, **kw: int) -> tuple[int, dict[str, int]]:
+        return x, kw
+
+    assert (await eng.run(va, 1, 2, z=3)).result == 6
+    with pytest.raises(engine.InputError, match=r"parameter 'args': expected int, got 'a'"):
+        await eng.run(va, "a")
+    with pytest.raises(engine.InputError, match=r"parameter 'kw': expected int, got 'b'"):
+        await eng.run(va, z="b")
+    assert (await eng.run(po, 1, x=2)).result == (1, {"x": 2})
+
+    @engine.task
+    async def po2(x: int, /) -> int:
+        return x
+
+    with pytest.raises(engine.InputError, match="positional-only"):
+        await eng.run(po2, x=1)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: engine.Resources(cpu="4"), "cpu= is a number"),  # type: ignore[arg-type]
+        (lambda: engine.Resources(gpu=0.5), "gpu= is a whole number"),  # type: ignore[arg-type]
+        (lambda: engine.Resources(memory="lots"), "memory"),
+        (lambda: engine.Retry(1, backoff="1"), "backoff= is a number"),  # type: ignore[arg-type]
+        (lambda: engine.Engine(store=123), "store="),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_option_values_get_a_config_error(make: Any, match: str) -> None:
+    with pytest.raises(engine.ConfigError, match=match):
+        make()
+
+
+async def test_events_take_one_kind_or_several(eng: engine.Engine) -> None:
+    async with eng.events(kinds="failed") as one:
+        assert one.kinds == frozenset({"failed"})
+    with pytest.raises(engine.ConfigError, match="unknown event kind"):
+        eng.events(kinds={"finished"})

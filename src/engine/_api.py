@@ -57,6 +57,7 @@ async def _close_at_shutdown(eng: Engine) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
+        _defaults.pop(asyncio.get_running_loop(), None)
         await eng.aclose()
 
 

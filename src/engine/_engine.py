@@ -371,6 +371,8 @@ class Engine:
         ``kinds`` picks the kinds of event wanted (``{"failed"}``); default all:
         started, retrying, succeeded, failed, cancelled, cached, replayed.
         """
+        if isinstance(kinds, str):
+            kinds = (kinds,)
         wanted = EVENT_KINDS if kinds is None else frozenset(kinds)
         unknown = wanted - EVENT_KINDS
         if unknown:

@@ -480,13 +480,25 @@ class Journal:
         return await self.read(go)
 
     async def request_cancel(self, run_id: str) -> str:
-        """Ask the process running ``run_id`` to cancel it; returns the run's status."""
+        """Ask the process running ``run_id`` to cancel it; returns the run's status.
+
+        A run recorded as running by a process of this host that no longer
+        exists (killed, crashed) is marked cancelled at once, and
+        ``"abandoned"`` is returned: nobody is left to notice the request.
+        """
 
         def go(db: sqlite3.Connection) -> str:
-            status = str(_run_record(self._run_row(db, run_id)).status)
-            if status == "running":
-                db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
-            return status
+            record = _run_record(self._run_row(db, run_id))
+            if record.status != "running":
+                return str(record.status)
+            if record.host == socket.gethostname() and record.pid is not None and not _alive(record.pid):
+                db.execute(
+                    "UPDATE runs SET status='cancelled', finished=? WHERE id=? AND status='running'",
+                    (time.time(), run_id),
+                )
+                return "abandoned"
+            db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
+            return "running"
 
         return await self.read(go)
 

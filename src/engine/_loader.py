@@ -116,6 +116,15 @@ def load_root(root: str, root_file: str | None) -> Task[Any, Any]:
             raise ImportFailed(
                 f"importing {module_name} (root task of the run) failed: {type(exc).__name__}: {exc}"
             ) from exc
+        if (
+            module is not None
+            and root_file
+            and Path(root_file).is_file()
+            and not _same(getattr(module, "__file__", None), Path(root_file))
+        ):
+            # Another module of that name (a script called test.py resumed
+            # where the standard library's test package wins): use the file.
+            module = None
     if module is None:
         if not root_file or not Path(root_file).is_file():
             raise ImportFailed(

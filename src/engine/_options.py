@@ -40,6 +40,10 @@ class Retry:
             object.__setattr__(self, "on", on)
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
             raise ConfigError(f"Retry attempts must be a whole number >= 0, got {attempts!r}")
+        for name in ("backoff", "max_delay", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"Retry {name}= is a number of seconds, got {value!r}")
         if self.backoff < 0 or self.max_delay < 0:
             raise ConfigError(
                 f"Retry backoff and max_delay must be >= 0, got backoff={self.backoff!r}, "
@@ -88,6 +92,10 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True):
     gpu: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.cpu, bool) or not isinstance(self.cpu, int | float):
+            raise ConfigError(f"Resources cpu= is a number of CPU slots (e.g. 2 or 0.5), got {self.cpu!r}")
+        if isinstance(self.gpu, bool) or not isinstance(self.gpu, int):
+            raise ConfigError(f"Resources gpu= is a whole number of GPUs, got {self.gpu!r}")
         if self.cpu < 0 or self.gpu < 0:
             raise ConfigError(
                 f"Resources cpu and gpu must be >= 0, got cpu={self.cpu!r}, gpu={self.gpu!r}"

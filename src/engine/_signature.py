@@ -29,6 +29,7 @@ if typing.TYPE_CHECKING:
 __all__ = ["Signature"]
 
 _PLAIN = (int, float, str, bytes, bool)
+_POSITIONAL_ONLY = inspect.Parameter.POSITIONAL_ONLY
 _MISSING: Any = inspect.Parameter.empty
 
 
@@ -109,6 +110,8 @@ class Signature:
         "_fn",
         "_positional",
         "_resolved",
+        "_var_keyword",
+        "_var_positional",
         "has_var_keyword",
         "has_var_positional",
         "keyword_only",
@@ -133,6 +136,10 @@ class Signature:
         positional: list[_Param] = []
         keyword_only: list[_Param] = []
         self.has_var_positional = self.has_var_keyword = False
+        # ``*args: int`` / ``**kwargs: int``: each extra value is checked
+        # against the annotation.
+        self._var_positional: _Param | None = None
+        self._var_keyword: _Param | None = None
         for p in sig.parameters.values():
             param = _Param(p.name, p.kind, p.default, hints.get(p.name, _MISSING))
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
@@ -141,13 +148,13 @@ class Signature:
                 keyword_only.append(param)
             elif p.kind is p.VAR_POSITIONAL:
                 self.has_var_positional = True
+                self._var_positional = param
             else:
                 self.has_var_keyword = True
+                self._var_keyword = param
         self._positional = positional
         self.keyword_only = keyword_only
-        self._by_name = {
-            p.name: p for p in positional + keyword_only if p.kind is not p.kind.POSITIONAL_ONLY
-        }
+        self._by_name = {p.name: p for p in positional + keyword_only if p.kind is not _POSITIONAL_ONLY}
         self.return_type = hints.get("return", _MISSING)
         self._decoder: msgspec.msgpack.Decoder[Any] | None = None
         # (index, param) of the positional parameters that need a check, for
@@ -225,25 +232,32 @@ class Signature:
             )
         values: list[Any] = []
         for i, param in enumerate(positional):
+            by_name = bool(kwargs) and param.kind is not _POSITIONAL_ONLY and param.name in kwargs
             if i < n:
                 value = args[i]
-                if kwargs and param.name in kwargs:
+                if by_name:
                     raise InputError(
                         f"task {self.task_name!r} got two values for parameter {param.name!r}"
                     )
-            elif kwargs and param.name in kwargs:
+            elif by_name:
                 value = kwargs[param.name]
             elif param.default is not _MISSING:
                 values.append(param.default)
                 continue
+            elif kwargs and param.name in kwargs and self._var_keyword is None:
+                raise InputError(
+                    f"task {self.task_name!r}: parameter {param.name!r} is positional-only; "
+                    f"pass it by position"
+                )
             else:
                 raise InputError(
                     f"task {self.task_name!r} is missing the required argument {param.name!r} "
                     f"({_type_name(param.type)})"
                 )
             values.append(self._convert(param, value))
-        extra_args = args[len(positional) :]
-        values.extend(extra_args)
+        extra = self._var_positional
+        for value in args[len(positional) :]:
+            values.append(value if extra is None else self._convert(extra, value))
         named: dict[str, Any] = {}
         for param in self.keyword_only:
             if kwargs and param.name in kwargs:
@@ -258,13 +272,16 @@ class Signature:
         if kwargs:
             for name, value in kwargs.items():
                 if name not in self._by_name:
-                    if not self.has_var_keyword:
+                    var = self._var_keyword
+                    if var is None:
                         known = ", ".join(self._by_name) or "none"
+                        only = any(p.name == name for p in positional)
                         raise InputError(
-                            f"task {self.task_name!r} has no parameter {name!r} "
-                            f"(its parameters: {known})"
+                            f"task {self.task_name!r}: parameter {name!r} is positional-only; pass it by position"
+                            if only
+                            else f"task {self.task_name!r} has no parameter {name!r} (its parameters: {known})"
                         )
-                    named[name] = value
+                    named[name] = self._convert(var, value)
         return values, named
 
     def _convert(self, param: _Param, value: Any) -> Any:

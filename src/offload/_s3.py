@@ -58,6 +58,10 @@ class S3BlobStore(ClosingStore):
       stored parts).  Downloads of large blobs are concurrent range reads.
     - An upload first asks whether the digest is stored (HEAD); if it is,
       nothing is transferred.  Downloads are checked against the digest.
+    - Every upload request carries the CRC32 of its body (parts too, as boto3
+      sends them), which S3 checks; the payload itself is not signed
+      (``UNSIGNED-PAYLOAD``), and no ``Expect: 100-continue`` round trip
+      precedes a body.
     - Throttling (SlowDown, 429...), 5xx answers and dropped connections
       are retried ``max_attempts`` times in all, with exponential backoff
       and jitter (``backoff * 2**n`` seconds, at most ``max_delay``);

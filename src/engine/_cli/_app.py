@@ -414,6 +414,11 @@ def build_app() -> typer.Typer:
         before, status = _query("cancel", store, query)
         if as_json:
             typer.echo(render.json_text({"run": run_id, "was": before, "status": status}))
+        elif before == "abandoned":
+            _stderr().print(
+                f"the process that ran {run_id} is gone; recorded the run as cancelled "
+                f"(resume it with 'shoal resume {run_id}')"
+            )
         elif before != "running":
             _stderr().print(f"run {run_id} is {before}; nothing to cancel")
         elif status == "running" and wait:
