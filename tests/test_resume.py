@@ -573,7 +573,8 @@ async def test_cancel_of_a_run_whose_process_died_records_it_cancelled(tmp_path:
         assert await journal.request_cancel(run_id) == "abandoned"
         assert (await eng.get_run(run_id)).status == "cancelled"
         assert await journal.request_cancel(run_id) == "cancelled"
-    out = subprocess.run(
+    out = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-c", RESUME, run_id],
         cwd=tmp_path, env=_env(tmp_path, marks), capture_output=True, text=True, timeout=60,
     )
