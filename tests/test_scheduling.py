@@ -176,3 +176,55 @@ async def test_offloaded_task_is_refused_rather_than_run_locally(eng: engine.Eng
     assert run.status == "failed"
     assert isinstance(run.error, engine.ConfigError)
     assert "'gpu-hosts'" in str(run.error) and "remove offload=" in str(run.error)
+
+
+async def test_many_sync_tasks_calling_sync_tasks_do_not_deadlock(eng: engine.Engine) -> None:
+    @engine.task
+    def leaf(i: int) -> int:
+        return i
+
+    @engine.task
+    def mid(i: int) -> int:
+        return leaf(i) + 1  # type: ignore[operator]
+
+    @engine.task
+    async def main(n: int) -> int:
+        return sum(await asyncio.gather(*(mid(i) for i in range(n))))  # type: ignore[call-overload]
+
+    run = await asyncio.wait_for(eng.run(main, 60), 60)
+    assert run.result == sum(range(60)) + 60
+
+
+async def test_a_timed_out_sync_task_keeps_its_slots_until_its_thread_ends() -> None:
+    import threading
+    import time
+
+    inside = 0
+    peak = 0
+    lock = threading.Lock()
+
+    @engine.task(timeout=0.05, resources=engine.Resources(cpu=1))
+    def slow(i: int) -> None:
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        time.sleep(0.3)
+        with lock:
+            inside -= 1
+
+    @engine.task
+    async def main() -> int:
+        results = await asyncio.gather(*(slow(i) for i in range(6)), return_exceptions=True)
+        return sum(isinstance(r, engine.ActionTimeout) for r in results)
+
+    async with engine.Engine(store="memory", cpus=2) as eng:
+        run = await eng.run(main)
+        # Threads still running hold their slots until they end.
+        for _ in range(100):
+            if eng.cpu_slots.in_use == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert eng.cpu_slots.in_use == 0
+    assert run.result == 6
+    assert peak <= 2

@@ -245,25 +245,36 @@ async def _attempts(
 ) -> Any:
     retry = task.retry
     timeout = task.timeout
-    fn = task.fn
+    run = action.run
+    engine = run.engine
     attempt = 0
     while True:
         attempt += 1
         action.attempt = attempt
+        if action.held is None and attempt > 1 and (task.admitted or engine.limited):
+            # The previous attempt's thread kept its slots (see below).
+            action.held = await engine.admit(task)
+        thread: asyncio.Future[Any] | None = None
         try:
+            if task.is_async:
+                if timeout is None:
+                    return await task.fn(*values, **named)
+                async with asyncio.timeout(timeout) as scope:
+                    return await task.fn(*values, **named)
+            thread = engine.run_sync(action, values, named)
             if timeout is None:
-                if task.is_async:
-                    return await fn(*values, **named)
-                return await asyncio.to_thread(fn, *values, **named)
+                return await thread
             async with asyncio.timeout(timeout) as scope:
-                if task.is_async:
-                    return await fn(*values, **named)
-                return await asyncio.to_thread(fn, *values, **named)
+                return await asyncio.shield(thread)
         except asyncio.CancelledError:
+            if thread is not None:
+                _hold_until_done(action, thread)
             raise
         except BaseException as exc:
             error: BaseException = exc
             if timeout is not None and isinstance(exc, TimeoutError) and scope.expired():
+                if thread is not None:
+                    _hold_until_done(action, thread)
                 error = ActionTimeout(
                     f"action {action.label} of task {task.name!r} timed out after {timeout:g} s "
                     f"(attempt {attempt}); raise the task's timeout= or make the work smaller"
@@ -274,6 +285,23 @@ async def _attempts(
                     raise
                 raise error from None
             counts.retries += 1
-            run = action.run
             run.retrying(action, error)
-            await run.engine.sleep(retry.delay(attempt, run.engine.rng))
+            await engine.sleep(retry.delay(attempt, engine.rng))
+
+
+def _hold_until_done(action: Action, thread: asyncio.Future[Any]) -> None:
+    """A sync attempt given up on (timeout, cancel) keeps running in its thread.
+
+    Python cannot stop a thread, so the slots it took stay taken until it
+    returns: resource accounting keeps telling the truth about the machine.
+    """
+    held = action.held
+    if held is None or thread.done():
+        return
+    action.held = None
+
+    def release(_: asyncio.Future[Any]) -> None:
+        for slots, amount in held:
+            slots.release(amount)
+
+    thread.add_done_callback(release)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +20,7 @@ from ._run import Run, new_run_id
 from ._task import Task
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
     from ._action import Action
     from ._blobs import BlobStore
@@ -25,6 +28,10 @@ if TYPE_CHECKING:
     from ._pool import WorkerPool
 
 __all__ = ["Engine"]
+
+
+#: Threads for sync tasks called from other sync tasks (created as needed).
+NESTED_THREADS = 256
 
 
 def usable_cpus() -> int:
@@ -127,6 +134,12 @@ class Engine:
         self._blob_store: BlobStore | None = None
         self._journal: Journal | None = None
         self._pool: WorkerPool | None = None
+        # Threads for sync tasks: one pool for actions called from the loop,
+        # and a larger one for sync tasks called from a sync task's thread,
+        # whose callers block a thread each while they wait: sharing one
+        # pool, blocked parents could take every thread from their children.
+        self._threads: ThreadPoolExecutor | None = None
+        self._nested_threads: ThreadPoolExecutor | None = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -148,6 +161,9 @@ class Engine:
             await run.wait()
         for stream in list(self.subscribers):
             stream.close()
+        for threads in (self._threads, self._nested_threads):
+            if threads is not None:
+                threads.shutdown(wait=False)
         try:
             if self._pool is not None:
                 await self._pool.aclose()
@@ -186,6 +202,23 @@ class Engine:
 
             self._blob_store = open_blob_store(self._blob_spec, home=self.home)
         return self._blob_store
+
+    def run_sync(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> asyncio.Future[Any]:
+        """Start one attempt of a sync task in a worker thread (with the action's context)."""
+        parent = action.parent
+        nested = parent is not None and not parent.task.is_async
+        if nested:
+            if self._nested_threads is None:
+                self._nested_threads = ThreadPoolExecutor(NESTED_THREADS, thread_name_prefix="shoal-sync-nested")
+            threads = self._nested_threads
+        else:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(
+                    min(32, usable_cpus() + 4), thread_name_prefix="shoal-sync"
+                )
+            threads = self._threads
+        call = functools.partial(contextvars.copy_context().run, action.task.fn, *values, **named)
+        return asyncio.get_running_loop().run_in_executor(threads, call)
 
     def worker_pool(self) -> WorkerPool:
         """The engine's process pool for ``parallel_map``, started on first use."""
