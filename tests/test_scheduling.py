@@ -215,7 +215,7 @@ async def test_a_timed_out_sync_task_keeps_its_slots_until_its_thread_ends() -> 
 
     @engine.task
     async def main() -> int:
-        results = await asyncio.gather(*(slow(i) for i in range(6)), return_exceptions=True)
+        results = await asyncio.gather(*(slow(i) for i in range(6)), return_exceptions=True)  # type: ignore[call-overload]
         return sum(isinstance(r, engine.ActionTimeout) for r in results)
 
     async with engine.Engine(store="memory", cpus=2) as eng:
