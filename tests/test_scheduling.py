@@ -185,7 +185,7 @@ async def test_many_sync_tasks_calling_sync_tasks_do_not_deadlock(eng: engine.En
 
     @engine.task
     def mid(i: int) -> int:
-        return leaf(i) + 1  # type: ignore[operator]
+        return leaf(i) + 1
 
     @engine.task
     async def main(n: int) -> int:
