@@ -9,7 +9,6 @@ same inputs give the same digest in every process, whatever the hash seed.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from typing import Any, Final
 
 import msgspec
@@ -40,6 +39,8 @@ def digest_bytes(*parts: Any) -> bytes:
     except (TypeError, ValueError):
         # Not msgspec-encodable (an arbitrary object): pickle is the best
         # stable-enough identity we have; it is stable for a given program.
+        import pickle
+
         try:
             data = pickle.dumps(parts, protocol=5)
         except Exception:
@@ -56,6 +57,8 @@ def encode_value(value: Any, *, what: str) -> tuple[str, bytes]:
         return MSGPACK, _encoder.encode(value)
     except (TypeError, ValueError, OverflowError):
         pass
+    import pickle  # the fallback only: keeps `import engine` fast
+
     try:
         return PICKLE, pickle.dumps(value, protocol=5)
     except Exception as exc:
@@ -69,6 +72,8 @@ def encode_value(value: Any, *, what: str) -> tuple[str, bytes]:
 def decode_value(kind: str, data: bytes, type: Any = Any) -> Any:
     """Decode what :func:`encode_value` produced, typed when ``type`` is known."""
     if kind == PICKLE:
+        import pickle
+
         return pickle.loads(data)
     if type is Any:
         return _any_decoder.decode(data)

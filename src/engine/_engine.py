@@ -6,9 +6,7 @@ import asyncio
 import contextvars
 import functools
 import os
-import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +18,9 @@ from ._run import Run, new_run_id
 from ._task import Task
 
 if TYPE_CHECKING:
+    import random
     from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+    from concurrent.futures import ThreadPoolExecutor
 
     from ._action import Action
     from ._blobs import BlobStore
@@ -113,7 +113,11 @@ class Engine:
             raise ConfigError(f"Engine journal_timeout= is seconds >= 0, got {journal_timeout!r}")
         self.journal_timeout = float(journal_timeout)
         self.sleep: Callable[[float], Awaitable[None]] = sleep or asyncio.sleep
-        self.rng = rng or random.Random()
+        if rng is None:
+            import random  # here, not at module level: keeps `import engine` fast
+
+            rng = random.Random()
+        self.rng = rng
         self.clock = clock or time.time
         self.cpu_slots = Slots(cpus if cpus is not None else usable_cpus(), "cpu")
         self.gpu_slots = Slots(gpus if gpus is not None else detect_gpus(), "gpu")
@@ -205,6 +209,8 @@ class Engine:
 
     def run_sync(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> asyncio.Future[Any]:
         """Start one attempt of a sync task in a worker thread (with the action's context)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         parent = action.parent
         nested = parent is not None and not parent.task.is_async
         if nested:
