@@ -155,20 +155,22 @@ class Run:
     def call(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
         """Create the action for one call of ``task`` under ``parent``."""
         values, named = task.signature.bind(args, kwargs)
-        if task.offload is not None:
-            raise self.engine.offload_unavailable(task)
-        if task.resources is not None:
+        if task.placed:
+            if task.offload is not None:
+                raise self.engine.offload_unavailable(task)
             self.engine.check_resources(task)
-        # The key is fixed now, at call time, so that it follows the order of
-        # the calls and not the order in which the actions get to run.
-        key = "" if self.journal is None else self._key(task.name, parent, values, named)
         counts = self.counters.get(task.name)
         if counts is None:
             counts = self.counters[task.name] = TaskCounts(task.name)
-        if self.replay is not None:
-            found = self.replay.get(key)
-            if found is not None and found[0] in INLINE_KINDS:
-                return self._replay_now(task, parent, key, found, counts)
+        key = ""
+        if self.journal is not None:
+            # The key is fixed now, at call time, so that it follows the order
+            # of the calls and not the order in which the actions get to run.
+            key = self._key(task.name, parent, values, named)
+            if self.replay is not None:
+                found = self.replay.get(key)
+                if found is not None and found[0] in INLINE_KINDS:
+                    return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
         return execute(self, task, parent, group_var.get(), key, values, named, counts)
 

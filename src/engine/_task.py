@@ -43,6 +43,7 @@ class Task(Generic[P, R]):
         "is_async",
         "name",
         "offload",
+        "placed",
         "plain",
         "resources",
         "retry",
@@ -112,6 +113,8 @@ class Task(Generic[P, R]):
         self.plain = self.is_async and self.retry.attempts == 0 and self.timeout is None
         # Whether an action of this task must take slots before it runs.
         self.admitted = concurrency is not None or (resources is not None and offload is None)
+        # Whether a call must check where the action can run (resources, offload).
+        self.placed = resources is not None or offload is not None
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
