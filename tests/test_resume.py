@@ -391,6 +391,13 @@ def _check_resumed(tmp_path: Path, marks: Path, run_id: str, before: set[int], o
     assert {i: traces[i] for i in before} == dict.fromkeys(before, 1)
 
 
+def _resume_elsewhere(cwd: Path, env: dict[str, str], run_id: str) -> subprocess.CompletedProcess[str]:
+    """Resume ``run_id`` in another process (what a user does after a crash)."""
+    return subprocess.run(
+        [sys.executable, "-c", RESUME, run_id], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
 RESUME = (
     "import sys, engine\n"
     "r = engine.resume(sys.argv[1])\n"
@@ -416,14 +423,7 @@ def test_script_killed_then_resumed_in_another_process(
     assert len(before) >= leaves
     assert _poll(db_path, f"SELECT status, root FROM runs WHERE id='{run_id}'") == ("running", "__main__:main")
 
-    out = subprocess.run(
-        [sys.executable, "-c", RESUME, run_id],
-        cwd=tmp_path,
-        env=_env(tmp_path, marks),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _resume_elsewhere(tmp_path, _env(tmp_path, marks), run_id)
     assert out.returncode == 0, out.stdout + out.stderr
     _check_resumed(tmp_path, marks, run_id, before, out.stdout)
     # Succeeded leaves under an unfinished chunk, or whole chunks, were replayed.
@@ -451,14 +451,7 @@ def test_flow_killed_then_resumed(tmp_path: Path, how: str) -> None:
     root = _poll(db_path, f"SELECT root FROM runs WHERE id='{run_id}'")
     assert root == ("flow:main",)
     # Resume in yet another process, with no PYTHONPATH: found through the file.
-    out = subprocess.run(
-        [sys.executable, "-c", RESUME, run_id],
-        cwd=tmp_path,
-        env=_env(tmp_path, marks),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _resume_elsewhere(tmp_path, _env(tmp_path, marks), run_id)
     assert out.returncode == 0, out.stdout + out.stderr
     _check_resumed(tmp_path, marks, run_id, before, out.stdout)
 
@@ -573,11 +566,7 @@ async def test_cancel_of_a_run_whose_process_died_records_it_cancelled(tmp_path:
         assert await journal.request_cancel(run_id) == "abandoned"
         assert (await eng.get_run(run_id)).status == "cancelled"
         assert await journal.request_cancel(run_id) == "cancelled"
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", RESUME, run_id],
-        cwd=tmp_path, env=_env(tmp_path, marks), capture_output=True, text=True, timeout=60,
-    )
+    out = await asyncio.to_thread(_resume_elsewhere, tmp_path, _env(tmp_path, marks), run_id)
     assert f"RESULT {run_id} succeeded {EXPECTED}" in out.stdout, out.stderr
 
 
@@ -603,8 +592,5 @@ def test_resume_uses_the_recorded_file_when_a_module_of_that_name_exists(tmp_pat
     run_id = first.stdout.strip()
     assert run_id, first.stderr
     # Resumed from another folder, where `import test` finds the standard library's package.
-    again = subprocess.run(
-        [sys.executable, "-c", RESUME, run_id], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=60,
-    )
+    again = _resume_elsewhere(tmp_path, env, run_id)
     assert f"RESULT {run_id} succeeded 42" in again.stdout, again.stderr
