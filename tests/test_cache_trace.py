@@ -269,7 +269,7 @@ async def big(n: int) -> bytes:
 
 
 async def test_cache_of_a_large_output_in_the_blob_store(tmp_path: Path) -> None:
-    from engine._journal import INLINE_LIMIT
+    from engine._run_journal import INLINE_LIMIT
 
     n = INLINE_LIMIT // 256 + 10
     async with engine.Engine(store=_store(tmp_path)) as eng:

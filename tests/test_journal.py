@@ -15,8 +15,9 @@ import msgspec
 import pytest
 
 import engine
-from engine._journal import INLINE_LIMIT, Journal
+from engine._journal import Journal
 from engine._records import SCHEMA_VERSION, ActionRecord, RunRecord
+from engine._run_journal import INLINE_LIMIT
 
 FLOW = Path(__file__).parent / "data" / "journal" / "flow.py"
 

@@ -302,7 +302,9 @@ class Engine:
         if self._closed:
             raise EngineError("this engine is closed; create a new Engine")
         journal = await self.journal()
-        run = await journal.prepare_resume(run_id, self.use_cache, task)
+        from ._run_journal import prepare_resume
+
+        run = await prepare_resume(journal, run_id, self.use_cache, task)
         if not run.done:
             self._start(run)
         return run

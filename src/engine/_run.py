@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ._capture import OutputCapture
     from ._engine import Engine
-    from ._journal import RunJournal
+    from ._run_journal import RunJournal
     from ._task import Task
 
 __all__ = ["Run"]
