@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck bench examples``."""
+"""The nox sessions: ``nox -s tests lint typecheck bench examples``."""
 
 from __future__ import annotations
 
