@@ -324,6 +324,11 @@ async def test_cancelling_the_caller_stops_the_workers_promptly(pool: WorkerPool
         await asyncio.sleep(0.05)
     assert set(pool.pids()).isdisjoint(busy)
     me = psutil.Process()
+    # Killed workers are reaped in the background: wait for their zombies to go.
+    for _ in range(200):
+        if {c.pid for c in me.children(recursive=True)}.isdisjoint(busy):
+            break
+        await asyncio.sleep(0.05)
     assert {c.pid for c in me.children(recursive=True)}.isdisjoint(busy)
     # And the next call gets fresh workers.
     assert await engine.parallel_map(funcs.square, range(5)) == [0, 1, 4, 9, 16]
