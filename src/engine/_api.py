@@ -1,8 +1,11 @@
 """The module-level entry points: ``engine.run``, ``engine.arun``, ``engine.resume``, ...
 
-They use a default :class:`Engine` built from the configuration, one per
-event loop (an engine's locks and queues belong to one loop).  That lazily
-built default is the only module-level state in shoal.
+The blocking ones (``run``, ``resume``, ``runs``, ``get_run``) build an
+:class:`Engine` from the configuration for the call, on a loop of their own,
+and close it at the end.  The async ones use a default engine built from the
+configuration, one per event loop (an engine's locks and queues belong to
+one loop), closed when that loop shuts down.  That lazily built default is
+the only module-level state in shoal.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def _sync(name: str, make: Any) -> Any:
 
 
 def run(task: Task[Any, Any], /, *args: Any, tags: Sequence[str] = (), cache: bool | None = None, **kwargs: Any) -> Run:
-    """Run ``task`` with the default engine and wait for it (blocking; for scripts and the CLI).
+    """Run ``task`` and wait for it (blocking; for scripts and the CLI), journaled as configured.
 
     Returns the finished :class:`Run` whatever its status.  Ctrl-C cancels
     the run, records it as cancelled, and raises :class:`KeyboardInterrupt`.
