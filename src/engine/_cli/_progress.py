@@ -228,7 +228,8 @@ class Progress:
         parts = [f"{stats['succeeded']:,} succeeded"]
         for key in ("failed", "cancelled", "cached", "replayed", "retries"):
             if stats[key]:
-                parts.append(f"{stats[key]:,} {key}")
+                label = "retry" if key == "retries" and stats[key] == 1 else key
+                parts.append(f"{stats[key]:,} {label}")
         counts = f"{actions:,} action{'s' if actions != 1 else ''}: {', '.join(parts)}"
         colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(run.status, "white")
         return f"[{colour}]run {run.id} {run.status}[/{colour}] in {took} ({counts})"
