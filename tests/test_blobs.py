@@ -335,6 +335,16 @@ async def test_s3_client_errors_are_not_retried(moto_server: MotoServer, s3_buck
     assert delays == []
 
 
+
+def assert_bucket_empty(moto_server: MotoServer, bucket: str) -> None:
+    """No object and no unfinished multipart upload is left in ``bucket``."""
+    client = moto_server.client()
+    try:
+        assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        client.close()
+
 async def test_s3_failed_multipart_upload_is_aborted(
     moto_server: MotoServer, s3_bucket: str, tmp_path: pathlib.Path
 ) -> None:
@@ -351,12 +361,7 @@ async def test_s3_failed_multipart_upload_is_aborted(
         with pytest.raises(BlobError, match="upload part 2"):
             await store.put_file(src)
         assert not await store.exists(sha(src.read_bytes()))
-    client = moto_server.client()
-    try:
-        assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
-        assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
-    finally:
-        client.close()
+    assert_bucket_empty(moto_server, s3_bucket)
     assert any(r.method == "DELETE" and "uploadId=" in r.query for r in moto_server.since(mark))
 
 
@@ -375,12 +380,7 @@ async def test_s3_cancelled_multipart_upload_is_aborted(
             await task
         moto_server.clear_faults()
         assert not await store.exists(sha(src.read_bytes()))
-    client = moto_server.client()
-    try:
-        assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
-        assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
-    finally:
-        client.close()
+    assert_bucket_empty(moto_server, s3_bucket)
 
 
 async def test_s3_small_upload_costs_one_lookup_and_one_put(

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ._engine import Engine
     from ._run import Run
 
-__all__ = ["current_action", "current_engine", "current_group", "current_run", "task_of"]
+__all__ = ["current_action", "current_engine", "current_run", "task_of"]
 
 #: The action whose code is running here, or None outside any run.
 action_var: ContextVar[Action | None] = ContextVar("shoal.action", default=None)
@@ -46,10 +46,6 @@ def current_run() -> Run | None:
     """The run this code belongs to, or None outside any run."""
     action = action_var.get()
     return None if action is None else action.run
-
-
-def current_group() -> str | None:
-    return group_var.get()
 
 
 def current_engine() -> Engine:

@@ -325,10 +325,8 @@ class Journal:
                 actions.append(astuple(rec) if rec.error is None else _action_row(rec))
                 if rec.cache_key is not None and rec.output is not None and not rec.cached:
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
-            elif type(rec) is RunRecord:
-                runs.append(rec)
             else:
-                caches.append(rec)
+                runs.append(rec)
         db.execute("BEGIN IMMEDIATE")
         try:
             for run in runs:

@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["ActionRecord", "CacheRecord", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
+__all__ = ["ActionRecord", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
 
 #: Bumped when the journal's tables change; a newer journal is refused, and
 #: so is an older one (2: the actions table became append-only).
@@ -76,15 +76,6 @@ class ActionRecord(msgspec.Struct, frozen=True, tag="action", gc=False):
     cached: bool = False
 
 
-class CacheRecord(msgspec.Struct, frozen=True, tag="cache"):
-    key: str
-    task: str
-    output: bytes
-    output_kind: ValueKind
-    created: float
-    run_id: str
-
-
 class TaskSummary(msgspec.Struct, frozen=True):
     """Counts of one task's actions in one run, by state (from the journal)."""
 
@@ -119,5 +110,5 @@ class RunSummary(msgspec.Struct, frozen=True):
         return None if self.finished is None else self.finished - self.started
 
 
-for _cls in (ActionRecord, CacheRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary):
+for _cls in (ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary):
     _cls.__module__ = "engine"
