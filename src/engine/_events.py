@@ -24,19 +24,34 @@ EVENT_KINDS: frozenset[str] = frozenset(
 class TaskCounts:
     """How many actions of one task are in each state, in one run.
 
-    Invariant: ``pending + running`` is the number of actions of this task
-    created and not yet finished; each finished action is counted exactly
-    once in ``succeeded``, ``failed`` or ``cancelled``.  ``cached`` (served
+    Invariant: ``pending + running + committing`` is the number of actions
+    of this task created and not yet finished; each finished action is
+    counted exactly once in ``succeeded``, ``failed`` or ``cancelled``.
+    ``committing`` counts actions whose work is done and whose record waits
+    for the journal's next commit (always 0 without a journal): they are
+    not running any more, and not succeeded until their record is durable.  ``cached`` (served
     from the cross-run cache) and ``replayed`` (served from the journal on
     resume) are subsets of ``succeeded``; ``retries`` counts retried attempts.
     """
 
-    __slots__ = ("cached", "cancelled", "failed", "name", "pending", "replayed", "retries", "running", "succeeded")
+    __slots__ = (
+        "cached",
+        "cancelled",
+        "committing",
+        "failed",
+        "name",
+        "pending",
+        "replayed",
+        "retries",
+        "running",
+        "succeeded",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.pending = 0
         self.running = 0
+        self.committing = 0
         self.succeeded = 0
         self.failed = 0
         self.cancelled = 0
@@ -50,12 +65,13 @@ class TaskCounts:
 
     @property
     def total(self) -> int:
-        return self.pending + self.running + self.done
+        return self.pending + self.running + self.committing + self.done
 
     def as_dict(self) -> dict[str, int]:
         return {
             "pending": self.pending,
             "running": self.running,
+            "committing": self.committing,
             "succeeded": self.succeeded,
             "failed": self.failed,
             "cancelled": self.cancelled,

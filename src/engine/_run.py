@@ -111,13 +111,11 @@ class Run:
     @property
     def stats(self) -> dict[str, int]:
         """Actions of this run by state, summed over tasks."""
-        total = dict.fromkeys(
-            ("pending", "running", "succeeded", "failed", "cancelled", "cached", "replayed", "retries"), 0
-        )
+        total: dict[str, int] = {}
         for counts in self.counters.values():
             for state, n in counts.as_dict().items():
-                total[state] += n
-        return total
+                total[state] = total.get(state, 0) + n
+        return total or TaskCounts("").as_dict()
 
     def counters_for(self, name: str) -> TaskCounts:
         """The counters of ``name`` (a task, or another unit of work such as a parallel_map)."""
