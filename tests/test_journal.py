@@ -164,6 +164,7 @@ async def test_one_commit_serves_many_actions(tmp_path: Path) -> None:
     commits: list[str] = []
     async with engine.Engine(store=tmp_path / "j.db") as eng:
         journal = await eng.journal()
+        await journal.open_for_writing()
         assert journal._db is not None
         journal._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
         run = await eng.run(fan, 500)
@@ -201,7 +202,7 @@ async def test_action_succeeds_only_once_committed(tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
             # The function returned, but its record cannot be committed yet.
             counts = run.counters["gated"]
-            assert (counts.running, counts.succeeded) == (1, 0)
+            assert (counts.running, counts.committing, counts.succeeded) == (0, 1, 0)
             assert not run.done
         finally:
             blocker.execute("COMMIT")
@@ -378,8 +379,8 @@ async def test_truncated_file(tmp_path: Path) -> None:
     assert path.read_bytes() == data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 1])
-async def test_journal_from_another_schema(tmp_path: Path, version: int) -> None:
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1])
+async def test_journal_from_a_newer_schema(tmp_path: Path, version: int) -> None:
     path = tmp_path / "j.db"
     await _make_journal(path, runs=1)
     db = _db(path)
@@ -390,7 +391,7 @@ async def test_journal_from_another_schema(tmp_path: Path, version: int) -> None
         with pytest.raises(engine.JournalVersionError, match=f"schema {version}") as info:
             await eng.runs()
     assert str(path) in str(info.value)
-    assert ("newer" if version > SCHEMA_VERSION else "older") in str(info.value)
+    assert "newer" in str(info.value)
 
 
 async def test_sqlite_file_that_is_not_a_journal(tmp_path: Path) -> None:
@@ -413,13 +414,13 @@ async def test_journal_busy_when_lock_is_held_too_long(tmp_path: Path) -> None:
         await journal.open()
         try:
             blocker.execute("BEGIN EXCLUSIVE")
-            record = RunRecord("r1", "t", "m:t", None, b"\x90", "msgpack", "running", 1, 0.0)
+            record = ActionRecord("r1", "k1", None, "t", "failed", 1, 1, 0.0, 0.0)
             with pytest.raises(engine.JournalBusy, match=str(path)):
                 await journal.append(record)
             blocker.execute("COMMIT")
             # Once the lock is free, the journal works again, and nothing was lost.
             await journal.append(record)
-            assert len(await eng.runs()) == 2
+            assert blocker.execute("SELECT count(*) FROM actions WHERE run_id='r1'").fetchone() == (1,)
         finally:
             if blocker.in_transaction:
                 blocker.execute("COMMIT")
@@ -472,6 +473,7 @@ async def test_run_whose_start_cannot_be_recorded_fails(tmp_path: Path) -> None:
     try:
         journal = Journal(path, eng, busy_timeout=0.2)
         await journal.open()
+        await journal.open_for_writing()
         eng._journal = journal
         blocker.execute("BEGIN EXCLUSIVE")
         run = await eng.submit(fan, 1)

@@ -45,6 +45,7 @@ from ._errors import OffloadError as OffloadError
 from ._errors import RemoteError as RemoteError
 from ._errors import ResourceError as ResourceError
 from ._errors import RunFailed as RunFailed
+from ._errors import RunInUse as RunInUse
 from ._errors import RunNotFound as RunNotFound
 from ._errors import WorkerCrashed as WorkerCrashed
 from ._events import ActionEvent as ActionEvent
@@ -93,6 +94,7 @@ __all__ = [
     "Retry",
     "Run",
     "RunFailed",
+    "RunInUse",
     "RunNotFound",
     "Task",
     "TaskCounts",

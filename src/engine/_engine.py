@@ -137,6 +137,10 @@ class Engine:
         )
         self._blob_store: BlobStore | None = None
         self._journal: Journal | None = None
+        # Invariant: while the journal is being opened, ``_journal_opening``
+        # is the one task doing it, which every caller awaits: concurrent
+        # first runs share one journal (one thread, one connection).
+        self._journal_opening: asyncio.Task[Journal] | None = None
         self._pool: WorkerPool | None = None
         # Threads for sync tasks: one pool for actions called from the loop,
         # and a larger one for sync tasks called from a sync task's thread,
@@ -168,6 +172,9 @@ class Engine:
         for threads in (self._threads, self._nested_threads):
             if threads is not None:
                 threads.shutdown(wait=False)
+        opening = self._journal_opening
+        if opening is not None and not opening.done():
+            await asyncio.wait([opening])
         try:
             if self._pool is not None:
                 await self._pool.aclose()
@@ -190,13 +197,32 @@ class Engine:
                 'this engine keeps no journal (store="memory"); use a durable store to '
                 "list, inspect or resume runs"
             )
-        if self._journal is None:
-            from ._journal import Journal
+        if self._journal is not None:
+            return self._journal
+        if self._closed:
+            raise EngineError("this engine is closed; create a new Engine")
+        opening = self._journal_opening
+        if opening is None:
+            opening = self._journal_opening = asyncio.get_running_loop().create_task(self._open_journal())
+        try:
+            # Shielded: one caller being cancelled must not cancel the
+            # opening that the others wait for.
+            return await asyncio.shield(opening)
+        finally:
+            if opening.done() and self._journal_opening is opening and self._journal is None:
+                self._journal_opening = None  # failed: the next caller tries again
 
-            journal = Journal(Path(self.store), self, busy_timeout=self.journal_timeout)
+    async def _open_journal(self) -> Journal:
+        from ._journal import Journal
+
+        journal = Journal(Path(self.store), self, busy_timeout=self.journal_timeout, home=self.home)
+        try:
             await journal.open()
-            self._journal = journal
-        return self._journal
+        except BaseException:
+            await journal.aclose()
+            raise
+        self._journal = journal
+        return journal
 
     @property
     def blob_store(self) -> BlobStore:
@@ -254,6 +280,10 @@ class Engine:
         tags, cache, kwargs = _split_run_options(task, tags, cache, kwargs)
         values, named = task.signature.bind(args, kwargs)
         journal = await self.journal() if self.durable else None
+        if journal is not None:
+            # Created (or migrated) now, so that a journal that cannot be
+            # written fails the submit rather than the run.
+            await journal.open_for_writing()
         run = Run(
             self,
             task,
@@ -302,6 +332,7 @@ class Engine:
         if self._closed:
             raise EngineError("this engine is closed; create a new Engine")
         journal = await self.journal()
+        await journal.open_for_writing()
         from ._run_journal import prepare_resume
 
         run = await prepare_resume(journal, run_id, self.use_cache, task)

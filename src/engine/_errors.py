@@ -9,6 +9,7 @@ The tree::
     ├── RunFailed                          Run.result of a run that failed; __cause__
     │                                      is the task's own exception
     ├── RunNotFound (also LookupError)     no run with that id in the journal
+    ├── RunInUse                           another process runs or resumes that run
     ├── ImportFailed                       a run's root task can no longer be imported
     ├── ActionTimeout (also TimeoutError)  an attempt ran past its task's timeout
     ├── EncodeError (also TypeError)       a result can be neither encoded nor pickled
@@ -48,6 +49,7 @@ __all__ = [
     "RemoteError",
     "ResourceError",
     "RunFailed",
+    "RunInUse",
     "RunNotFound",
     "WorkerCrashed",
 ]
@@ -82,6 +84,10 @@ class RunFailed(EngineError):
 
 class RunNotFound(EngineError, LookupError):
     """No run with the given id exists in the journal."""
+
+
+class RunInUse(EngineError):
+    """A run cannot be started or resumed here: another process owns it now."""
 
 
 class ImportFailed(EngineError):

@@ -1,15 +1,31 @@
 """The journal: a run's durable record, in one SQLite file.
 
 Writes are batched and committed on a dedicated thread (group commit): an
-action that succeeds appends its record and waits for the commit of the
-batch it landed in, so one transaction serves every action that finished
-meanwhile, and the event loop never waits for the disk.  An action counts
-as succeeded only once its record is committed.
+action that succeeds appends its record and goes on, and one transaction
+serves every record appended meanwhile, so the event loop never waits for
+the disk.  An action counts as succeeded only once its record is committed.
+A batch holds at most :data:`MAX_BATCH` records, so that the write lock is
+never held for long; and when more than :data:`HIGH_WATER` records wait,
+whoever appends waits for the next commit (backpressure: a run's memory
+does not grow with its size).
+
+Reads have a connection and a thread of their own, so a query (a cancel
+poll, ``shoal show``) never queues behind a backlog of writes: in WAL mode
+a reader sees the last commit while the writer works.  The reading side
+cannot write (``query_only``) and never creates, converts or migrates
+anything but a shoal journal; a file that is not one (another program's SQLite
+database) is refused with :class:`JournalCorrupt`, untouched.
 
 The file is in WAL mode with ``synchronous=FULL``; it and its folder are
 created owner-only.  Other processes may read it at any time (``shoal
 runs``); a second writer waits for the lock up to ``busy_timeout`` and then
 fails with :class:`JournalBusy` rather than corrupting anything.
+
+Starting or resuming a run *claims* it: in one write transaction the claim
+checks that the run id is new (a start) or that the run's recorded attempt
+is still the one the resume read and its owner is gone (a resume), and
+records this process as the owner.  Of two processes resuming one run at
+once, exactly one wins; the other gets :class:`RunInUse`.
 """
 
 from __future__ import annotations
@@ -17,10 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sqlite3
 import threading
-import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,9 +49,15 @@ from ._errors import (
     JournalCorrupt,
     JournalError,
     JournalVersionError,
+    RunInUse,
     RunNotFound,
 )
-from ._records import SCHEMA_VERSION, ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
+from ._home import private_dir
+from ._owner import owner_alive
+from ._queries import RUN_COLUMNS, JournalQueries
+from ._records import ActionRecord, ErrorInfo, RunRecord
+from ._schema import SCHEMA, SCHEMA_VERSION, migrate
+from ._signing import Signer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,49 +70,20 @@ if TYPE_CHECKING:
     #: (counters, run's journal, action or None): a success to count once committed.
     Settle = tuple[TaskCounts, RunJournal, Action | None]
 
-__all__ = ["Commit", "Journal"]
+__all__ = ["Claim", "Commit", "Failure", "Journal", "LogRows"]
 
 T = TypeVar("T")
 
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY, task TEXT NOT NULL, root TEXT NOT NULL, root_file TEXT,
-    args BLOB, args_kind TEXT, status TEXT NOT NULL, attempt INTEGER NOT NULL,
-    started REAL NOT NULL, finished REAL, tags TEXT NOT NULL DEFAULT '[]',
-    error BLOB, pid INTEGER, host TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
-CREATE TABLE IF NOT EXISTS actions (
-    run_id TEXT NOT NULL, key TEXT NOT NULL, parent TEXT, task TEXT NOT NULL,
-    state TEXT NOT NULL, attempt INTEGER NOT NULL, run_attempt INTEGER NOT NULL,
-    started REAL, finished REAL, grp TEXT, output BLOB, output_kind TEXT,
-    error BLOB, kind TEXT NOT NULL, cache_key TEXT, cached INTEGER NOT NULL DEFAULT 0
-);
--- Append-only: a key's latest row (highest rowid) is its current state.  A
--- unique index on (run_id, key) would cost twice as much per insert.
-CREATE INDEX IF NOT EXISTS actions_run ON actions (run_id);
-CREATE TABLE IF NOT EXISTS cache (
-    key TEXT PRIMARY KEY, task TEXT NOT NULL, output BLOB NOT NULL,
-    output_kind TEXT NOT NULL, created REAL NOT NULL, run_id TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS logs (
-    run_id TEXT NOT NULL, action TEXT NOT NULL, at REAL NOT NULL,
-    stream TEXT NOT NULL, text TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, action);
-"""
-
-#: The current row of each action of one run (bind the run id once).
-_LATEST = (
-    "rowid IN (SELECT max(rowid) FROM actions WHERE run_id=? AND kind='action' GROUP BY key)"
-)
+#: Most records one transaction writes: the write lock is held for a few
+#: tens of milliseconds at most, so another process's write (``shoal
+#: cancel`` on a dead run, a second engine) gets its turn.
+MAX_BATCH = 8192
+#: Records waiting to be written beyond which a success waits for room
+#: before it is appended, and the backlog it waits for (see ``room``).
+HIGH_WATER = 32768
+LOW_WATER = HIGH_WATER // 2
 
 _error_encoder = msgspec.msgpack.Encoder()
-_error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
-_tags_decoder = msgspec.json.Decoder(tuple[str, ...])
 
 
 class Commit(asyncio.Future[None]):
@@ -111,16 +103,90 @@ class Commit(asyncio.Future[None]):
         return False
 
 
-class Journal:
-    """One journal file, shared by the runs of an engine."""
+class Claim:
+    """A run's first record of an attempt: written only if the run may start here.
 
-    def __init__(self, path: Path, engine: Engine, *, busy_timeout: float = 10.0) -> None:
+    ``previous`` is None for a new run (its id must not exist yet), else the
+    attempt number the resume read (it must still be the recorded one, and
+    the recorded owner must be gone).  ``outcome`` is resolved on the loop
+    with None or the error that refused the claim.
+    """
+
+    __slots__ = ("outcome", "previous", "record", "refused")
+
+    def __init__(self, record: RunRecord, previous: int | None, outcome: asyncio.Future[None]) -> None:
+        self.record = record
+        self.previous = previous
+        self.outcome = outcome
+        #: Set on the journal thread: why the claim was refused, if it was.
+        self.refused: Exception | None = None
+
+
+class Failure:
+    """An action that failed or was cancelled; its error is described on the journal thread.
+
+    Formatting a traceback takes a fraction of a millisecond, long enough
+    to stall the loop when thousands of actions fail at once, so the loop
+    only hands the exception over.  An exception that propagates unchanged
+    through several actions is described once, by the first (the deepest):
+    the others refer to it by key (:attr:`ErrorInfo.origin`).
+    """
+
+    __slots__ = ("error", "origin", "record")
+
+    def __init__(self, record: ActionRecord, error: BaseException | None, origin: str | None) -> None:
+        self.record = record
+        self.error = error
+        self.origin = origin
+
+
+class LogRows:
+    """Captured output of a run's actions, written with the next batch."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[tuple[str, str, float, str, str]]) -> None:
+        self.rows = rows
+
+
+def describe(exc: BaseException, origin: str | None = None) -> ErrorInfo:
+    """An exception as an :class:`ErrorInfo`; with ``origin``, without its traceback text."""
+    cls = type(exc)
+    module = cls.__module__
+    name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not break the journal
+        message = f"<{cls.__qualname__} whose str() raised>"
+    if origin is not None:
+        return ErrorInfo(name, message, "", origin)
+    return ErrorInfo(name, message, "".join(traceback.format_exception(exc)))
+
+
+class Journal(JournalQueries):
+    """One journal file, shared by the runs of an engine.
+
+    ``home`` is the folder whose secret signs pickled values (see
+    ``_signing``); when the journal lives in it, it is also checked to be
+    private.
+    """
+
+    def __init__(
+        self, path: Path, engine: Engine, *, busy_timeout: float = 10.0, home: Path | None = None
+    ) -> None:
         self.path = path
         self.engine = engine
         self.busy_timeout = busy_timeout
-        # One thread owns the connection: sqlite3 objects stay on it.
+        self.home = home if home is not None else path.parent
+        # One thread owns each connection: sqlite3 objects stay on it.  The
+        # writer's connection is opened on the first write, the reader's on
+        # the first read (read-only).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="shoal-journal")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="shoal-journal-read")
         self._db: sqlite3.Connection | None = None
+        self._rdb: sqlite3.Connection | None = None
+        self._signer: Signer | None = None
+        self._closed = False
         self._loop = asyncio.get_running_loop()
         # Shared between the event loop (which appends) and the journal
         # thread (which takes batches), under ``_lock``.
@@ -139,6 +205,10 @@ class Journal:
         self._draining = False
         # The newest commit future (resolved last: batches commit in order).
         self._last: Commit | None = None
+        # Invariant: ``_waiters`` are the futures of appenders waiting for
+        # room (see ``room``); each is woken once ``_pending`` has shrunk to
+        # LOW_WATER, or the journal failed or closed.
+        self._waiters: list[asyncio.Future[None]] = []
 
     # -- thread plumbing -----------------------------------------------------
 
@@ -168,55 +238,122 @@ class Journal:
                 f"journal {self.path} could not be written: {text}; free some disk space "
                 f"and resume the run"
             )
+        if "unable to open" in text or "readonly" in text:
+            return JournalError(
+                f"journal {self.path} cannot be opened for writing ({text}); set SHOAL_HOME "
+                f"(or Engine(store=...)) to a writable place of your own, or fix its permissions"
+            )
         return JournalError(f"journal {self.path}: {text}")
 
     # -- open / close ----------------------------------------------------------
 
     async def open(self) -> None:
-        await self._call(self._open)
+        """Check the file, if there is one (reading only: nothing is created)."""
+        await self._loop.run_in_executor(self._reader, self._guard, self._reading, ())
 
-    def _open(self) -> None:
-        folder = self.path.parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
-        _check_not_truncated(self.path)
+    async def open_for_writing(self) -> None:
+        """Create, or migrate, the file now rather than at the first write."""
+        if self._db is None:
+            await self._call(self._writing)
+
+    @property
+    def signer(self) -> Signer:
+        """The home's signer of pickled values (blocking on first use: call it off the loop)."""
+        if self._signer is None:
+            self._signer = Signer.for_home(self.home)
+        return self._signer
+
+    def _check_home(self) -> None:
+        if self.path.parent == self.home:
+            private_dir(self.home, "shoal home", JournalError)
+        elif not self.path.parent.is_dir():
+            private_dir(self.path.parent, "journal folder", JournalError)
+
+    def _writing(self) -> sqlite3.Connection:
+        """On the journal thread: the writer's connection, opened on first use."""
+        db = self._db
+        if db is not None:
+            return db
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed")
+        self._check_home()
+        try:
+            if not self.path.exists():
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self.path} cannot be created: {exc.strerror}; set SHOAL_HOME (or "
+                f"Engine(store=...)) to a writable place of your own"
+            ) from None
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
+            _check_not_truncated(db, self.path)
+            version = _version(db, self.path)
+            if version is None or version < SCHEMA_VERSION:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    # Read again under the write lock: another process may
+                    # have created or migrated the file meanwhile.
+                    version = _version(db, self.path)
+                    if version is None:
+                        # One statement at a time: executescript would
+                        # commit the transaction that holds the lock.
+                        for statement in SCHEMA.split(";"):
+                            if statement.strip():
+                                db.execute(statement)
+                        db.execute(
+                            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                        )
+                    elif version < SCHEMA_VERSION:
+                        migrate(db, version, self.signer)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            row = db.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone()
-            if row is None:
-                db.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES "
-                    f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
-                )
-            version_row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(version_row[0]) if version_row else 0
-        except sqlite3.Error:
+        except BaseException:
             db.close()
             raise
-        except ValueError:
-            db.close()
-            raise JournalCorrupt(f"journal {self.path} has an unreadable schema version") from None
-        if version > SCHEMA_VERSION:
-            db.close()
-            raise JournalVersionError(
-                f"journal {self.path} was written by a newer shoal (schema {version}, this one "
-                f"reads up to {SCHEMA_VERSION}); upgrade shoal to read it"
-            )
-        if 1 <= version < SCHEMA_VERSION:
-            db.close()
-            raise JournalVersionError(
-                f"journal {self.path} was written by an older shoal (schema {version}, this one "
-                f"reads schema {SCHEMA_VERSION}); move it aside to start a new journal"
-            )
-        if version < 1:
-            db.close()
-            raise JournalCorrupt(f"journal {self.path} has no schema version; it is not a shoal journal")
         self._db = db
+        return db
+
+    def _reading(self) -> sqlite3.Connection | None:
+        """On the reader thread: a connection that only reads, or None while there is no file."""
+        db = self._rdb
+        if db is not None:
+            return db
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed")
+        if self.path.parent == self.home and self.home.exists():
+            private_dir(self.home, "shoal home", JournalError)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        # Not ``mode=ro``: connections of one process share the file's
+        # WAL index, and if a read-only connection opens it first, the
+        # writer's commits stay invisible to other processes (and are lost
+        # when one of them checkpoints).  ``query_only`` keeps this
+        # connection from writing all the same.
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA query_only=1")
+            _check_not_truncated(db, self.path)
+            version = _version(db, self.path)
+        except BaseException:
+            db.close()
+            raise
+        if version is None:  # an empty database: nothing recorded yet
+            db.close()
+            return None
+        if version < SCHEMA_VERSION:
+            # An older journal of ours: the writer migrates it first.
+            db.close()
+            self._thread.submit(self._guard, self._writing, ()).result()
+            return self._reading()
+        self._rdb = db
+        return db
 
     async def aclose(self) -> None:
         try:
@@ -226,10 +363,15 @@ class Journal:
             # closing must still release the file.
             pass
         finally:
+            self._closed = True
             if self._db is not None:
                 db, self._db = self._db, None
                 await self._loop.run_in_executor(self._thread, db.close)
+            if self._rdb is not None:
+                rdb, self._rdb = self._rdb, None
+                await self._loop.run_in_executor(self._reader, rdb.close)
             self._thread.shutdown(wait=False)
+            self._reader.shutdown(wait=False)
 
     # -- group commit ------------------------------------------------------------
 
@@ -257,6 +399,34 @@ class Journal:
             self._loop.run_in_executor(self._thread, self._drain).add_done_callback(_consume)
         return commit
 
+    async def add_logs(self, rows: list[tuple[str, str, float, str, str]]) -> None:
+        """Write captured output (run id, action, time, stream, text) with the next batch."""
+        await self.append(LogRows(rows))
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether so many records wait that whoever appends should first wait for room."""
+        return len(self._pending) > HIGH_WATER
+
+    async def room(self) -> None:
+        """Wait until the backlog of records has shrunk (returns at once if it is small)."""
+        with self._lock:
+            if len(self._pending) <= HIGH_WATER or not self._draining:
+                return
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+        await waiter
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """From the journal thread: run ``fn(*args)`` on the loop (unless it is closed)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _wake(self, waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def flush(self) -> None:
         """Wait until everything appended so far is committed (or failed to be)."""
         last = self._last
@@ -270,33 +440,65 @@ class Journal:
                 records, settles, commit = self._pending, self._settles, self._commit
                 if not records:
                     self._draining = False
+                    waiters, self._waiters = self._waiters, []
+                    if waiters:
+                        self._soon(self._wake, waiters)
                     return
-                self._pending, self._settles, self._commit = [], [], None
+                if len(records) > MAX_BATCH:
+                    # Commit a prefix now and leave the rest (with the
+                    # shared future) for the next turn: records commit in
+                    # the order they were appended either way.
+                    self._pending = records[MAX_BATCH:]
+                    records = records[:MAX_BATCH]
+                    ours = sum(1 for r in records if type(r) is ActionRecord and r.kind == "action" and r.state == "succeeded")
+                    settles, self._settles = _split_settles(settles, records, ours)
+                    commit = None
+                else:
+                    self._pending, self._settles, self._commit = [], [], None
+                waiters = []
+                if self._waiters and len(self._pending) <= LOW_WATER:
+                    waiters, self._waiters = self._waiters, []
+            if waiters:
+                self._soon(self._wake, waiters)
             error: Exception | None = None
+            claims: list[Claim] = []
             try:
-                self._guard(self._write, (records,))
+                self._guard(self._write, (records, claims))
             except Exception as exc:
                 error = exc
             try:
-                self._loop.call_soon_threadsafe(self._committed, settles, commit, error)
+                self._loop.call_soon_threadsafe(self._committed, settles, commit, error, claims)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
-    def _committed(self, settles: list[Settle], commit: Commit | None, error: Exception | None) -> None:
+    def _committed(
+        self,
+        settles: list[Settle],
+        commit: Commit | None,
+        error: Exception | None,
+        claims: list[Claim],
+    ) -> None:
         """On the loop: count a batch's successes and wake whoever waits for it."""
         self._settle(settles, error)
+        for claim in claims:
+            if not claim.outcome.done():
+                if error is not None:
+                    claim.outcome.set_exception(error)
+                elif claim.refused is not None:
+                    claim.outcome.set_exception(claim.refused)
+                else:
+                    claim.outcome.set_result(None)
         if commit is not None:
             if error is None:
                 commit.set_result(None)
             else:
                 commit.set_exception(error)
-
     def _settle(self, settles: list[Settle], error: Exception | None) -> None:
         """Count the successes of a committed batch (or, if it failed, their failure)."""
         engine = self.engine
         wanted = engine.wanted
         for counts, owner, action in settles:
-            counts.running -= 1
+            counts.committing -= 1
             if error is not None:
                 # Sticky for the run: it must not report success with a
                 # record missing (later batches may still commit).
@@ -310,203 +512,164 @@ class Journal:
                 if action is not None and "failed" in wanted:
                     engine.emit("failed", action, error)
 
-    def _write(self, records: list[Any]) -> None:
-        db = self._db
-        if db is None:
-            raise JournalError(f"journal {self.path} is closed")
+    def _write(self, records: list[Any], claims: list[Claim]) -> None:
+        """Write one batch in one transaction; the claims found in it are put in ``claims``."""
+        db = self._writing()
         actions = []
         runs = []
         caches = []
+        logs = []
         for rec in records:
-            if type(rec) is ActionRecord:
+            kind = type(rec)
+            if kind is ActionRecord:
                 # astuple (in C) gives the columns in table order; only an
                 # error needs encoding.  This thread holds the GIL while it
                 # builds rows, and the event loop wants it back.
-                actions.append(astuple(rec) if rec.error is None else _action_row(rec))
+                actions.append(astuple(rec))
                 if rec.cache_key is not None and rec.output is not None and not rec.cached:
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
+            elif kind is Failure:
+                info = None if rec.error is None else describe(rec.error, rec.origin)
+                actions.append(_action_row(msgspec.structs.replace(rec.record, error=info)))
+            elif kind is LogRows:
+                logs.extend(rec.rows)
             else:
+                if kind is Claim:
+                    # Listed before the transaction starts, so that a
+                    # failed batch still answers every claim in it.
+                    claims.append(rec)
                 runs.append(rec)
         db.execute("BEGIN IMMEDIATE")
         try:
             for run in runs:
-                db.execute(
-                    "INSERT INTO runs (id, task, root, root_file, args, args_kind, status, attempt, "
-                    "started, finished, tags, error, pid, host) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                    "ON CONFLICT(id) DO UPDATE SET status=excluded.status, attempt=excluded.attempt, "
-                    "finished=excluded.finished, error=excluded.error, pid=excluded.pid, host=excluded.host, "
-                    "cancel_requested=CASE WHEN excluded.status='running' THEN 0 ELSE cancel_requested END",
-                    (
-                        run.id, run.task, run.root, run.root_file, run.args, run.args_kind, run.status,
-                        run.attempt, run.started, run.finished, msgspec.json.encode(run.tags).decode(),
-                        None if run.error is None else _error_encoder.encode(run.error), run.pid, run.host,
-                    ),
-                )
+                if type(run) is Claim:
+                    run.refused = self._claim(db, run)
+                else:
+                    self._end(db, run)
             if actions:
                 db.executemany("INSERT INTO actions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", actions)
             if caches:
                 db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?)", caches)
+            if logs:
+                db.executemany("INSERT INTO logs VALUES (?,?,?,?,?)", logs)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
 
+    def _claim(self, db: sqlite3.Connection, claim: Claim) -> Exception | None:
+        """Inside the batch's transaction: record the run as this process's, if it may be."""
+        run = claim.record
+        row = _run_values(run)
+        if claim.previous is None:
+            cur = db.execute(
+                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({','.join('?' * 16)}) "
+                "ON CONFLICT(id) DO NOTHING",
+                row,
+            )
+            if cur.rowcount == 1:
+                return None
+            return RunInUse(
+                f"a run with id {run.id} is already in journal {self.path}; start the run again "
+                f"(it gets a new id)"
+            )
+        found = db.execute(
+            "SELECT status, attempt, pid, host, pid_start FROM runs WHERE id=?", (run.id,)
+        ).fetchone()
+        if found is None:
+            return RunNotFound(f"no run {run.id!r} in journal {self.path}; list runs with 'shoal runs'")
+        status, attempt, pid, host, pid_start = found
+        if attempt != claim.previous:
+            return RunInUse(
+                f"run {run.id} was resumed by another process meanwhile (pid {pid} on {host}, "
+                f"attempt {attempt}); wait for it, or cancel it with 'shoal cancel {run.id}'"
+            )
+        if status == "running":
+            alive = owner_alive(host, pid, pid_start)
+            if alive is not False:
+                where = f"process {pid}" + ("" if alive else f" on host {host}")
+                return RunInUse(
+                    f"run {run.id} is still running in {where}; cancel it first "
+                    f"('shoal cancel {run.id}') or wait for it"
+                )
+        db.execute(
+            "UPDATE runs SET status='running', attempt=?, finished=NULL, error=NULL, pid=?, host=?, "
+            "pid_start=?, attempt_started=?, cancel_requested=0 WHERE id=?",
+            (run.attempt, run.pid, run.host, run.pid_start, run.attempt_started, run.id),
+        )
+        return None
+
+    def _end(self, db: sqlite3.Connection, run: RunRecord) -> None:
+        """Record the end of this process's attempt of a run."""
+        db.execute(
+            "UPDATE runs SET status=?, finished=?, error=? WHERE id=? AND attempt=?",
+            (
+                run.status,
+                run.finished,
+                None if run.error is None else _error_encoder.encode(run.error),
+                run.id,
+                run.attempt,
+            ),
+        )
+
     def for_run(self) -> RunJournal:
         from ._run_journal import RunJournal
 
         return RunJournal(self)
 
-    # -- queries ---------------------------------------------------------------
+    # -- reading -------------------------------------------------------------
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def read(self, fn: Callable[[sqlite3.Connection], T], missing: Callable[[], T] | None = None) -> T:
+        """``fn(db)`` on the reader's connection; ``missing()`` while there is no journal file.
+
+        Without ``missing``, reading a journal that does not exist yet is
+        the same as not finding the run: :class:`RunNotFound`.
+        """
+
         def go() -> T:
-            if self._db is None:
-                raise JournalError(f"journal {self.path} is closed")
-            return fn(self._db)
+            db = self._reading()
+            if db is None:
+                if missing is None:
+                    raise RunNotFound(f"no runs recorded yet in journal {self.path}")
+                return missing()
+            return fn(db)
+
+        return await self._loop.run_in_executor(self._reader, self._guard, go, ())
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(db)`` in a write transaction of its own (for the rare writes outside a run)."""
+
+        def go() -> T:
+            db = self._writing()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
 
         return await self._call(go)
 
-    async def load_run(self, run_id: str) -> tuple[RunRecord, Any, str | None]:
-        """The run record, and its root action's recorded output (bytes, kind) if it succeeded.
+    def cancel_flag(self, run_id: str) -> Path:
+        """The file whose existence asks the process running ``run_id`` to cancel it.
 
-        The output is read from the root action's own record, which is
-        committed before the run's final record: a crash between the two
-        leaves a run that resumes (replaying its root), never one that
-        says it succeeded without its result.
+        A file, not a row: the running process polls it with one ``stat``,
+        and ``shoal cancel`` creates it without waiting for the write lock
+        of a journal that a busy run keeps committing to.
         """
+        return Path(f"{self.path}-cancel") / run_id
 
-        def go(db: sqlite3.Connection) -> tuple[RunRecord, Any, str | None]:
-            row = self._run_row(db, run_id)
-            out = db.execute(
-                "SELECT output, output_kind FROM actions WHERE run_id=? AND parent IS NULL "
-                "AND kind='action' AND state='succeeded' ORDER BY rowid DESC LIMIT 1",
-                (run_id,),
-            ).fetchone()
-            return _run_record(row), *(out if out is not None else (None, None))
-
-        return await self.read(go)
-
-    def _run_row(self, db: sqlite3.Connection, run_id: str) -> tuple[Any, ...]:
-        row: tuple[Any, ...] | None = db.execute(
-            "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
-            "tags, error, pid, host FROM runs WHERE id=?",
-            (run_id,),
-        ).fetchone()
-        if row is None:
-            raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
-        return row
-
-    async def list_runs(self, *, status: str | None, tag: str | None, limit: int) -> list[RunSummary]:
-        def go(db: sqlite3.Connection) -> list[RunSummary]:
-            where, params = [], []
-            if status:
-                where.append("status=?")
-                params.append(status)
-            if tag:
-                where.append("EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value=?)")
-                params.append(tag)
-            sql = (
-                "SELECT id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
-                "tags, error, pid, host, "
-                "(SELECT count(DISTINCT key) FROM actions a WHERE a.run_id=runs.id AND a.kind='action') "
-                "FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-                + " ORDER BY started DESC LIMIT ?"
-            )
-            rows = db.execute(sql, (*params, limit)).fetchall()
-            return [_summary(_run_record(r), r[14]) for r in rows]
-
-        return await self.read(go)
-
-    async def run_details(self, run_id: str, *, actions: bool, offset: int, limit: int) -> RunSummary:
-        def go(db: sqlite3.Connection) -> RunSummary:
-            row = self._run_row(db, run_id)
-            tasks = []
-            count = 0
-            for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
-                "SELECT task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
-                "sum(state='running'), sum(cached) FROM actions WHERE " + _LATEST + " "
-                "GROUP BY task, grp ORDER BY min(started)",
-                (run_id,),
-            ):
-                tasks.append(TaskSummary(task, grp, succeeded, failed, cancelled, running, cached))
-                count += succeeded + failed + cancelled + running
-            records: tuple[ActionRecord, ...] = ()
-            if actions:
-                records = tuple(
-                    _action_record(r)
-                    for r in db.execute(
-                        "SELECT * FROM actions WHERE " + _LATEST + " "
-                        "ORDER BY started, key LIMIT ? OFFSET ?",
-                        (run_id, limit, offset),
-                    )
-                )
-            return msgspec.structs.replace(
-                _summary(_run_record(row), count), tasks=tuple(tasks), action_records=records
-            )
-
-        return await self.read(go)
-
-    async def failed_actions(self, run_id: str, limit: int = 20) -> list[ActionRecord]:
-        def go(db: sqlite3.Connection) -> list[ActionRecord]:
-            return [
-                _action_record(r)
-                for r in db.execute(
-                    "SELECT * FROM actions WHERE " + _LATEST + " AND state='failed' ORDER BY finished LIMIT ?",
-                    (run_id, limit),
-                )
-            ]
-
-        return await self.read(go)
-
-    async def request_cancel(self, run_id: str) -> str:
-        """Ask the process running ``run_id`` to cancel it; returns the run's status.
-
-        A run recorded as running by a process of this host that no longer
-        exists (killed, crashed) is marked cancelled at once, and
-        ``"abandoned"`` is returned: nobody is left to notice the request.
-        """
-
-        def go(db: sqlite3.Connection) -> str:
-            record = _run_record(self._run_row(db, run_id))
-            if record.status != "running":
-                return str(record.status)
-            if record.host == socket.gethostname() and record.pid is not None and not _alive(record.pid):
-                db.execute(
-                    "UPDATE runs SET status='cancelled', finished=? WHERE id=? AND status='running'",
-                    (time.time(), run_id),
-                )
-                return "abandoned"
-            db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
-            return "running"
-
-        return await self.read(go)
-
-    async def add_logs(self, rows: list[tuple[str, str, float, str, str]]) -> None:
-        def go(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT INTO logs VALUES (?,?,?,?,?)", rows)
-            db.execute("COMMIT")
-
-        await self.read(go)
-
-    async def logs(self, run_id: str, action: str | None = None) -> list[tuple[str, float, str, str]]:
-        def go(db: sqlite3.Connection) -> list[tuple[str, float, str, str]]:
-            if action is None:
-                cur = db.execute("SELECT action, at, stream, text FROM logs WHERE run_id=? ORDER BY at", (run_id,))
-            else:
-                cur = db.execute(
-                    "SELECT action, at, stream, text FROM logs WHERE run_id=? AND action=? ORDER BY at",
-                    (run_id, action),
-                )
-            return [(a, at, s, t) for a, at, s, t in cur]
-
-        return await self.read(go)
-
-    async def decode(self, kind: str, data: bytes, type: Any) -> Any:
+    async def decode(self, kind: str, data: bytes, type: Any, what: str = "a recorded value") -> Any:
+        """A recorded value: fetched from the blob store if kept there, pickles verified."""
         if kind.startswith("blob-"):
             data = await self.engine.blob_store.get_bytes(data.decode())
             kind = kind[5:]
+        if kind == "pickle":
+            data = self.signer.open(data, what)
         return decode_value(kind, data, type)
 
 
@@ -515,50 +678,75 @@ def _consume(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
-def _check_not_truncated(path: Path) -> None:
+def _check_not_truncated(db: sqlite3.Connection, path: Path) -> None:
     """Refuse a journal file shorter than its header says (cut by a copy or a full disk).
 
     SQLite itself notices only when it reads a missing page, maybe in the
     middle of a run.  While a write-ahead log with content exists, pages
     may legitimately be there instead, so the check is skipped.
+
+    The header is read through SQLite (``page_count`` is the header's size
+    when the header is valid), never by opening the file in Python: closing
+    any descriptor of the file would drop every POSIX lock this process
+    holds on it, and with them the other connections' claim on the WAL
+    index, which lets another process reset it under them.
     """
     try:
         size = path.stat().st_size
         wal = Path(f"{path}-wal")
-        if size < 100 or (wal.exists() and wal.stat().st_size > 0):
+        if wal.exists() and wal.stat().st_size > 0:
             return
-        with path.open("rb") as fh:
-            header = fh.read(100)
     except OSError:
         return
-    if not header.startswith(b"SQLite format 3\x00"):
-        return
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    # The page count in the header is valid only when these two match.
-    counter_ok = header[24:28] == header[92:96]
-    if counter_ok and pages and size < pages * page_size:
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    if pages and size < pages * page_size:
         raise JournalCorrupt(
             f"journal {path} is truncated ({size} bytes, its header says {pages * page_size}); "
             f"move it aside to start a new one (its runs cannot be resumed), or restore it from a backup"
         )
 
 
-def _alive(pid: int) -> bool:
+def _version(db: sqlite3.Connection, path: Path) -> int | None:
+    """The file's schema version; None for an empty database (nothing in it yet).
+
+    Anything else that is not a shoal journal is refused untouched: shoal
+    adds its tables only to an empty file.
+    """
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return None
+    row = None
+    if "meta" in tables:
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if row is None or not {"runs", "actions"} <= tables:
+        raise JournalCorrupt(
+            f"{path} is a SQLite database but not a shoal journal (tables: "
+            f"{', '.join(sorted(tables))}); it was left as it is: give shoal a path of its own "
+            f"(Engine(store=...), --store, SHOAL_HOME)"
+        )
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        version = int(row[0])
+    except ValueError:
+        raise JournalCorrupt(f"journal {path} has an unreadable schema version {row[0]!r}") from None
+    if version > SCHEMA_VERSION:
+        raise JournalVersionError(
+            f"journal {path} was written by a newer shoal (schema {version}, this one "
+            f"reads up to {SCHEMA_VERSION}); upgrade shoal to read it"
+        )
+    if version < 1:
+        raise JournalCorrupt(f"journal {path} has an unreadable schema version {version}")
+    return version
 
 
-def _utc(ts: float) -> Any:
-    from datetime import UTC, datetime
+def _split_settles(settles: list[Settle], records: list[Any], count: int) -> tuple[list[Settle], list[Settle]]:
+    """The settles of the first ``count`` successes, and the rest.
 
-    return datetime.fromtimestamp(ts, UTC)
+    Invariant relied on: a settle is appended with, and only with, an
+    action's success record (an :class:`ActionRecord` of kind "action" in
+    state "succeeded"), in the same order as the records.
+    """
+    return settles[:count], settles[count:]
 
 
 def _action_row(rec: ActionRecord) -> tuple[Any, ...]:
@@ -570,39 +758,11 @@ def _action_row(rec: ActionRecord) -> tuple[Any, ...]:
     )
 
 
-def _action_record(row: tuple[Any, ...]) -> ActionRecord:
-    (run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp, output, output_kind,
-     error, kind, cache_key, cached) = row
-    return ActionRecord(
-        run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp,
-        output, output_kind, None if error is None else _error_decoder.decode(error), kind, cache_key,
-        bool(cached),
+def _run_values(run: RunRecord) -> tuple[Any, ...]:
+    """A run record as the values of :data:`RUN_COLUMNS`."""
+    return (
+        run.id, run.task, run.root, run.root_file, run.args, run.args_kind, run.status,
+        run.attempt, run.started, run.finished, msgspec.json.encode(run.tags).decode(),
+        None if run.error is None else _error_encoder.encode(run.error), run.pid, run.host,
+        run.pid_start, run.attempt_started,
     )
-
-
-def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    (id_, task, root, root_file, args, args_kind, status, attempt, started, finished, tags, error,
-     pid, host) = row[:14]
-    return RunRecord(
-        id_, task, root, root_file, args, args_kind, status, attempt, started, finished,
-        _tags_decoder.decode(tags), None if error is None else _error_decoder.decode(error), pid, host,
-    )
-
-
-def _summary(rec: RunRecord, actions: int) -> RunSummary:
-    return RunSummary(
-        rec.id, rec.task, rec.root, rec.status, rec.attempt, rec.started, rec.finished, rec.tags,
-        actions, rec.error,
-    )
-
-
-def _replay_table(db: sqlite3.Connection, run_id: str) -> dict[str, Any]:
-    """key -> (kind, bytes) of every action and trace that succeeded in the run."""
-    return {
-        key: (kind, output)
-        for key, kind, output in db.execute(
-            "SELECT key, output_kind, output FROM actions WHERE run_id=? AND state='succeeded'",
-            (run_id,),
-        )
-    }
-

@@ -13,9 +13,7 @@ import msgspec
 
 __all__ = ["ActionRecord", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
 
-#: Bumped when the journal's tables change; a newer journal is refused, and
-#: so is an older one (2: the actions table became append-only).
-SCHEMA_VERSION = 2
+from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 
 State = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 #: How an output is stored: inline msgpack or pickle, or in the blob store.
@@ -31,6 +29,10 @@ class ErrorInfo(msgspec.Struct, frozen=True, gc=False):
     type: str
     message: str
     traceback: str = ""
+    #: The key of the action where this exception was first recorded, when
+    #: it propagated unchanged from there: the traceback is stored once, in
+    #: that action's record, and readers fill it in from there.
+    origin: str | None = None
 
 
 class RunRecord(msgspec.Struct, frozen=True, tag="run"):
@@ -52,6 +54,11 @@ class RunRecord(msgspec.Struct, frozen=True, tag="run"):
     error: ErrorInfo | None = None
     pid: int | None = None
     host: str | None = None
+    #: The start time of the owning process (see ``_owner``): with ``pid``
+    #: and ``host``, tells a live owner from a reused pid.
+    pid_start: str | None = None
+    #: When this attempt of the run started (``started`` is the first's).
+    attempt_started: float | None = None
 
 
 class ActionRecord(msgspec.Struct, frozen=True, tag="action", gc=False):
@@ -104,10 +111,20 @@ class RunSummary(msgspec.Struct, frozen=True):
     tasks: tuple[TaskSummary, ...] = ()
     #: A page of the run's actions, when asked for.
     action_records: tuple[ActionRecord, ...] = ()
+    #: When the latest attempt started (a resumed run's ``started`` is its first).
+    attempt_started: float | None = None
 
     @property
     def duration(self) -> float | None:
+        """Seconds from the first attempt's start to the end (resumes included)."""
         return None if self.finished is None else self.finished - self.started
+
+    @property
+    def attempt_duration(self) -> float | None:
+        """Seconds the latest attempt took, up to its final commit."""
+        if self.finished is None:
+            return None
+        return self.finished - (self.attempt_started if self.attempt_started is not None else self.started)
 
 
 for _cls in (ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary):

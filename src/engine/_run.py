@@ -61,6 +61,8 @@ class Run:
         self.status: Status = "running"
         self.error: BaseException | None = None
         self.started_at = datetime.now(UTC)
+        #: When this attempt started (a resumed run's ``started_at`` is its first's).
+        self.attempt_started_at = self.started_at
         self.finished_at: datetime | None = None
         #: Per task name, how many of its actions are in each state.
         self.counters: dict[str, TaskCounts] = {}
@@ -335,8 +337,14 @@ def _chain(parent_key: str, inputs: bytes, occurrence: int) -> str:
 
 
 def new_run_id() -> str:
-    """A short, unique, roughly time-ordered run id."""
+    """A unique, time-ordered run id: UTC time to the second, then 64 random bits.
+
+    64 bits make a collision among even a million runs started in one
+    second unlikely (about 3 in 100,000); the journal refuses a duplicate
+    id anyway (see ``Journal._claim``), so a collision fails one start
+    instead of merging two runs.
+    """
     stamp = time.strftime("%y%m%d%H%M%S", time.gmtime())
     import secrets
 
-    return f"{stamp}-{secrets.token_hex(3)}"
+    return f"{stamp}-{secrets.token_hex(8)}"

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import socket
 import threading
 import time
-import traceback
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._codec import decode_value, digest, encode_value
-from ._errors import EncodeError, EngineError, JournalError
-from ._journal import _alive, _replay_table, _utc
+from ._codec import digest, encode_value
+from ._errors import BlobError, EncodeError, EngineError, JournalError, RunInUse
+from ._journal import Claim, Failure, describe
+from ._owner import owner_alive, this_process
+from ._queries import utc
 from ._records import ActionRecord, ErrorInfo, RunRecord
 
 if TYPE_CHECKING:
@@ -32,25 +34,28 @@ __all__ = ["RunJournal", "error_info", "prepare_resume"]
 #: Outputs larger than this (encoded) go to the blob store, not the journal.
 INLINE_LIMIT = 256 * 1024
 #: How often a running run looks for a cancel request from another process.
-CANCEL_POLL = 0.5
+CANCEL_POLL = 0.25
+#: The attribute an exception carries once its traceback is in the journal:
+#: (run id, key of the action whose record holds it).
+_ORIGIN = "__shoal_recorded__"
 
 
-def error_info(exc: BaseException) -> ErrorInfo:
-    cls = type(exc)
-    module = cls.__module__
-    name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:  # a broken __str__ must not break the journal
-        message = f"<{cls.__qualname__} whose str() raised>"
-    text = "".join(traceback.format_exception(exc))
-    return ErrorInfo(name, message, text)
+def error_info(exc: BaseException, run_id: str | None = None) -> ErrorInfo:
+    """``exc`` described for the journal; by reference if it was recorded already in ``run_id``."""
+    origin = getattr(exc, _ORIGIN, None)
+    if origin is not None and origin[0] == run_id:
+        return describe(exc, origin[1])
+    return describe(exc)
 
 
 async def prepare_resume(
     journal: Journal, run_id: str, use_cache: bool, task: Task[Any, Any] | None = None
 ) -> Run:
-    """A run of the journal made ready to continue in place (see :meth:`Engine.resume`)."""
+    """A run of the journal made ready to continue in place (see :meth:`Engine.resume`).
+
+    Nothing is claimed here: the run's first record (see :class:`Claim`)
+    checks again, atomically, that nobody else resumed it meanwhile.
+    """
     from ._loader import load_root
     from ._run import Run
 
@@ -62,17 +67,35 @@ async def prepare_resume(
             f"run {run_id} was a run of task {record.task!r}, not {task.name!r}; "
             f"pass its own root task (or none, to import it again)"
         )
-    args = decode_value(record.args_kind, record.args)
+    args = await journal.decode(record.args_kind, record.args, Any, what=f"the arguments of run {run_id}")
     values, named = task.signature.bind(tuple(args[0]), dict(args[1]))
-    if record.status == "running" and record.pid is not None and record.host == socket.gethostname():
-        if record.pid != os.getpid() and _alive(record.pid):
-            raise EngineError(
+    result: Any = None
+    succeeded = record.status == "succeeded" and output_kind is not None
+    if succeeded:
+        assert output_kind is not None
+        try:
+            result = await journal.decode(
+                output_kind, output, task.signature.returns(), what=f"the result of run {run_id}"
+            )
+        except (BlobError, JournalError) as exc:
+            # Treated as never recorded: the run goes on, and its root runs again.
+            warnings.warn(f"run {run_id} runs again: its recorded result cannot be read ({exc})", stacklevel=2)
+            succeeded = False
+    if record.status == "running":
+        if run_id in journal.engine.runs_in_flight:
+            raise RunInUse(f"run {run_id} is running in this process already")
+        owner = (record.host, record.pid, record.pid_start)
+        alive = owner_alive(*owner)
+        if alive is None:
+            raise RunInUse(
+                f"run {run_id} is running on host {record.host} (pid {record.pid}); cancel it "
+                f"there ('shoal cancel {run_id}') or wait for it"
+            )
+        if alive and owner != this_process():
+            raise RunInUse(
                 f"run {run_id} is still running in process {record.pid}; cancel it first "
                 f"('shoal cancel {run_id}') or wait for it"
             )
-        if record.pid == os.getpid() and run_id in journal.engine.runs_in_flight:
-            raise EngineError(f"run {run_id} is running in this process already")
-    replay = await journal.read(lambda db: _replay_table(db, run_id))
     run = Run(
         journal.engine,
         task,
@@ -80,49 +103,73 @@ async def prepare_resume(
         named,
         run_id=run_id,
         tags=record.tags,
-        attempt=record.attempt + (0 if record.status == "succeeded" else 1),
-        journal=journal.for_run(),
-        replay=replay,
+        attempt=record.attempt + (0 if succeeded else 1),
+        journal=RunJournal(journal, previous=record.attempt),
+        replay=None if succeeded else await journal.replay_table(run_id),
         use_cache=use_cache,
     )
-    run.started_at = _utc(record.started)
-    if record.status == "succeeded":
+    run.started_at = utc(record.started)
+    if succeeded:
         run.status = "succeeded"
-        run.finished_at = None if record.finished is None else _utc(record.finished)
-        if output_kind is not None:
-            run._result = await journal.decode(output_kind, output, task.signature.returns())
+        run.finished_at = None if record.finished is None else utc(record.finished)
+        if record.attempt_started is not None:
+            run.attempt_started_at = utc(record.attempt_started)
+        run._result = result
         run.mark_done()
     return run
 
 
 class RunJournal:
-    """What one run writes to the journal."""
+    """What one run writes to the journal.
 
-    def __init__(self, journal: Journal) -> None:
+    ``previous`` is the attempt number a resume read from the journal
+    (None for a new run): the run's claim checks it is still the recorded one.
+    """
+
+    def __init__(self, journal: Journal, *, previous: int | None = None) -> None:
         self.journal = journal
+        self.previous = previous
         self.run: Run | None = None
         self._poller: asyncio.Task[None] | None = None
         self._root: tuple[str, str | None] = ("", None)
-        # Whether the run's record was committed by ``started``; if not,
+        # Whether the run's claim was committed by ``started``; if not,
         # there is nothing in the journal for ``finished`` to update.
         self._recorded = False
         #: The first commit of this run's records that failed, if any.
         self.error: Exception | None = None
 
+    def _sealed(self, kind: str, data: bytes) -> bytes:
+        """Pickled bytes signed for storage (see ``_signing``); msgpack as it is."""
+        return self.journal.signer.sign(data) if kind == "pickle" else data
+
     async def started(self, run: Run) -> None:
+        """Claim the run for this process (its first record); raises if it may not run here."""
         from ._loader import root_of
 
         self.run = run
         self._root = root_of(run.task)
         kind, data = encode_value([run._values, run._named], what=f"arguments of run {run.id}")
-        self._args = (kind, data)
-        await self.journal.append(self._run_record(run, "running", None))
+        self._args = (kind, self._sealed(kind, data))
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.journal.append(Claim(self._run_record(run, "running", None), self.previous, outcome))
+        try:
+            await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            # Cancelled while the claim was being written: if it commits,
+            # the run is ours and must be recorded as ended.
+            await asyncio.wait([outcome])
+            self._recorded = not outcome.cancelled() and outcome.exception() is None
+            raise
         self._recorded = True
-        self._poller = asyncio.get_running_loop().create_task(self._poll_cancel(run))
+        flag = self.journal.cancel_flag(run.id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(flag)  # a request for an earlier attempt
+        self._poller = asyncio.get_running_loop().create_task(self._poll_cancel(run, flag))
 
     def _run_record(self, run: Run, status: Any, finished: float | None) -> RunRecord:
         root, root_file = self._root
         kind, data = self._args
+        host, pid, pid_start = this_process()
         return RunRecord(
             id=run.id,
             task=run.task.name,
@@ -135,9 +182,11 @@ class RunJournal:
             started=run.started_at.timestamp(),
             finished=finished,
             tags=run.tags,
-            error=None if run.error is None else error_info(run.error),
-            pid=os.getpid(),
-            host=socket.gethostname(),
+            error=None if run.error is None else error_info(run.error, run.id),
+            pid=pid,
+            host=host,
+            pid_start=pid_start,
+            attempt_started=run.attempt_started_at.timestamp(),
         )
 
     async def finished(self, run: Run) -> None:
@@ -146,10 +195,13 @@ class RunJournal:
             self._poller = None
         if not self._recorded:
             return
-        assert run.finished_at is not None
+        from datetime import UTC, datetime
+
         # Every record of the run commits (or fails) before its final one is
         # written: a run with a record missing does not say it succeeded.
         await self.journal.flush()
+        # The run took until its records were durable: its duration says so.
+        run.finished_at = datetime.now(UTC)
         if self.error is not None and run.status == "succeeded":
             run.status = "failed"
             run.error = self.error
@@ -161,25 +213,18 @@ class RunJournal:
             if run.status == "succeeded":
                 run.status = "failed"
                 run.error = exc
+        with contextlib.suppress(OSError):
+            os.unlink(self.journal.cancel_flag(run.id))
 
-    async def _poll_cancel(self, run: Run) -> None:
-        query = "SELECT cancel_requested FROM runs WHERE id=?"
+    async def _poll_cancel(self, run: Run, flag: Any) -> None:
+        # One stat per poll, on the loop: no journal read, so a busy
+        # journal cannot delay a cancel request (see Journal.cancel_flag).
         while True:
             await asyncio.sleep(CANCEL_POLL)
-            try:
-                row = await self.journal.read(lambda db: db.execute(query, (run.id,)).fetchone())
-            except JournalError:
-                continue
-            if row is not None and row[0]:
+            # A stat of a local file: cheaper than a hop to a thread.
+            if os.path.exists(flag):  # noqa: ASYNC240
                 run.cancel()
                 return
-
-    async def _encode(self, value: Any, what: str) -> tuple[str, bytes]:
-        kind, data = encode_value(value, what=what)
-        if len(data) > INLINE_LIMIT:
-            key = await self.journal.engine.blob_store.put_bytes(data)
-            return f"blob-{kind}", key.encode()
-        return kind, data
 
     def succeeded(
         self, action: Action, result: Any, counts: TaskCounts, *, cached: bool = False
@@ -188,17 +233,20 @@ class RunJournal:
 
         Encoding happens now (an unencodable output raises here).  The
         action does not wait for the commit: its result goes to its caller
-        at once, and it counts as succeeded (counters, events, the run's
-        success) only when its record is committed.  Records are committed
-        in the order they were appended, by one writer, so the journal never
-        holds a record without the records of the calls it came after: a
-        crash loses a suffix, which resume runs again.  An output large
-        enough for the blob store is uploaded first; the awaitable returned
-        then is that upload.
+        at once, and it moves from ``running`` to ``committing``, and to
+        ``succeeded`` (counters, events, the run's success) only when its
+        record is committed.  Records are committed in the order they were
+        appended, by one writer, so the journal never holds a record without
+        the records of the calls it came after: a crash loses a suffix,
+        which resume runs again.  An output large enough for the blob store
+        is uploaded first, and when the journal is backlogged the record
+        waits for room; the awaitable returned then is that wait, and the
+        record is appended (and counted) at its end.
         """
         task = action.task
         what = f"output of task {task.name!r} (action {action.key})"
         kind, data = encode_value(result, what=what)
+        data = self._sealed(kind, data)
         parent = action.parent
         now = time.time()
         run = action.run
@@ -220,41 +268,52 @@ class RunJournal:
             action.cache_key,
             cached,
         )
-        settle = (counts, self, action if self.journal.engine.wanted else None)
-        if len(data) > INLINE_LIMIT:
-            return self._via_blob(record, settle)
-        self.journal.append(record, settle)
+        journal = self.journal
+        settle = (counts, self, action if journal.engine.wanted else None)
+        if len(data) > INLINE_LIMIT or journal.backlogged:
+            return self._later(record, settle, counts)
+        counts.running -= 1
+        counts.committing += 1
+        journal.append(record, settle)
         return None
 
-    async def _via_blob(self, record: ActionRecord, settle: Settle) -> None:
+    async def _later(self, record: ActionRecord, settle: Settle, counts: TaskCounts) -> None:
+        journal = self.journal
         assert record.output is not None
-        key = await self.journal.engine.blob_store.put_bytes(record.output)
-        self.journal.append(
-            msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}"),
-            settle,
-        )
+        if len(record.output) > INLINE_LIMIT:
+            key = await journal.engine.blob_store.put_bytes(record.output)
+            record = msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}")
+        await journal.room()
+        counts.running -= 1
+        counts.committing += 1
+        journal.append(record, settle)
 
     def ended(self, action: Action, state: Any, error: BaseException | None) -> None:
+        """Record an action that failed or was cancelled (its error described off the loop)."""
         parent = action.parent
         run = action.run
         now = time.time()
-        self.journal.append(
-            ActionRecord(
-                run.id,
-                action.key,
-                None if parent is None else parent.key,
-                action.task.name,
-                state,
-                action.attempt,
-                run.attempt,
-                action.started_at or None,
-                now,
-                action.group,
-                None,
-                None,
-                None if error is None else error_info(error),
-            )
+        origin: str | None = None
+        if error is not None:
+            seen = getattr(error, _ORIGIN, None)
+            if seen is not None and seen[0] == run.id:
+                origin = seen[1]
+            else:
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(error, _ORIGIN, (run.id, action.key))
+        record = ActionRecord(
+            run.id,
+            action.key,
+            None if parent is None else parent.key,
+            action.task.name,
+            state,
+            action.attempt,
+            run.attempt,
+            action.started_at or None,
+            now,
+            action.group,
         )
+        self.journal.append(Failure(record, error, origin))
 
     def traced(self, action: Action, key: str, name: str, result: Any) -> None:
         """Record a trace call's result (not waited for: a lost trace just runs again)."""
@@ -262,6 +321,7 @@ class RunJournal:
             kind, data = encode_value(result, what=f"result of trace {name!r}")
         except EncodeError:
             return
+        data = self._sealed(kind, data)
         now = time.time()
         run = action.run
         record = ActionRecord(
@@ -282,10 +342,18 @@ class RunJournal:
         def go(db: sqlite3.Connection) -> Any:
             return db.execute("SELECT output_kind, output FROM cache WHERE key=?", (key,)).fetchone()
 
-        row = await self.journal.read(go)
+        row = await self.journal.read(go, lambda: None)
         if row is None:
             return None
-        value = await self.journal.decode(row[0], row[1], task.signature.returns())
+        try:
+            value = await self.journal.decode(
+                row[0], row[1], task.signature.returns(), what=f"the cache entry of task {task.name!r}"
+            )
+        except (BlobError, JournalError) as exc:
+            # A damaged or edited entry is a miss: the action runs (and
+            # its new record replaces the entry).
+            warnings.warn(f"cache entry of task {task.name!r} ignored: {exc}", stacklevel=2)
+            return None
         return _Hit(value)
 
 

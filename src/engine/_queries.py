@@ -1,0 +1,297 @@
+"""Reading runs back from the journal: listings, details, failures, logs, replay tables.
+
+Every query runs on the journal's reader connection (see ``_journal``), so
+it never waits for a busy run's writes.  A run recorded as ``running``
+whose owning process is gone (killed, its machine restarted) is reported
+as ``failed`` with an error that says so: the row itself is left as it is
+until the run is resumed or cancelled, since reading must not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ._errors import JournalError, RunNotFound
+from ._owner import owner_alive
+from ._records import ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable, Iterable
+    from pathlib import Path
+
+    from ._signing import Signer
+
+__all__ = ["RUN_COLUMNS", "JournalQueries", "utc"]
+
+RUN_COLUMNS = (
+    "id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
+    "tags, error, pid, host, pid_start, attempt_started"
+)
+#: The current row of each action of one run (bind the run id once).  The
+#: subquery reads only the (run_id, key) index: keys of actions and traces
+#: never collide, so the kind is checked on the rows it picks.
+LATEST = "rowid IN (SELECT max(rowid) FROM actions WHERE run_id=? GROUP BY key) AND kind='action'"
+
+_error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
+_tags_decoder = msgspec.json.Decoder(tuple[str, ...])
+
+
+class JournalQueries:
+    """The read side of :class:`~engine._journal.Journal` (mixed into it)."""
+
+    path: Path
+
+    if TYPE_CHECKING:
+
+        @property
+        def signer(self) -> Signer: ...
+
+        async def read(self, fn: Callable[[sqlite3.Connection], Any], missing: Callable[[], Any] | None = None) -> Any: ...
+        async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any: ...
+        def cancel_flag(self, run_id: str) -> Path: ...
+
+    async def load_run(self, run_id: str) -> tuple[RunRecord, Any, str | None]:
+        """The run record as written, and its root action's output (bytes, kind) if it succeeded.
+
+        The output is read from the root action's own record, which is
+        committed before the run's final record: a crash between the two
+        leaves a run that resumes (replaying its root), never one that
+        says it succeeded without its result.
+        """
+
+        def go(db: sqlite3.Connection) -> tuple[RunRecord, Any, str | None]:
+            row = self._run_row(db, run_id)
+            out = db.execute(
+                "SELECT output, output_kind FROM actions WHERE run_id=? AND parent IS NULL "
+                "AND kind='action' AND state='succeeded' ORDER BY rowid DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+            return run_record(row), *(out if out is not None else (None, None))
+
+        result: tuple[RunRecord, Any, str | None] = await self.read(go)
+        return result
+
+    def _run_row(self, db: sqlite3.Connection, run_id: str) -> tuple[Any, ...]:
+        row: tuple[Any, ...] | None = db.execute(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE id=?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
+        return row
+
+    async def list_runs(self, *, status: str | None, tag: str | None, limit: int) -> list[RunSummary]:
+        def go(db: sqlite3.Connection) -> list[RunSummary]:
+            where, params = [], []
+            if status:
+                # A dead owner's "running" run is reported failed: fetch
+                # both and sort them out below.
+                where.append("status IN (?, 'running')")
+                params.append(status)
+            if tag:
+                where.append("EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value=?)")
+                params.append(tag)
+            sql = (
+                f"SELECT {RUN_COLUMNS}, "
+                "(SELECT count(DISTINCT key) FROM actions a WHERE a.run_id=runs.id AND a.kind='action') "
+                "FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+                + " ORDER BY started DESC LIMIT ?"
+            )
+            summaries = [summary(run_record(r), r[16]) for r in db.execute(sql, (*params, limit))]
+            return [s for s in summaries if status is None or s.status == status]
+
+        result: list[RunSummary] = await self.read(go, list)
+        return result
+
+    async def run_details(self, run_id: str, *, actions: bool, offset: int, limit: int) -> RunSummary:
+        def go(db: sqlite3.Connection) -> RunSummary:
+            row = self._run_row(db, run_id)
+            tasks = []
+            count = 0
+            for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
+                "SELECT task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
+                "sum(state='running'), sum(cached) FROM actions WHERE " + LATEST + " "
+                "GROUP BY task, grp ORDER BY min(started)",
+                (run_id,),
+            ):
+                tasks.append(TaskSummary(task, grp, succeeded, failed, cancelled, running, cached))
+                count += succeeded + failed + cancelled + running
+            records: tuple[ActionRecord, ...] = ()
+            if actions:
+                records = tuple(
+                    _with_origins(
+                        db,
+                        run_id,
+                        (
+                            action_record(r)
+                            for r in db.execute(
+                                "SELECT * FROM actions WHERE " + LATEST + " "
+                                "ORDER BY started, key LIMIT ? OFFSET ?",
+                                (run_id, limit, offset),
+                            )
+                        ),
+                    )
+                )
+            return msgspec.structs.replace(
+                summary(run_record(row), count), tasks=tuple(tasks), action_records=records
+            )
+
+        result: RunSummary = await self.read(go)
+        return result
+
+    async def failed_actions(self, run_id: str, limit: int = 20) -> list[ActionRecord]:
+        def go(db: sqlite3.Connection) -> list[ActionRecord]:
+            rows = db.execute(
+                "SELECT * FROM actions WHERE " + LATEST + " AND state='failed' ORDER BY finished LIMIT ?",
+                (run_id, limit),
+            )
+            return _with_origins(db, run_id, (action_record(r) for r in rows))
+
+        result: list[ActionRecord] = await self.read(go)
+        return result
+
+    async def request_cancel(self, run_id: str) -> str:
+        """Ask the process running ``run_id`` to cancel it; returns the run's status.
+
+        A run recorded as running by a process that no longer exists
+        (killed, crashed, its pid now someone else's) is marked cancelled
+        at once, and ``"abandoned"`` is returned: nobody is left to notice
+        the request.
+        """
+        record = run_record(await self.read(lambda db: self._run_row(db, run_id)))
+        if record.status != "running":
+            return str(record.status)
+        if owner_alive(record.host, record.pid, record.pid_start) is False:
+
+            def abandon(db: sqlite3.Connection) -> int:
+                return db.execute(
+                    "UPDATE runs SET status='cancelled', finished=? WHERE id=? AND status='running' "
+                    "AND attempt=?",
+                    (time.time(), run_id, record.attempt),
+                ).rowcount
+
+            if await self.write(abandon):
+                return "abandoned"
+            return await self.request_cancel(run_id)  # resumed meanwhile: ask the new owner
+        flag = self.cancel_flag(run_id)
+        try:
+            flag.parent.mkdir(mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise JournalError(f"cannot ask run {run_id} to cancel: {flag}: {exc.strerror}") from None
+        return "running"
+
+    async def logs(self, run_id: str, action: str | None = None) -> list[tuple[str, float, str, str]]:
+        def go(db: sqlite3.Connection) -> list[tuple[str, float, str, str]]:
+            if action is None:
+                cur = db.execute("SELECT action, at, stream, text FROM logs WHERE run_id=? ORDER BY at", (run_id,))
+            else:
+                cur = db.execute(
+                    "SELECT action, at, stream, text FROM logs WHERE run_id=? AND action=? ORDER BY at",
+                    (run_id, action),
+                )
+            return [(a, at, s, t) for a, at, s, t in cur]
+
+        result: list[tuple[str, float, str, str]] = await self.read(go, list)
+        return result
+
+    async def replay_table(self, run_id: str) -> dict[str, tuple[str, bytes]]:
+        """key -> (kind, bytes) of every action and trace that succeeded in the run.
+
+        Pickled values are checked here, once, and given without their
+        signature; one that does not verify is left out (its action runs
+        again) with a warning, never unpickled.
+        """
+        signer = self.signer
+
+        def go(db: sqlite3.Connection) -> tuple[dict[str, tuple[str, bytes]], list[str]]:
+            table: dict[str, tuple[str, bytes]] = {}
+            refused: list[str] = []
+            for key, kind, output in db.execute(
+                "SELECT key, output_kind, output FROM actions WHERE run_id=? AND state='succeeded'",
+                (run_id,),
+            ):
+                if kind == "pickle":
+                    try:
+                        output = signer.open(output, f"the recorded output of action {key}")
+                    except JournalError as exc:
+                        refused.append(str(exc))
+                        continue
+                table[key] = (kind, output)
+            return table, refused
+
+        table, refused = await self.read(go, lambda: ({}, []))
+        if refused:
+            import warnings
+
+            warnings.warn(
+                f"{len(refused)} recorded output(s) of run {run_id} will run again: {refused[0]}",
+                stacklevel=2,
+            )
+        return table  # type: ignore[no-any-return]
+
+
+def _with_origins(db: sqlite3.Connection, run_id: str, records: Iterable[ActionRecord]) -> list[ActionRecord]:
+    """Fill in the traceback of errors recorded once elsewhere (``ErrorInfo.origin``)."""
+    out = []
+    for rec in records:
+        error = rec.error
+        if error is not None and error.origin is not None and not error.traceback:
+            row = db.execute(
+                "SELECT error FROM actions WHERE run_id=? AND key=? AND error IS NOT NULL "
+                "ORDER BY rowid DESC LIMIT 1",
+                (run_id, error.origin),
+            ).fetchone()
+            if row is not None:
+                found = _error_decoder.decode(row[0])
+                rec = msgspec.structs.replace(rec, error=msgspec.structs.replace(error, traceback=found.traceback))
+        out.append(rec)
+    return out
+
+
+def utc(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def action_record(row: tuple[Any, ...]) -> ActionRecord:
+    (run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp, output, output_kind,
+     error, kind, cache_key, cached) = row
+    return ActionRecord(
+        run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp,
+        output, output_kind, None if error is None else _error_decoder.decode(error), kind, cache_key,
+        bool(cached),
+    )
+
+
+def run_record(row: tuple[Any, ...]) -> RunRecord:
+    (id_, task, root, root_file, args, args_kind, status, attempt, started, finished, tags, error,
+     pid, host, pid_start, attempt_started) = row[:16]
+    return RunRecord(
+        id_, task, root, root_file, args, args_kind, status, attempt, started, finished,
+        _tags_decoder.decode(tags), None if error is None else _error_decoder.decode(error), pid, host,
+        pid_start, attempt_started,
+    )
+
+
+def summary(rec: RunRecord, actions: int) -> RunSummary:
+    """A run as listed; a ``running`` run whose owner is gone is reported failed."""
+    status, error = rec.status, rec.error
+    if status == "running" and owner_alive(rec.host, rec.pid, rec.pid_start) is False:
+        status = "failed"
+        error = ErrorInfo(
+            "Interrupted",
+            f"the process that ran it (pid {rec.pid} on {rec.host}) is gone; resume it with "
+            f"'shoal resume {rec.id}'",
+        )
+    return RunSummary(
+        rec.id, rec.task, rec.root, status, rec.attempt, rec.started, rec.finished, rec.tags,
+        actions, error, attempt_started=rec.attempt_started,
+    )

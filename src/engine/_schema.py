@@ -1,0 +1,117 @@
+"""The journal's tables, and the migrations that bring an older journal forward.
+
+``meta.schema_version`` says which version a file holds.  A file of an
+older version is migrated in place, in one write transaction, by the
+steps below in order (a crash in the middle leaves the old version
+intact); a file of a newer version is refused, since this shoal cannot
+know what the newer one expects of its rows.
+
+History:
+1. actions keyed by (run_id, key), one row each, ``WITHOUT ROWID``; the
+   run's result in ``runs.output``.
+2. actions append-only (a key's latest row is its state); the run's result
+   read from its root action's record.
+3. the owner's process start time and the attempt's start time on each run;
+   an index on (run_id, key) so that a run's current actions are found
+   without sorting the whole run; pickled values signed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable
+
+    from ._signing import Signer
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "migrate"]
+
+SCHEMA_VERSION = 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, task TEXT NOT NULL, root TEXT NOT NULL, root_file TEXT,
+    args BLOB, args_kind TEXT, status TEXT NOT NULL, attempt INTEGER NOT NULL,
+    started REAL NOT NULL, finished REAL, tags TEXT NOT NULL DEFAULT '[]',
+    error BLOB, pid INTEGER, host TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    pid_start TEXT, attempt_started REAL
+);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
+CREATE TABLE IF NOT EXISTS actions (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, parent TEXT, task TEXT NOT NULL,
+    state TEXT NOT NULL, attempt INTEGER NOT NULL, run_attempt INTEGER NOT NULL,
+    started REAL, finished REAL, grp TEXT, output BLOB, output_kind TEXT,
+    error BLOB, kind TEXT NOT NULL, cache_key TEXT, cached INTEGER NOT NULL DEFAULT 0
+);
+-- Append-only: a key's latest row (highest rowid) is its current state.
+-- The index is not unique (a unique one would turn each insert into an
+-- upsert): max(rowid) per key is read from it without touching the rows.
+CREATE INDEX IF NOT EXISTS actions_run_key ON actions (run_id, key);
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY, task TEXT NOT NULL, output BLOB NOT NULL,
+    output_kind TEXT NOT NULL, created REAL NOT NULL, run_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs (
+    run_id TEXT NOT NULL, action TEXT NOT NULL, at REAL NOT NULL,
+    stream TEXT NOT NULL, text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, action);
+"""
+
+
+def _v1_to_v2(db: sqlite3.Connection, signer: Signer) -> None:
+    # Version 1 kept one row per key with no rowid; rows are copied in the
+    # order they finished, which is the order version 2 reads them in.
+    db.execute("ALTER TABLE actions RENAME TO actions_v1")
+    db.execute(
+        "CREATE TABLE actions (run_id TEXT NOT NULL, key TEXT NOT NULL, parent TEXT, "
+        "task TEXT NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, "
+        "run_attempt INTEGER NOT NULL, started REAL, finished REAL, grp TEXT, output BLOB, "
+        "output_kind TEXT, error BLOB, kind TEXT NOT NULL, cache_key TEXT, "
+        "cached INTEGER NOT NULL DEFAULT 0)"
+    )
+    db.execute(
+        "INSERT INTO actions SELECT run_id, key, parent, task, state, attempt, run_attempt, "
+        "started, finished, grp, output, output_kind, error, kind, cache_key, cached "
+        "FROM actions_v1 ORDER BY finished"
+    )
+    db.execute("DROP TABLE actions_v1")
+    db.execute("CREATE INDEX IF NOT EXISTS actions_run ON actions (run_id)")
+
+
+def _v2_to_v3(db: sqlite3.Connection, signer: Signer) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    for name, kind in (("pid_start", "TEXT"), ("attempt_started", "REAL")):
+        if name not in columns:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+    db.execute("DROP INDEX IF EXISTS actions_run")
+    db.execute("CREATE INDEX IF NOT EXISTS actions_run_key ON actions (run_id, key)")
+    # Pickled values written before signing existed were trusted then; they
+    # are signed now so that they stay readable (and anything edited after
+    # this point is caught).
+    for table, key, column, kind in (
+        ("actions", "rowid", "output", "output_kind"),
+        ("runs", "id", "args", "args_kind"),
+        ("cache", "key", "output", "output_kind"),
+    ):
+        rows = db.execute(f"SELECT {key}, {column} FROM {table} WHERE {kind}='pickle'").fetchall()
+        db.executemany(
+            f"UPDATE {table} SET {column}=? WHERE {key}=?",
+            [(signer.sign(value), ident) for ident, value in rows if value is not None],
+        )
+
+
+#: Step ``i`` brings version ``i + 1`` to ``i + 2``.
+_STEPS: tuple[Callable[[sqlite3.Connection, Signer], None], ...] = (_v1_to_v2, _v2_to_v3)
+assert len(_STEPS) == SCHEMA_VERSION - 1
+
+
+def migrate(db: sqlite3.Connection, version: int, signer: Signer) -> None:
+    """Bring a journal of ``version`` to :data:`SCHEMA_VERSION` (inside the caller's transaction)."""
+    for step in _STEPS[version - 1 :]:
+        step(db, signer)
+    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
