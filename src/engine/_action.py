@@ -13,18 +13,20 @@ import collections.abc
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._context import action_var, task_of
+from ._codec import INLINE_KINDS
+from ._context import action_var, group_var, task_of
 from ._errors import ActionTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Coroutine, Mapping, Sequence
 
     from ._events import TaskCounts
     from ._limits import Slots
+    from ._options import Retry
     from ._run import Run
     from ._task import Task
 
-__all__ = ["Action", "Done", "execute"]
+__all__ = ["Action", "Done", "call_remembered", "execute"]
 
 
 class Done(asyncio.Future[Any]):
@@ -69,6 +71,7 @@ class Action:
         "held",
         "id",
         "key",
+        "memo",
         "occurrences",
         "parent",
         "run",
@@ -93,9 +96,18 @@ class Action:
         # starts waiting for a child (see ``lend``).
         self.held: list[tuple[Slots, float]] | None = None
         # Invariant: maps the digest of each (task, inputs) called by this
-        # action to how many times it was called so far; only kept while
-        # the action runs and only when the run is journaled.
+        # action to how many times it was called so far *in its current
+        # attempt* (each attempt starts afresh, so that attempt N derives
+        # the same keys as attempt 1); only kept while the action runs, and
+        # only when its calls need keys (a journaled run, or ``memo``).
         self.occurrences: dict[bytes, int] | None = None
+        # Invariant: for an action whose task has retries, and only while
+        # its attempts run, maps the key of every child call and trace call
+        # that succeeded in one of its attempts to the value it gave, so
+        # that a later attempt gets that value back instead of running the
+        # call again (its checkpoints); None for every other action, which
+        # keeps what attempts remember bounded to actions that retry.
+        self.memo: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -124,7 +136,6 @@ async def execute(
     run: Run,
     task: Task[Any, Any],
     parent: Action | None,
-    group: str | None,
     key: str,
     values: Sequence[Any],
     named: Mapping[str, Any],
@@ -136,8 +147,11 @@ async def execute(
     when the task is called: a fan-out of a million calls then holds a
     million small coroutines, not a million actions, until they get to run
     (fewer live objects also means less work for the garbage collector).
+    Its group is read here too: an action belongs to the ``engine.group``
+    block it *starts* in (its first step), as the block's docstring says,
+    wherever its coroutine was made.
     """
-    action = Action(run, task, parent, group, key)
+    action = Action(run, task, parent, group_var.get(), key)
     journal = run.journal
     if journal is not None:
         # Replay and cache exist only for journaled runs.
@@ -244,6 +258,27 @@ async def _attempts(
     action: Action, task: Task[Any, Any], values: Sequence[Any], named: Mapping[str, Any], counts: TaskCounts
 ) -> Any:
     retry = task.retry
+    run = action.run
+    remembers = retry.attempts > 0
+    if remembers:
+        action.memo = {}
+        run.remembering(1)
+    try:
+        return await _attempt_loop(action, task, values, named, counts, retry)
+    finally:
+        if remembers:
+            action.memo = None
+            run.remembering(-1)
+
+
+async def _attempt_loop(
+    action: Action,
+    task: Task[Any, Any],
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    retry: Retry,
+) -> Any:
     timeout = task.timeout
     run = action.run
     engine = run.engine
@@ -251,9 +286,14 @@ async def _attempts(
     while True:
         attempt += 1
         action.attempt = attempt
-        if action.held is None and attempt > 1 and (task.admitted or engine.limited):
-            # The previous attempt's thread kept its slots (see below).
-            action.held = await engine.admit(task)
+        if attempt > 1:
+            # Keys restart with each attempt: attempt N's calls get the keys
+            # of attempt 1's, and find what those left in ``memo`` (or, on
+            # resume, in the journal).
+            action.occurrences = None
+            if action.held is None and (task.admitted or engine.limited):
+                # The previous attempt's thread kept its slots (see below).
+                action.held = await engine.admit(task)
         thread: asyncio.Future[Any] | None = None
         try:
             if task.is_async:
@@ -287,6 +327,49 @@ async def _attempts(
             counts.retries += 1
             run.retrying(action, error)
             await engine.sleep(retry.delay(attempt, engine.rng))
+
+
+def call_remembered(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    memo: dict[str, Any],
+) -> Coroutine[Any, Any, Any]:
+    """A call made by an action that remembers its calls (its task has retries).
+
+    A call that succeeded in an earlier attempt of ``parent`` gives its
+    value back at once: it is not run again, not recorded again, and not
+    counted again (it was counted succeeded when it first ran; it counts
+    as replayed now).  Any other call runs as usual, and its value is
+    remembered once it succeeds.
+    """
+    if key in memo:
+        counts.replayed += 1
+        wanted = run.engine.wanted
+        if wanted and "replayed" in wanted:
+            run.engine.emit("replayed", Action(run, task, parent, group_var.get(), key))
+        done = Done(loop=run.loop)
+        done.set_result(memo[key])
+        return done
+    replay = run.replay
+    if replay is not None:
+        found = replay.get(key)
+        if found is not None and found[0] in INLINE_KINDS:
+            recorded = run._replay_now(task, parent, key, found, counts)
+            memo[key] = recorded.result()
+            return recorded
+    counts.pending += 1
+    return _remember(memo, key, execute(run, task, parent, key, values, named, counts))
+
+
+async def _remember(memo: dict[str, Any], key: str, call: Coroutine[Any, Any, Any]) -> Any:
+    value = await call
+    memo[key] = value
+    return value
 
 
 def _hold_until_done(action: Action, thread: asyncio.Future[Any]) -> None:

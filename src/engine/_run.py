@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._action import Action, Done, execute
+from ._action import Action, Done, call_remembered, execute
 from ._codec import INLINE_KINDS, decode_value, digest_bytes
 from ._context import group_var
 from ._errors import EngineError, RunFailed
@@ -75,6 +75,12 @@ class Run:
         #: (spawned and abandoned) is cancelled before it runs.
         self.closing = False
         self.journal = journal
+        # Invariant: ``keyed`` is ``journal is not None or _remembering > 0``,
+        # where ``_remembering`` counts this run's actions with retries whose
+        # attempts are running (they remember their calls by key): whether a
+        # call must compute its key, read with one attribute on the hot path.
+        self.keyed = journal is not None
+        self._remembering = 0
         # Outputs of actions that succeeded in an earlier attempt of this
         # run, by key; None when this attempt is not a resume.
         self.replay = replay
@@ -161,16 +167,25 @@ class Run:
         if counts is None:
             counts = self.counters[task.name] = TaskCounts(task.name)
         key = ""
-        if self.journal is not None:
-            # The key is fixed now, at call time, so that it follows the order
-            # of the calls and not the order in which the actions get to run.
-            key = self._key(task.name, parent, values, named)
-            if self.replay is not None:
-                found = self.replay.get(key)
-                if found is not None and found[0] in INLINE_KINDS:
-                    return self._replay_now(task, parent, key, found, counts)
+        if self.keyed:
+            memo = parent.memo
+            if self.journal is not None or memo is not None:
+                # The key is fixed now, at call time, so that it follows the order
+                # of the calls and not the order in which the actions get to run.
+                key = self._key(task.name, parent, values, named)
+                if memo is not None:
+                    return call_remembered(self, task, parent, key, values, named, counts, memo)
+                if self.replay is not None:
+                    found = self.replay.get(key)
+                    if found is not None and found[0] in INLINE_KINDS:
+                        return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
-        return execute(self, task, parent, group_var.get(), key, values, named, counts)
+        return execute(self, task, parent, key, values, named, counts)
+
+    def remembering(self, delta: int) -> None:
+        """An action with retries starts (``1``) or ends (``-1``) its attempts (see ``keyed``)."""
+        self._remembering += delta
+        self.keyed = self.journal is not None or self._remembering > 0
 
     def _replay_now(
         self, task: Task[Any, Any], parent: Action, key: str, found: tuple[str, bytes], counts: TaskCounts
@@ -284,7 +299,9 @@ class Run:
                 await self.journal.started(self)
                 capture = OutputCapture(self)
                 capture.start()
-            self._result = await execute(self, self.task, None, None, key, self._values, self._named, counts)
+            # The root belongs to no group, whatever the caller's context.
+            group_var.set(None)
+            self._result = await execute(self, self.task, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
             self.status = "cancelled"
