@@ -268,3 +268,210 @@ def test_a_bad_retries_option_names_the_task_and_the_option(retries: Any) -> Non
 
         @env.task
         async def in_env() -> None: ...
+
+
+# -- engine.group labels actions where they start --------------------------------
+
+
+async def _groups_of(eng: engine.Engine, main: engine.Task[[], Any]) -> dict[int, str | None]:
+    """Run ``main`` and give the group of each ``leaf`` action, by its argument."""
+    events = eng.events(kinds={"started"})
+    run = await eng.run(main)
+    assert run.status == "succeeded", run.error
+    events.close()
+    seen: dict[int, str | None] = {}
+    async for ev in events:
+        if ev.task == "leaf":
+            seen[len(seen)] = ev.group
+    return seen
+
+
+async def test_coroutines_made_before_a_group_and_gathered_inside_it_are_in_it(
+    tmp_path: Path,
+) -> None:
+    @engine.task
+    async def main() -> None:
+        early = [leaf(i) for i in range(3)]
+        async with engine.group("g"):
+            await asyncio.gather(*early)
+            late = leaf(9)
+        await late  # made inside, started after: not in the group
+
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        assert await _groups_of(eng, main) == {0: "g", 1: "g", 2: "g", 3: None}
+        runs = await eng.runs()
+        journal = await eng.journal()
+        rows = await journal.read(
+            lambda db: db.execute(
+                "SELECT grp FROM actions WHERE run_id=? AND task='leaf' ORDER BY rowid",
+                (runs[0].id,),
+            ).fetchall()
+        )
+    assert sorted(r[0] or "" for r in rows) == ["", "g", "g", "g"]
+
+
+async def test_a_map_made_in_a_group_and_awaited_after_it_is_in_it(eng: engine.Engine) -> None:
+    @engine.task
+    async def main() -> None:
+        async with engine.group("outer"), engine.group("shards"):
+            results = engine.map(leaf, range(3))
+            spawned = asyncio.create_task(leaf(7))
+        assert await results == [0, 10, 20]
+        await spawned
+        async with engine.group("elsewhere"):
+            assert await results_made_outside == [0]
+
+    results_made_outside: engine.MapResults[int]
+
+    @engine.task
+    async def outer() -> None:
+        nonlocal results_made_outside
+        results_made_outside = engine.map(leaf, range(1))
+        await main()
+
+    groups = await _groups_of(eng, outer)
+    # The map and the asyncio task keep the group they were made in.
+    assert Counter(groups.values()) == {"outer/shards": 4, None: 1}
+
+
+# -- a forgotten await -----------------------------------------------------------
+
+
+@engine.task
+async def sq(x: int) -> int:
+    RAN["sq"] += 1
+    return x * x
+
+
+@engine.task
+async def returns_the_call() -> int:
+    return sq(3)  # type: ignore[return-value]  # the forgotten await under test
+
+
+@pytest.mark.parametrize("store", ["journal", "memory"])
+async def test_returning_a_call_instead_of_its_result_says_await_it(store: str, tmp_path: Path) -> None:
+    where = "memory" if store == "memory" else str(tmp_path / "j.db")
+    async with engine.Engine(store=where) as eng:
+        run = await eng.run(returns_the_call)
+    assert run.status == "failed"
+    assert isinstance(run.error, engine.EncodeError)
+    message = str(run.error)
+    assert "task 'returns_the_call' returned a call of task 'sq'" in message
+    assert "await it" in message
+    assert RAN["sq"] == 0
+    assert run.stats["pending"] == 0
+
+
+@engine.task
+async def forgets_a_call() -> int:
+    sq(4)  # type: ignore[unused-coroutine]  # never awaited, under test
+    return 1
+
+
+async def test_a_call_never_awaited_warns_by_the_task_name_and_is_not_left_pending(
+    eng: engine.Engine,
+) -> None:
+    import gc
+
+    with pytest.warns(RuntimeWarning, match="coroutine 'sq' was never awaited"):
+        run = await eng.run(forgets_a_call)
+        gc.collect()
+    assert run.result == 1
+    assert run.stats["pending"] == 0
+    assert run.counters["sq"].cancelled == 1 and run.counters["sq"].succeeded == 0
+    assert RAN["sq"] == 0
+
+
+@engine.task
+async def keeps_a_call_for_later() -> Any:
+    return {"later": sq(5)}
+
+
+async def test_a_call_started_after_its_run_ended_is_counted_once(eng: engine.Engine) -> None:
+    run = await eng.run(keeps_a_call_for_later)
+    late = run.result["later"]
+    assert run.counters["sq"].as_dict()["cancelled"] == 1
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    counts = run.counters["sq"]
+    assert (counts.pending, counts.cancelled, counts.succeeded) == (0, 1, 0)
+
+
+# -- KeyboardInterrupt and SystemExit in a task -------------------------------------
+
+
+@engine.task(retries=engine.Retry(3, on=BaseException))
+async def stops(kind: str) -> int:
+    RAN["stops"] += 1
+    if kind == "exit":
+        raise SystemExit(3)
+    raise KeyboardInterrupt
+
+
+@engine.task
+async def awaits_inline(kind: str) -> int:
+    value: int = await stops(kind)
+    return value
+
+
+@engine.task
+async def awaits_in_gather(kind: str) -> list[int]:
+    async def slow() -> int:
+        await asyncio.sleep(30)
+        return 0
+
+    return list(await asyncio.gather(leaf(1), stops(kind), slow()))
+
+
+@pytest.mark.parametrize("root", [awaits_inline, awaits_in_gather], ids=["inline", "gather"])
+@pytest.mark.parametrize("kind", ["interrupt", "exit"])
+async def test_an_interrupt_in_a_task_cancels_the_run_and_comes_out_of_run(
+    root: engine.Task[[str], Any], kind: str, tmp_path: Path
+) -> None:
+    expected = SystemExit if kind == "exit" else KeyboardInterrupt
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        with pytest.raises(expected) as caught:
+            await eng.run(root, kind)
+        if isinstance(caught.value, SystemExit):
+            assert caught.value.code == 3
+        (summary,) = await eng.runs()
+        assert summary.status == "cancelled"
+        assert summary.error is not None and summary.error.type == expected.__name__
+        details = await eng.get_run(summary.id, actions=True)
+    states = {rec.task: rec.state for rec in details.action_records}
+    assert states["stops"] == "cancelled" and states[root.name] == "cancelled"
+    assert RAN["stops"] == 1  # not retried, whatever on= says
+
+
+_EXITING_FLOW = """
+import asyncio, sys, engine
+
+@engine.task
+async def bye() -> None:
+    sys.exit(3)
+
+@engine.task
+async def main(gather: bool) -> None:
+    if gather:
+        await asyncio.gather(bye(), asyncio.sleep(30))
+    else:
+        await bye()
+
+if __name__ == "__main__":
+    run = engine.run(main, gather=sys.argv[1] == "gather")
+    print("engine.run returned", run.status)
+"""
+
+
+@pytest.mark.parametrize("how", ["inline", "gather"])
+def test_sys_exit_in_a_task_exits_the_script_with_its_code(how: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    flow = tmp_path / "flow.py"
+    flow.write_text(_EXITING_FLOW)
+    done = subprocess.run(
+        [sys.executable, str(flow), how], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 3, done.stderr
+    assert "engine.run returned" not in done.stdout

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 from ._codec import INLINE_KINDS
 from ._context import action_var, group_var, task_of
-from ._errors import ActionTimeout
+from ._errors import ActionTimeout, EncodeError
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Mapping, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
 
     from ._events import TaskCounts
     from ._limits import Slots
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ._run import Run
     from ._task import Task
 
-__all__ = ["Action", "Done", "call_remembered", "execute"]
+__all__ = ["Action", "Done", "call_remembered", "execute", "named_execute"]
 
 
 class Done(asyncio.Future[Any]):
@@ -173,9 +174,12 @@ async def execute(
         # its run ends is cancelled with the others.
         live.add(current)  # type: ignore[arg-type]
     if run.closing:
-        # Started after its run ended (an abandoned call): never runs.
-        counts.pending -= 1
-        counts.cancelled += 1
+        # Started after its run ended (an abandoned call): never runs.  Once
+        # the run has counted its never-started calls as cancelled
+        # (``Run._settle_never_started``), this one is counted already.
+        if counts.pending > 0:
+            counts.pending -= 1
+            counts.cancelled += 1
         if owner:
             live.discard(current)
         raise asyncio.CancelledError(f"run {run.id} has ended")
@@ -211,11 +215,21 @@ async def execute(
             result = await (task.fn(*values, **named) if named else task.fn(*values))
         else:
             result = await _attempts(action, task, values, named, counts)
+        if type(result) is _COROUTINE or type(result) is Done:
+            raise _unawaited(task, result)
     except asyncio.CancelledError:
         counts.running -= 1
         counts.cancelled += 1
         run.finished(action, "cancelled", None)
         raise
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Not a failure of the task: the program is asked to stop.  The run
+        # is cancelled, however this action was awaited, and the exception
+        # comes out of engine.run / arun (so sys.exit(3) exits with 3).
+        counts.running -= 1
+        counts.cancelled += 1
+        run.finished(action, "cancelled", None)
+        raise run.interrupted(exc) from exc
     except BaseException as exc:
         counts.running -= 1
         counts.failed += 1
@@ -306,7 +320,8 @@ async def _attempt_loop(
                 return await thread
             async with asyncio.timeout(timeout) as scope:
                 return await asyncio.shield(thread)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            # Never retried, whatever ``on=`` says.
             if thread is not None:
                 _hold_until_done(action, thread)
             raise
@@ -327,6 +342,43 @@ async def _attempt_loop(
             counts.retries += 1
             run.retrying(action, error)
             await engine.sleep(retry.delay(attempt, engine.rng))
+
+
+_COROUTINE = types.CoroutineType
+
+
+def _unawaited(task: Task[Any, Any], result: Any) -> EncodeError:
+    """The error for a task that returned a call instead of awaiting it (``return sq(3)``)."""
+    what = "a coroutine"
+    if isinstance(result, Done):
+        what = "a task call"
+    elif type(result) is _COROUTINE:
+        frame = result.cr_frame
+        called = frame.f_locals.get("task") if frame is not None else None
+        if called is None and frame is not None:  # a remembered call wraps the action
+            inner = frame.f_locals.get("call")
+            frame = getattr(inner, "cr_frame", None)
+            called = frame.f_locals.get("task") if frame is not None else None
+        name = getattr(called, "name", None)
+        what = f"a call of task {name!r}" if isinstance(name, str) else f"the coroutine {result.__qualname__}()"
+        result.close()  # never to run: no second warning about it
+    return EncodeError(
+        f"task {task.name!r} returned {what} instead of its result: the call was never "
+        f"awaited; await it (return await ...)"
+    )
+
+
+def named_execute(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """:func:`execute` under a task's name, made once per task.
+
+    A call of a task that is never awaited is then reported by Python as
+    "coroutine '<task name>' was never awaited", not by this module's
+    function name, at no cost per call.
+    """
+    fn = types.FunctionType(execute.__code__, execute.__globals__, name, None, None)
+    fn.__qualname__ = name
+    fn.__doc__ = execute.__doc__
+    return fn
 
 
 def call_remembered(
@@ -363,7 +415,9 @@ def call_remembered(
             memo[key] = recorded.result()
             return recorded
     counts.pending += 1
-    return _remember(memo, key, execute(run, task, parent, key, values, named, counts))
+    call = _remember(memo, key, task.execute(run, task, parent, key, values, named, counts))
+    call.__qualname__ = task.name  # type: ignore[attr-defined]  # a coroutine object's name
+    return call
 
 
 async def _remember(memo: dict[str, Any], key: str, call: Coroutine[Any, Any, Any]) -> Any:

@@ -280,7 +280,10 @@ class Engine:
 
         A failure of the task does not raise here: look at ``run.status``, or
         read ``run.result``, which raises :class:`RunFailed`.  Cancelling the
-        caller cancels the run (every action, recorded as cancelled).
+        caller cancels the run (every action, recorded as cancelled).  A
+        ``KeyboardInterrupt`` or ``SystemExit`` raised in a task is not a
+        failure: the run is recorded cancelled and the exception is raised
+        here.
         """
         run = await self.submit(task, *args, tags=tags, cache=cache, **kwargs)
         return await self.wait_run(run)
@@ -314,12 +317,16 @@ class Engine:
         run.start()
 
     async def wait_run(self, run: Run) -> Run:
+        """Wait for ``run``; cancelled, cancel it; interrupted by a task, raise that interrupt."""
         try:
-            return await asyncio.shield(run.wait())
+            await asyncio.shield(run.wait())
         except asyncio.CancelledError:
             run.cancel()
             await run.wait()
             raise
+        if run.status == "cancelled" and isinstance(run.error, KeyboardInterrupt | SystemExit):
+            raise run.error
+        return run
 
     def run_finished(self, run: Run) -> None:
         self.runs_in_flight.pop(run.id, None)

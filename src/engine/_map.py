@@ -27,6 +27,10 @@ class MapResults(Generic[R]):
         self._window = window
         self._return_exceptions = return_exceptions
         self._used = False
+        # The group the map was made in, which its actions belong to
+        # wherever it is consumed (as a task made by asyncio.create_task
+        # keeps the context it was created in).
+        self._group = group_var.get()
 
     def __await__(self) -> Generator[Any, None, list[R]]:
         return self._collect().__await__()
@@ -47,7 +51,20 @@ class MapResults(Generic[R]):
         window = self._window
         loop = asyncio.get_running_loop()
 
+        group = self._group
+
         def start(args: tuple[Any, ...]) -> asyncio.Future[Any]:
+            if group_var.get() != group:
+                # Consumed outside the group it was made in: its actions
+                # start (and are labelled) in that group all the same.
+                token = group_var.set(group)
+                try:
+                    return start_in_group(args)
+                finally:
+                    group_var.reset(token)
+            return start_in_group(args)
+
+        def start_in_group(args: tuple[Any, ...]) -> asyncio.Future[Any]:
             made = task(*args)
             if isinstance(made, Awaitable):
                 return asyncio.ensure_future(made)
@@ -113,7 +130,9 @@ def map(
     never means a million coroutines at once, and items are taken from the
     iterables lazily.  The first failure cancels the actions in flight and
     raises, unless ``return_exceptions=True``, which yields the exception
-    in the failed item's place.
+    in the failed item's place.  Its actions belong to the
+    :func:`group` the map was made in, even when it is consumed after the
+    block.
     """
     if not iterables:
         raise ConfigError("engine.map needs at least one iterable of items")
@@ -126,7 +145,15 @@ def map(
 
 @contextlib.asynccontextmanager
 async def group(name: str) -> AsyncIterator[str]:
-    """Label the actions started inside the block (``"shards"``; nested: ``"train/shards"``)."""
+    """Label the actions started inside the block (``"shards"``; nested: ``"train/shards"``).
+
+    An action belongs to the group current where it *starts* (its first
+    step), not where its coroutine was made: coroutines made before the
+    block and awaited or gathered inside it are in the group; an asyncio
+    task keeps the group of the block it was created in, and so does an
+    :func:`map`, whose actions are in the group it was made in even if it
+    is awaited after the block.
+    """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"engine.group takes a non-empty name, got {name!r}")
     outer = group_var.get()

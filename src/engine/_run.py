@@ -9,9 +9,9 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._action import Action, Done, call_remembered, execute
+from ._action import Action, Done, call_remembered
 from ._codec import INLINE_KINDS, decode_value, digest_bytes
-from ._context import group_var
+from ._context import group_var, task_of
 from ._errors import EngineError, RunFailed
 from ._events import TaskCounts
 
@@ -135,6 +135,21 @@ class Run:
         if self._main is not None and not self._main.done():
             self._main.cancel()
 
+    def interrupted(self, exc: KeyboardInterrupt | SystemExit) -> asyncio.CancelledError:
+        """An action raised ``exc``: cancel the run, and keep ``exc`` for whoever waits for it.
+
+        The run ends cancelled with ``error`` set to ``exc``, which
+        :meth:`Engine.run` (so ``engine.run``/``arun``) raises again.  An
+        action awaited inline unwinds to the root by itself; one in another
+        asyncio task (``gather``) cancels the root, so that the interrupt is
+        not taken for a failure of that one child.
+        """
+        if self.error is None:
+            self.error = exc
+        if not self.closing and task_of(self.loop) is not self._main:
+            self.cancel()
+        return asyncio.CancelledError(f"run {self.id} interrupted by {type(exc).__name__}")
+
     async def wait(self) -> Run:
         """Wait until the run has finished (whatever its status); return it."""
         await self._done.wait()
@@ -180,7 +195,7 @@ class Run:
                     if found is not None and found[0] in INLINE_KINDS:
                         return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
-        return execute(self, task, parent, key, values, named, counts)
+        return task.execute(self, task, parent, key, values, named, counts)
 
     def remembering(self, delta: int) -> None:
         """An action with retries starts (``1``) or ends (``-1``) its attempts (see ``keyed``)."""
@@ -194,7 +209,7 @@ class Run:
 
         No coroutine, no asyncio task, no scheduling: what comes back is an
         already finished awaitable, which is what makes replay cheap.
-        (Outputs kept in the blob store are fetched by :func:`execute`.)
+        (Outputs kept in the blob store are fetched by :func:`~engine._action.execute`.)
         """
         value = task.signature.decode_output(*found)
         counts.succeeded += 1
@@ -301,7 +316,7 @@ class Run:
                 capture.start()
             # The root belongs to no group, whatever the caller's context.
             group_var.set(None)
-            self._result = await execute(self, self.task, None, key, self._values, self._named, counts)
+            self._result = await self.task.execute(self, self.task, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
             self.status = "cancelled"
@@ -316,6 +331,7 @@ class Run:
                 counts.cancelled += self.status == "cancelled"
                 counts.failed += self.status == "failed"
             await self._cancel_leftovers()
+            self._settle_never_started()
             if capture is not None:
                 await capture.stop()
             self.finished_at = datetime.now(UTC)
@@ -332,6 +348,19 @@ class Run:
             finally:
                 self._done.set()
                 self.engine.run_finished(self)
+
+    def _settle_never_started(self) -> None:
+        """Count as cancelled the calls still pending once the run is over.
+
+        They were made and never awaited (a forgotten ``await``): none can
+        run any more (a call that starts after its run ended is cancelled
+        before it runs, and then not counted again), and a finished run
+        must not show actions pending forever.
+        """
+        for counts in self.counters.values():
+            if counts.pending > 0:
+                counts.cancelled += counts.pending
+                counts.pending = 0
 
     async def _cancel_leftovers(self) -> None:
         self.closing = True
