@@ -475,3 +475,170 @@ def test_sys_exit_in_a_task_exits_the_script_with_its_code(how: str, tmp_path: P
     )
     assert done.returncode == 3, done.stderr
     assert "engine.run returned" not in done.stdout
+
+
+# -- engine.map and engine.group from sync code ----------------------------------
+
+
+@engine.task
+def sync_fan_out(n: int) -> list[int]:
+    with engine.group("sync-block"):
+        squares = list(engine.map(leaf, range(n)))
+    firsts = []
+    for value in engine.map(leaf, range(100, 100 + n), concurrency=2):
+        firsts.append(value)
+        if len(firsts) == 2:
+            break  # stopping early cancels what is in flight
+    single: int = leaf(7)  # type: ignore[assignment]  # a sync task's call returns the value
+    return [*squares, *firsts, single]
+
+
+async def test_a_sync_task_iterates_map_and_enters_a_group(eng: engine.Engine) -> None:
+    events = eng.events(kinds={"started"})
+
+    @engine.task
+    async def main(n: int) -> list[int]:
+        async with engine.group("outer"):
+            value: list[int] = await sync_fan_out(n)  # type: ignore[misc]
+            return value
+
+    run = await eng.run(main, 4)
+    events.close()
+    assert run.result == [0, 10, 20, 30, 1000, 1010, 70]
+    seen: Counter[str | None] = Counter()
+    async for ev in events:
+        if ev.task == "leaf":
+            seen[ev.group] += 1
+    assert seen["outer/sync-block"] == 4
+    assert seen["outer"] >= 3  # the second map (at least its first two) and leaf(7)
+    assert run.stats["pending"] == 0 and run.stats["running"] == 0
+    assert run.groups == {"outer", "outer/sync-block"}
+
+
+async def test_for_over_map_in_async_code_names_the_async_forms(eng: engine.Engine) -> None:
+    @engine.task
+    async def main() -> None:
+        for _ in engine.map(leaf, range(2)):
+            pass
+
+    run = await eng.run(main)
+    assert isinstance(run.error, engine.EngineError)
+    assert "use 'async for' over it or 'await' it" in str(run.error)
+
+
+async def test_a_plain_with_group_works_in_async_code_too(eng: engine.Engine) -> None:
+    events = eng.events(kinds={"started"})
+
+    @engine.task
+    async def main() -> int:
+        with engine.group("plain"):
+            value: int = await leaf(1)
+        return value
+
+    assert (await eng.run(main)).result == 10
+    events.close()
+    assert [ev.group async for ev in events if ev.task == "leaf"] == ["plain"]
+
+
+def test_for_over_map_outside_a_run_calls_the_functions() -> None:
+    assert list(engine.map(leaf, range(3))) == [0, 10, 20]
+
+
+# -- every public class pickles ------------------------------------------------------
+
+_DIGEST = "0" * 64
+
+
+def _values() -> dict[str, Any]:
+    """One value of every public class that is a value (built the way users get one)."""
+    entry = engine.DirEntry("a/b.txt", _DIGEST, 3)
+    file = engine.File(f"file:///blobs/{_DIGEST[:2]}/{_DIGEST}", _DIGEST, 3, "b.txt")
+    error = engine.ErrorInfo("ValueError", "bad", "Traceback ...")
+    task_summary = engine.TaskSummary("leaf", "g", succeeded=2)
+    record = engine.ActionRecord("r1", "k", None, "leaf", "succeeded", 1, 1, 1.0, 2.0, "g", b"\x01", "msgpack")
+    counts = engine.TaskCounts("leaf")
+    counts.succeeded = 2
+    values: dict[str, Any] = {
+        "ActionEvent": engine.ActionEvent("started", "r1", "k", "leaf", 1, 1.0, "g"),
+        "ActionRecord": record,
+        "Config": engine.Config(max_concurrency=4, cache=False),
+        "DataFrame": engine.DataFrame(file, 2, ("x",)),
+        "Dir": engine.Dir("file:///blobs", _DIGEST, 3, (entry,)),
+        "DirEntry": entry,
+        "Environment": engine.Environment("env", retries=2),
+        "ErrorInfo": error,
+        "File": file,
+        "LocalBlobStore": engine.LocalBlobStore("blobs"),
+        "Resources": engine.Resources(cpu=2, memory="1Gi"),
+        "Retry": engine.Retry(2, on=[ValueError]),
+        "RunSummary": engine.RunSummary("r1", "main", "m:main", "failed", 1, 1.0, 2.0, ("t",), 3, error, (task_summary,), (record,)),
+        "Task": leaf,
+        "TaskCounts": counts,
+        "TaskSummary": task_summary,
+    }
+    for name in engine.__all__:
+        cls = getattr(engine, name)
+        if isinstance(cls, type) and issubclass(cls, engine.EngineError):
+            values[name] = cls(f"{name} happened")
+    values["RunFailed"] = engine.RunFailed("run r1 failed", run_id="r1")
+    values["RemoteError"] = engine.RemoteError("boom", remote_type="KeyError", remote_traceback="tb")
+    return values
+
+
+#: Public classes whose objects are live machinery (a loop, threads, a process pool, an open
+#: stream or blob), not values: they are not meant to cross a process boundary.
+_NOT_VALUES = {"BlobReader", "BlobStore", "Engine", "EventStream", "MapResults", "ParallelIterator", "Run"}
+
+
+def test_every_public_class_is_a_value_that_pickles_or_is_listed_as_machinery() -> None:
+    classes = {n for n in engine.__all__ if isinstance(getattr(engine, n), type)}
+    assert classes == set(_values()) | _NOT_VALUES
+
+
+@pytest.mark.parametrize("name", sorted(_values()))
+def test_every_public_value_survives_a_pickle_round_trip(name: str) -> None:
+    import pickle
+
+    value = _values()[name]
+    back = pickle.loads(pickle.dumps(value))
+    assert type(back) is type(value) and type(value).__module__ == "engine"
+    if isinstance(value, BaseException):
+        assert str(back) == str(value) and vars(back) == vars(value)
+    elif isinstance(value, engine.TaskCounts):
+        assert back.as_dict() == value.as_dict()
+    elif isinstance(value, engine.Environment | engine.LocalBlobStore):
+        assert vars(back) == vars(value)
+    else:
+        assert back == value
+
+
+def test_every_class_that_says_it_is_engines_is_found_there() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(engine.__path__):
+        if info.name.startswith("_") and not info.ispkg:
+            module = importlib.import_module(f"engine.{info.name}")
+            for value in vars(module).values():
+                if isinstance(value, type) and value.__module__ == "engine":
+                    assert getattr(engine, value.__name__, None) is value, value
+
+
+async def test_parallel_map_takes_dirs(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "a.txt").write_text("abc")
+    (tmp_path / "tree" / "b.txt").write_text("de")
+    async with engine.Engine(store="memory", cpus=2) as eng:
+
+        @engine.task
+        async def main() -> list[int]:
+            tree = await engine.Dir.from_path(tmp_path / "tree")
+            sizes: list[int] = await engine.parallel_map(_dir_size, [tree, tree], workers=2)
+            return sizes
+
+        run = await eng.run(main)
+    assert run.result == [5, 5]
+
+
+def _dir_size(tree: engine.Dir) -> int:
+    return sum(entry.size for entry in tree.files)

@@ -95,6 +95,3 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if config.store not in (None, "memory") and not Path(config.store).is_absolute():
         config = msgspec.structs.replace(config, store=str(file.parent / config.store))
     return config
-
-
-Config.__module__ = "engine"

@@ -474,6 +474,3 @@ def _split_run_options(
     if cache is not None and not isinstance(cache, bool):
         raise InputError(f"run cache= takes True or False, got {cache!r}")
     return tags, cache, kwargs
-
-
-Engine.__module__ = "engine"

@@ -180,7 +180,3 @@ def parse_memory(value: int | str) -> int:
     raise ConfigError(
         f"Resources memory must be bytes or a size such as '512Mi' or '4Gi', got {value!r}"
     )
-
-
-Retry.__module__ = "engine"
-Resources.__module__ = "engine"

@@ -108,7 +108,3 @@ class RunSummary(msgspec.Struct, frozen=True):
     @property
     def duration(self) -> float | None:
         return None if self.finished is None else self.finished - self.started
-
-
-for _cls in (ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary):
-    _cls.__module__ = "engine"

@@ -223,8 +223,10 @@ class Run:
 
     def call_from_thread(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call made from a sync task's worker thread: run it on the loop, wait here."""
+        group = group_var.get()  # the thread's group: the child starts in it
 
         async def call() -> Any:
+            group_var.set(group)
             return await self.call(task, parent, args, kwargs)
 
         return asyncio.run_coroutine_threadsafe(call(), self.loop).result()

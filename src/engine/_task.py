@@ -199,6 +199,3 @@ def task(
 
         return decorate
     return Task(fn, **options)
-
-
-Task.__module__ = "engine"
