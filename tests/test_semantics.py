@@ -642,3 +642,133 @@ async def test_parallel_map_takes_dirs(tmp_path: Path) -> None:
 
 def _dir_size(tree: engine.Dir) -> int:
     return sum(entry.size for entry in tree.files)
+
+
+# -- config keys, end to end ---------------------------------------------------------
+
+
+@engine.task(cache=True)
+async def cached_leaf(x: int) -> int:
+    RAN["cached_leaf"] += 1
+    return x
+
+
+def _pyproject(folder: Path, body: str) -> Path:
+    path = folder / "pyproject.toml"
+    path.write_text(f'[project]\nname = "flow"\n\n[tool.shoal]\n{body}\n')
+    return path
+
+
+async def test_config_cache_false_is_honoured_unless_the_engine_says_otherwise(tmp_path: Path) -> None:
+    _pyproject(tmp_path, "cache = false")
+    for _ in range(2):
+        async with engine.Engine() as eng:
+            assert (await eng.run(cached_leaf, 1)).result == 1
+    assert RAN["cached_leaf"] == 2  # no lookups: ran both times
+    for _ in range(2):
+        async with engine.Engine(cache=True) as eng:
+            run = await eng.run(cached_leaf, 2)
+    assert RAN["cached_leaf"] == 3 and run.stats["cached"] == 1
+
+
+async def test_config_home_store_and_blob_store_are_folders_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    _pyproject(project, 'home = "state"\nblob_store = "blobs-here"')
+    monkeypatch.chdir(project / "sub")  # found from a subfolder, upwards
+    (project / "sub" / "data.txt").write_text("payload")
+
+    @engine.task
+    async def upload() -> engine.File:
+        return await engine.File.from_path("data.txt")
+
+    async with engine.Engine() as eng:
+        run = await eng.run(upload)
+    ref = run.result
+    assert (project / "state" / "shoal.db").is_file()  # home beats SHOAL_HOME
+    assert list((project / "blobs-here").rglob(ref.digest))
+
+    _pyproject(project, 'store = "journals/flow.db"')
+    async with engine.Engine() as eng:
+        await eng.run(cached_leaf, 1)
+    assert (project / "journals" / "flow.db").is_file()
+
+    _pyproject(project, 'store = "memory"')
+    async with engine.Engine() as eng:
+        assert not eng.durable
+        assert (await eng.run(cached_leaf, 1)).result == 1
+
+
+async def test_config_max_concurrency_limits_running_actions(tmp_path: Path) -> None:
+    _pyproject(tmp_path, "max_concurrency = 2")
+    running = peak = 0
+
+    @engine.task
+    async def busy(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        return i
+
+    @engine.task
+    async def many() -> int:
+        return len(await asyncio.gather(*(busy(i) for i in range(8))))
+
+    async with engine.Engine(store="memory") as eng:
+        assert eng.max_concurrency == 2
+        assert (await eng.run(many)).result == 8
+    assert peak == 2
+
+
+async def test_config_offload_targets_are_read(tmp_path: Path) -> None:
+    (tmp_path / "shoal.toml").write_text('[offload.gpu]\nbackend = "ssh"\nhosts = ["gpu1"]\n')
+
+    @engine.task(offload="gpu")
+    async def on_gpu() -> int:
+        return 1
+
+    @engine.task
+    async def calls_gpu() -> int:
+        value: int = await on_gpu()
+        return value
+
+    async with engine.Engine(store="memory") as eng:
+        assert eng.config.offload == {"gpu": {"backend": "ssh", "hosts": ["gpu1"]}}
+        run = await eng.run(calls_gpu)
+    assert isinstance(run.error, engine.ConfigError) and "configured targets: gpu" in str(run.error)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("max_concurency = 4", r"unknown shoal setting 'max_concurency'.*Did you mean 'max_concurrency'\?"),
+        ("colour = 'red'", r"unknown shoal setting 'colour'.*Settings are: home, store, max_concurrency"),
+        ("source = 'x'", r"unknown shoal setting 'source'"),
+        ("max_concurrency = 0", r"invalid shoal setting max_concurrency = 0: Expected `int` >= 1"),
+        ("cache = 'no'", r"invalid shoal setting cache = 'no': Expected `bool`, got `str`"),
+        ("store = 3", r"invalid shoal setting store = 3: Expected `str \| null`, got `int`"),
+        ("[tool.shoal.offload]\ngpu = 3", r"invalid shoal setting offload\[\.\.\.\]: Expected `object`, got `int`"),
+    ],
+)
+def test_bad_config_names_the_file_and_the_key(tmp_path: Path, body: str, match: str) -> None:
+    path = _pyproject(tmp_path, body)
+    with pytest.raises(engine.ConfigError, match=match) as caught:
+        engine.Engine()
+    assert str(caught.value).startswith(f"config file {path}: ")
+
+
+def test_a_missing_shoal_config_file_says_shoal_config_named_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "nowhere.toml"))
+    with pytest.raises(engine.ConfigError, match=r"nowhere\.toml named by SHOAL_CONFIG does not exist"):
+        engine.Engine()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "shoal.toml").write_text("max_concurrency = 3\n")
+    monkeypatch.setenv("SHOAL_CONFIG", str(elsewhere / "shoal.toml"))
+    assert engine.Engine(store="memory").max_concurrency == 3

@@ -65,6 +65,9 @@ class Engine:
     fan-outs cannot deadlock.  ``cpus``/``gpus``: local resource slots for
     tasks that declare ``Resources`` (default: usable CPUs, detected GPUs).
 
+    ``cache``: whether tasks declared with ``cache=`` look up the cache
+    (None: as the config file's ``cache`` says, by default yes).
+
     ``journal_timeout``: seconds a journal write waits for another process
     holding the file's lock before it fails with :class:`JournalBusy`.
 
@@ -81,7 +84,7 @@ class Engine:
         max_concurrency: int | None = None,
         config: Config | str | os.PathLike[str] | None = None,
         blob_store: Any = None,
-        cache: bool = True,
+        cache: bool | None = None,
         cpus: float | None = None,
         gpus: int | None = None,
         home: str | os.PathLike[str] | None = None,
@@ -108,7 +111,10 @@ class Engine:
                 f'Engine store= takes "memory", a path to a SQLite file, or None, got {store!r}'
             )
         self.store = "memory" if store == "memory" else str(Path(store) if store else self.home / "shoal.db")
-        self.use_cache = cache
+        if cache is not None and not isinstance(cache, bool):
+            raise ConfigError(f"Engine cache= takes True, False or None (the config's), got {cache!r}")
+        # Cache lookups: as given here, else as the config file says.
+        self.use_cache = self.config.cache if cache is None else cache
         if isinstance(journal_timeout, bool) or not isinstance(journal_timeout, int | float) or journal_timeout < 0:
             raise ConfigError(f"Engine journal_timeout= is seconds >= 0, got {journal_timeout!r}")
         self.journal_timeout = float(journal_timeout)
