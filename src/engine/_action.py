@@ -215,8 +215,6 @@ async def execute(
             result = await (task.fn(*values, **named) if named else task.fn(*values))
         else:
             result = await _attempts(action, task, values, named, counts)
-        if type(result) is _COROUTINE or type(result) is Done:
-            raise _unawaited(task, result)
     except asyncio.CancelledError:
         counts.running -= 1
         counts.cancelled += 1
@@ -257,9 +255,20 @@ async def execute(
         except BaseException as exc:
             counts.running -= 1
             counts.failed += 1
-            run.finished(action, "failed", exc)
-            raise
+            # A forgotten await cannot be encoded: checked only then, so
+            # that a success costs nothing more.
+            error = _unawaited(task, result) if type(result) in _UNAWAITED else exc
+            run.finished(action, "failed", error)
+            if error is exc:
+                raise
+            raise error from None
         return result
+    if type(result) in _UNAWAITED:
+        counts.running -= 1
+        counts.failed += 1
+        error = _unawaited(task, result)
+        run.finished(action, "failed", error)
+        raise error
     counts.running -= 1
     counts.succeeded += 1
     wanted = engine.wanted
@@ -345,6 +354,8 @@ async def _attempt_loop(
 
 
 _COROUTINE = types.CoroutineType
+#: What a task returns when it forgot to await a call (``return sq(3)``).
+_UNAWAITED = frozenset((_COROUTINE, Done))
 
 
 def _unawaited(task: Task[Any, Any], result: Any) -> EncodeError:
