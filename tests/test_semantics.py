@@ -153,6 +153,33 @@ async def test_a_child_that_failed_runs_again_and_its_succeeded_sibling_does_not
     assert [s for _, t, s, _ in rows if t == "leaf"] == ["succeeded"]
 
 
+@engine.task
+async def slow_leaf(x: int) -> int:
+    RAN["slow_leaf"] += 1
+    await asyncio.sleep(0.05)
+    return x
+
+
+@engine.task(retries=1)
+async def gather_with_a_failing_sibling() -> list[int]:
+    RAN["parent"] += 1
+    return list(await asyncio.gather(slow_leaf(1), breaks(2)))
+
+
+async def test_a_sibling_left_running_by_a_failed_attempt_is_waited_for_not_run_again(
+    tmp_path: Path, fake_sleep: FakeSleep
+) -> None:
+    FAILS["breaks"] = 1
+    async with engine.Engine(store=tmp_path / "j.db", sleep=fake_sleep) as eng:
+        run = await eng.run(gather_with_a_failing_sibling)
+        assert run.result == [1, -2]
+        rows = await _action_rows(eng, run.id)
+    assert (RAN["parent"], RAN["slow_leaf"], RAN["breaks"]) == (2, 1, 2)
+    assert [s for _, t, s, _ in rows if t == "slow_leaf"] == ["succeeded"]
+    counts = run.counters["slow_leaf"]
+    assert (counts.succeeded, counts.replayed, counts.pending, counts.running) == (1, 1, 0, 0)
+
+
 @engine.trace
 def step(i: int) -> int:
     RAN["step"] += 1

@@ -407,24 +407,63 @@ def call_remembered(
     A call that succeeded in an earlier attempt of ``parent`` gives its
     value back at once: it is not run again, not recorded again, and not
     counted again (it was counted succeeded when it first ran; it counts
-    as replayed now).  Any other call runs as usual, and its value is
-    remembered once it succeeds.
+    as replayed now).  A call that an earlier attempt started and left
+    running (a ``gather`` sibling of the failure that ended that attempt)
+    is waited for instead of started twice.  Any other call runs as usual,
+    and its value is remembered once it succeeds.
     """
-    if key in memo:
-        counts.replayed += 1
-        wanted = run.engine.wanted
-        if wanted and "replayed" in wanted:
-            run.engine.emit("replayed", Action(run, task, parent, group_var.get(), key))
+    found = memo.get(key, _NOTHING)
+    if type(found) is InFlight:
+        return _join(run, task, parent, key, values, named, counts, memo, found)
+    if found is not _NOTHING:
         done = Done(loop=run.loop)
-        done.set_result(memo[key])
+        done.set_result(found)
+        _recalled(run, task, parent, key, counts)
         return done
     replay = run.replay
     if replay is not None:
-        found = replay.get(key)
-        if found is not None and found[0] in INLINE_KINDS:
-            recorded = run._replay_now(task, parent, key, found, counts)
-            memo[key] = recorded.result()
-            return recorded
+        recorded = replay.get(key)
+        if recorded is not None and recorded[0] in INLINE_KINDS:
+            replayed = run._replay_now(task, parent, key, recorded, counts)
+            memo[key] = replayed.result()
+            return replayed
+    return _start_remembered(run, task, parent, key, values, named, counts, memo)
+
+
+class InFlight:
+    """In an action's ``memo``: a call started by an attempt and not finished yet.
+
+    ``future`` gets the call's value when it succeeds, and is cancelled
+    when it fails (the entry is then removed: a later call runs again).
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+
+#: Stands for "not in memo" (a remembered value may be None).
+_NOTHING: Any = object()
+
+
+def _recalled(run: Run, task: Task[Any, Any], parent: Action, key: str, counts: TaskCounts) -> None:
+    counts.replayed += 1
+    wanted = run.engine.wanted
+    if wanted and "replayed" in wanted:
+        run.engine.emit("replayed", Action(run, task, parent, group_var.get(), key))
+
+
+def _start_remembered(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    memo: dict[str, Any],
+) -> Coroutine[Any, Any, Any]:
     counts.pending += 1
     call = _remember(memo, key, task.execute(run, task, parent, key, values, named, counts))
     call.__qualname__ = task.name  # type: ignore[attr-defined]  # a coroutine object's name
@@ -432,8 +471,41 @@ def call_remembered(
 
 
 async def _remember(memo: dict[str, Any], key: str, call: Coroutine[Any, Any, Any]) -> Any:
-    value = await call
+    # Registered at the call's first step: a call made and never awaited
+    # leaves nothing behind for a later attempt to wait for.
+    flight = memo[key] = InFlight(asyncio.get_running_loop())
+    try:
+        value = await call
+    except BaseException:
+        if memo.get(key) is flight:
+            del memo[key]
+        flight.future.cancel()
+        raise
     memo[key] = value
+    flight.future.set_result(value)
+    return value
+
+
+async def _join(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    memo: dict[str, Any],
+    flight: InFlight,
+) -> Any:
+    """Wait for the same call of an earlier attempt; if it does not succeed, run it again."""
+    future = flight.future
+    try:
+        value = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.cancelled():
+            raise  # this call itself is cancelled, not the one it waits for
+        return await _start_remembered(run, task, parent, key, values, named, counts, memo)
+    _recalled(run, task, parent, key, counts)
     return value
 
 

@@ -7,6 +7,7 @@ import inspect
 import typing
 from typing import Any, ParamSpec, TypeVar
 
+from ._action import InFlight
 from ._context import action_var
 
 if typing.TYPE_CHECKING:
@@ -78,8 +79,10 @@ _MISSING: Any = object()
 def _recorded(action: Action, key: str, returns: Any) -> Any:
     """The result of an earlier call with this key: this attempt's memo, then the journal's replay."""
     memo = action.memo
-    if memo is not None and key in memo:
-        return memo[key]
+    if memo is not None:
+        value = memo.get(key, _MISSING)
+        if value is not _MISSING and type(value) is not InFlight:
+            return value
     run = action.run
     if run.replay is not None and key in run.replay:
         value = run.replay_value(key, returns)
