@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._run import Run
     from ._task import Task
 
-__all__ = ["Action", "Done", "call_remembered", "execute", "named_execute"]
+__all__ = ["Action", "Done", "InFlight", "call_remembered", "execute", "named_execute"]
 
 
 class Done(asyncio.Future[Any]):
@@ -465,7 +465,7 @@ def _start_remembered(
     memo: dict[str, Any],
 ) -> Coroutine[Any, Any, Any]:
     counts.pending += 1
-    call = _remember(memo, key, task.execute(run, task, parent, key, values, named, counts))
+    call = _remember(memo, key, task._execute(run, task, parent, key, values, named, counts))
     call.__qualname__ = task.name  # type: ignore[attr-defined]  # a coroutine object's name
     return call
 

@@ -195,7 +195,7 @@ class Run:
                     if found is not None and found[0] in INLINE_KINDS:
                         return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
-        return task.execute(self, task, parent, key, values, named, counts)
+        return task._execute(self, task, parent, key, values, named, counts)
 
     def remembering(self, delta: int) -> None:
         """An action with retries starts (``1``) or ends (``-1``) its attempts (see ``keyed``)."""
@@ -318,7 +318,7 @@ class Run:
                 capture.start()
             # The root belongs to no group, whatever the caller's context.
             group_var.set(None)
-            self._result = await self.task.execute(self, self.task, None, key, self._values, self._named, counts)
+            self._result = await self.task._execute(self, self.task, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
             self.status = "cancelled"

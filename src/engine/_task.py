@@ -37,10 +37,10 @@ class Task(Generic[P, R]):
     __slots__ = (
         "__dict__",
         "__weakref__",
+        "_execute",
         "admitted",
         "cache_version",
         "concurrency",
-        "execute",
         "fn",
         "is_async",
         "name",
@@ -110,8 +110,9 @@ class Task(Generic[P, R]):
                 f"{what}: cache= takes True, False or a version string, got {cache!r}"
             )
         self.signature = Signature(fn, self.name)
-        #: Runs one action of this task (the engine's ``execute``, named after the task).
-        self.execute = named_execute(self.name)
+        # Runs one action of this task: the engine's ``execute``, named after
+        # the task so that a call never awaited is reported by its name.
+        self._execute = named_execute(self.name)
         # An async task with no retry and no timeout takes the action path's
         # shortest branch.
         self.plain = self.is_async and self.retry.attempts == 0 and self.timeout is None
