@@ -799,3 +799,15 @@ def test_a_missing_shoal_config_file_says_shoal_config_named_it(
     (elsewhere / "shoal.toml").write_text("max_concurrency = 3\n")
     monkeypatch.setenv("SHOAL_CONFIG", str(elsewhere / "shoal.toml"))
     assert engine.Engine(store="memory").max_concurrency == 3
+
+
+@engine.task(retries=1)
+async def retried_and_returns_the_call() -> int:
+    return sq(3)  # type: ignore[return-value]  # the forgotten await under test
+
+
+async def test_a_retried_task_returning_a_call_says_await_it_too(eng: engine.Engine) -> None:
+    run = await eng.run(retried_and_returns_the_call)
+    assert isinstance(run.error, engine.EncodeError)
+    assert "returned a call of task 'sq'" in str(run.error)
+    assert RAN["sq"] == 0 and run.stats["pending"] == 0

@@ -360,19 +360,19 @@ _UNAWAITED = frozenset((_COROUTINE, Done))
 
 def _unawaited(task: Task[Any, Any], result: Any) -> EncodeError:
     """The error for a task that returned a call instead of awaiting it (``return sq(3)``)."""
-    what = "a coroutine"
-    if isinstance(result, Done):
-        what = "a task call"
-    elif type(result) is _COROUTINE:
-        frame = result.cr_frame
-        called = frame.f_locals.get("task") if frame is not None else None
-        if called is None and frame is not None:  # a remembered call wraps the action
-            inner = frame.f_locals.get("call")
-            frame = getattr(inner, "cr_frame", None)
-            called = frame.f_locals.get("task") if frame is not None else None
+    what = "a task call"
+    if type(result) is _COROUTINE:
+        # An action's coroutine has the task in its (unstarted) frame; a
+        # remembered call (``_remember``) wraps one as ``call``.
+        chain = [result]
+        inner = getattr(result.cr_frame, "f_locals", {}).get("call")
+        if type(inner) is _COROUTINE:
+            chain.append(inner)
+        called = getattr(chain[-1].cr_frame, "f_locals", {}).get("task")
         name = getattr(called, "name", None)
         what = f"a call of task {name!r}" if isinstance(name, str) else f"the coroutine {result.__qualname__}()"
-        result.close()  # never to run: no second warning about it
+        for coroutine in reversed(chain):
+            coroutine.close()  # never to run: no second warning about it
     return EncodeError(
         f"task {task.name!r} returned {what} instead of its result: the call was never "
         f"awaited; await it (return await ...)"
