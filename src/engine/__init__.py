@@ -56,6 +56,10 @@ from ._map import group as group
 from ._map import map as map
 from ._options import Resources as Resources
 from ._options import Retry as Retry
+from ._records import ActionRecord as ActionRecord
+from ._records import ErrorInfo as ErrorInfo
+from ._records import RunSummary as RunSummary
+from ._records import TaskSummary as TaskSummary
 from ._run import Run as Run
 from ._task import Task as Task
 from ._task import task as task
@@ -63,18 +67,22 @@ from ._trace import trace as trace
 
 __all__ = [
     "ActionEvent",
+    "ActionRecord",
     "ActionTimeout",
     "BlobError",
     "BlobNotFound",
+    "BlobReader",
     "BlobStore",
     "Config",
     "ConfigError",
     "DataFrame",
     "Dir",
+    "DirEntry",
     "EncodeError",
     "Engine",
     "EngineError",
     "Environment",
+    "ErrorInfo",
     "EventStream",
     "File",
     "ImportFailed",
@@ -96,8 +104,10 @@ __all__ = [
     "RunFailed",
     "RunInUse",
     "RunNotFound",
+    "RunSummary",
     "Task",
     "TaskCounts",
+    "TaskSummary",
     "WorkerCrashed",
     "aresume",
     "arun",
@@ -118,10 +128,12 @@ __all__ = [
 # Imported on first use (PEP 562), so that `import engine` stays fast for
 # the many programs that never touch the process pool or the blob store.
 _LAZY = {
+    "BlobReader": "._blobs",
     "BlobStore": "._blobs",
     "LocalBlobStore": "._blobs",
     "DataFrame": "._files",
     "Dir": "._files",
+    "DirEntry": "._files",
     "File": "._files",
     "ParallelIterator": "._parallel",
     "parallel_imap": "._parallel",
@@ -129,29 +141,51 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from ._blobs import BlobReader as BlobReader
     from ._blobs import BlobStore as BlobStore
     from ._blobs import LocalBlobStore as LocalBlobStore
     from ._files import DataFrame as DataFrame
     from ._files import Dir as Dir
+    from ._files import DirEntry as DirEntry
     from ._files import File as File
     from ._parallel import ParallelIterator as ParallelIterator
     from ._parallel import parallel_imap as parallel_imap
     from ._parallel import parallel_map as parallel_map
 
 
+def _claim(value: Any) -> None:
+    """Make a public class say it is ``engine``'s (pickles, reprs and tracebacks name it so).
+
+    The one place where ``__module__`` is set: a class gets the public name
+    exactly when it is exported here, so every class that claims ``engine``
+    can be found there by pickle.  (msgspec resolves a Struct's annotations
+    in its ``__module__``, so those modules keep real classes in their
+    annotations, not strings.)
+    """
+    if isinstance(value, type):
+        value.__module__ = __name__
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    loaded = importlib.import_module(module, __name__)
+    # Every name of that module at once, so that a class reached through
+    # another (a Dir's DirEntry) is claimed as well.
+    for other, where in _LAZY.items():
+        if where == module:
+            value = getattr(loaded, other)
+            _claim(value)
+            globals()[other] = value
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-for _name in ("MapResults", "Run"):
-    globals()[_name].__module__ = "engine"
+for _name in __all__:
+    if _name not in _LAZY:
+        _claim(globals()[_name])
 del _name

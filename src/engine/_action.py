@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
-from ._context import action_var, task_of
-from ._errors import ActionTimeout
+from ._codec import INLINE_KINDS
+from ._context import action_var, group_var, task_of
+from ._errors import ActionTimeout, EncodeError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
 
     from ._events import TaskCounts
     from ._limits import Slots
+    from ._options import Retry
     from ._run import Run
     from ._task import Task
 
-__all__ = ["Action", "Done", "execute"]
+__all__ = ["Action", "Done", "InFlight", "call_remembered", "execute", "named_execute"]
 
 
 class Done(asyncio.Future[Any]):
@@ -69,6 +72,7 @@ class Action:
         "held",
         "id",
         "key",
+        "memo",
         "occurrences",
         "parent",
         "run",
@@ -93,9 +97,18 @@ class Action:
         # starts waiting for a child (see ``lend``).
         self.held: list[tuple[Slots, float]] | None = None
         # Invariant: maps the digest of each (task, inputs) called by this
-        # action to how many times it was called so far; only kept while
-        # the action runs and only when the run is journaled.
+        # action to how many times it was called so far *in its current
+        # attempt* (each attempt starts afresh, so that attempt N derives
+        # the same keys as attempt 1); only kept while the action runs, and
+        # only when its calls need keys (a journaled run, or ``memo``).
         self.occurrences: dict[bytes, int] | None = None
+        # Invariant: for an action whose task has retries, and only while
+        # its attempts run, maps the key of every child call and trace call
+        # that succeeded in one of its attempts to the value it gave, so
+        # that a later attempt gets that value back instead of running the
+        # call again (its checkpoints); None for every other action, which
+        # keeps what attempts remember bounded to actions that retry.
+        self.memo: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -124,7 +137,6 @@ async def execute(
     run: Run,
     task: Task[Any, Any],
     parent: Action | None,
-    group: str | None,
     key: str,
     values: Sequence[Any],
     named: Mapping[str, Any],
@@ -136,8 +148,11 @@ async def execute(
     when the task is called: a fan-out of a million calls then holds a
     million small coroutines, not a million actions, until they get to run
     (fewer live objects also means less work for the garbage collector).
+    Its group is read here too: an action belongs to the ``engine.group``
+    block it *starts* in (its first step), as the block's docstring says,
+    wherever its coroutine was made.
     """
-    action = Action(run, task, parent, group, key)
+    action = Action(run, task, parent, group_var.get(), key)
     journal = run.journal
     if journal is not None:
         # Replay and cache exist only for journaled runs.
@@ -159,9 +174,12 @@ async def execute(
         # its run ends is cancelled with the others.
         live.add(current)  # type: ignore[arg-type]
     if run.closing:
-        # Started after its run ended (an abandoned call): never runs.
-        counts.pending -= 1
-        counts.cancelled += 1
+        # Started after its run ended (an abandoned call): never runs.  Once
+        # the run has counted its never-started calls as cancelled
+        # (``Run._settle_never_started``), this one is counted already.
+        if counts.pending > 0:
+            counts.pending -= 1
+            counts.cancelled += 1
         if owner:
             live.discard(current)
         raise asyncio.CancelledError(f"run {run.id} has ended")
@@ -202,6 +220,14 @@ async def execute(
         counts.cancelled += 1
         run.finished(action, "cancelled", None)
         raise
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Not a failure of the task: the program is asked to stop.  The run
+        # is cancelled, however this action was awaited, and the exception
+        # comes out of engine.run / arun (so sys.exit(3) exits with 3).
+        counts.running -= 1
+        counts.cancelled += 1
+        run.finished(action, "cancelled", None)
+        raise run.interrupted(exc) from exc
     except BaseException as exc:
         counts.running -= 1
         counts.failed += 1
@@ -229,9 +255,20 @@ async def execute(
         except BaseException as exc:
             counts.running -= 1
             counts.failed += 1
-            run.finished(action, "failed", exc)
-            raise
+            # A forgotten await cannot be encoded: checked only then, so
+            # that a success costs nothing more.
+            error = _unawaited(task, result) if type(result) in _UNAWAITED else exc
+            run.finished(action, "failed", error)
+            if error is exc:
+                raise
+            raise error from None
         return result
+    if type(result) in _UNAWAITED:
+        counts.running -= 1
+        counts.failed += 1
+        error = _unawaited(task, result)
+        run.finished(action, "failed", error)
+        raise error
     counts.running -= 1
     counts.succeeded += 1
     wanted = engine.wanted
@@ -244,6 +281,27 @@ async def _attempts(
     action: Action, task: Task[Any, Any], values: Sequence[Any], named: Mapping[str, Any], counts: TaskCounts
 ) -> Any:
     retry = task.retry
+    run = action.run
+    remembers = retry.attempts > 0
+    if remembers:
+        action.memo = {}
+        run.remembering(1)
+    try:
+        return await _attempt_loop(action, task, values, named, counts, retry)
+    finally:
+        if remembers:
+            action.memo = None
+            run.remembering(-1)
+
+
+async def _attempt_loop(
+    action: Action,
+    task: Task[Any, Any],
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    retry: Retry,
+) -> Any:
     timeout = task.timeout
     run = action.run
     engine = run.engine
@@ -251,9 +309,14 @@ async def _attempts(
     while True:
         attempt += 1
         action.attempt = attempt
-        if action.held is None and attempt > 1 and (task.admitted or engine.limited):
-            # The previous attempt's thread kept its slots (see below).
-            action.held = await engine.admit(task)
+        if attempt > 1:
+            # Keys restart with each attempt: attempt N's calls get the keys
+            # of attempt 1's, and find what those left in ``memo`` (or, on
+            # resume, in the journal).
+            action.occurrences = None
+            if action.held is None and (task.admitted or engine.limited):
+                # The previous attempt's thread kept its slots (see below).
+                action.held = await engine.admit(task)
         thread: asyncio.Future[Any] | None = None
         try:
             if task.is_async:
@@ -266,7 +329,8 @@ async def _attempts(
                 return await thread
             async with asyncio.timeout(timeout) as scope:
                 return await asyncio.shield(thread)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            # Never retried, whatever ``on=`` says.
             if thread is not None:
                 _hold_until_done(action, thread)
             raise
@@ -287,6 +351,162 @@ async def _attempts(
             counts.retries += 1
             run.retrying(action, error)
             await engine.sleep(retry.delay(attempt, engine.rng))
+
+
+_COROUTINE = types.CoroutineType
+#: What a task returns when it forgot to await a call (``return sq(3)``).
+_UNAWAITED = frozenset((_COROUTINE, Done))
+
+
+def _unawaited(task: Task[Any, Any], result: Any) -> EncodeError:
+    """The error for a task that returned a call instead of awaiting it (``return sq(3)``)."""
+    what = "a task call"
+    if type(result) is _COROUTINE:
+        # An action's coroutine has the task in its (unstarted) frame; a
+        # remembered call (``_remember``) wraps one as ``call``.
+        chain = [result]
+        inner = getattr(result.cr_frame, "f_locals", {}).get("call")
+        if type(inner) is _COROUTINE:
+            chain.append(inner)
+        called = getattr(chain[-1].cr_frame, "f_locals", {}).get("task")
+        name = getattr(called, "name", None)
+        what = f"a call of task {name!r}" if isinstance(name, str) else f"the coroutine {result.__qualname__}()"
+        for coroutine in reversed(chain):
+            coroutine.close()  # never to run: no second warning about it
+    return EncodeError(
+        f"task {task.name!r} returned {what} instead of its result: the call was never "
+        f"awaited; await it (return await ...)"
+    )
+
+
+def named_execute(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """:func:`execute` under a task's name, made once per task.
+
+    A call of a task that is never awaited is then reported by Python as
+    "coroutine '<task name>' was never awaited", not by this module's
+    function name, at no cost per call.
+    """
+    fn = types.FunctionType(execute.__code__, execute.__globals__, name, None, None)
+    fn.__qualname__ = name
+    fn.__doc__ = execute.__doc__
+    return fn
+
+
+def call_remembered(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    memo: dict[str, Any],
+) -> Coroutine[Any, Any, Any]:
+    """A call made by an action that remembers its calls (its task has retries).
+
+    A call that succeeded in an earlier attempt of ``parent`` gives its
+    value back at once: it is not run again, not recorded again, and not
+    counted again (it was counted succeeded when it first ran; it counts
+    as replayed now).  A call that an earlier attempt started and left
+    running (a ``gather`` sibling of the failure that ended that attempt)
+    is waited for instead of started twice.  Any other call runs as usual,
+    and its value is remembered once it succeeds.
+    """
+    found = memo.get(key, _NOTHING)
+    if type(found) is InFlight:
+        return _join(run, task, parent, key, values, named, counts, memo, found)
+    if found is not _NOTHING:
+        done = Done(loop=run.loop)
+        done.set_result(found)
+        _recalled(run, task, parent, key, counts)
+        return done
+    replay = run.replay
+    if replay is not None:
+        recorded = replay.get(key)
+        if recorded is not None and recorded[0] in INLINE_KINDS:
+            replayed = run._replay_now(task, parent, key, recorded, counts)
+            memo[key] = replayed.result()
+            return replayed
+    return _start_remembered(run, task, parent, key, values, named, counts, memo)
+
+
+class InFlight:
+    """In an action's ``memo``: a call started by an attempt and not finished yet.
+
+    ``future`` gets the call's value when it succeeds, and is cancelled
+    when it fails (the entry is then removed: a later call runs again).
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+
+#: Stands for "not in memo" (a remembered value may be None).
+_NOTHING: Any = object()
+
+
+def _recalled(run: Run, task: Task[Any, Any], parent: Action, key: str, counts: TaskCounts) -> None:
+    counts.replayed += 1
+    wanted = run.engine.wanted
+    if wanted and "replayed" in wanted:
+        run.engine.emit("replayed", Action(run, task, parent, group_var.get(), key))
+
+
+def _start_remembered(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    memo: dict[str, Any],
+) -> Coroutine[Any, Any, Any]:
+    counts.pending += 1
+    call = _remember(memo, key, task._execute(run, task, parent, key, values, named, counts))
+    call.__qualname__ = task.name  # type: ignore[attr-defined]  # a coroutine object's name
+    return call
+
+
+async def _remember(memo: dict[str, Any], key: str, call: Coroutine[Any, Any, Any]) -> Any:
+    # Registered at the call's first step: a call made and never awaited
+    # leaves nothing behind for a later attempt to wait for.
+    flight = memo[key] = InFlight(asyncio.get_running_loop())
+    try:
+        value = await call
+    except BaseException:
+        if memo.get(key) is flight:
+            del memo[key]
+        flight.future.cancel()
+        raise
+    memo[key] = value
+    flight.future.set_result(value)
+    return value
+
+
+async def _join(
+    run: Run,
+    task: Task[Any, Any],
+    parent: Action,
+    key: str,
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    memo: dict[str, Any],
+    flight: InFlight,
+) -> Any:
+    """Wait for the same call of an earlier attempt; if it does not succeed, run it again."""
+    future = flight.future
+    try:
+        value = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.cancelled():
+            raise  # this call itself is cancelled, not the one it waits for
+        return await _start_remembered(run, task, parent, key, values, named, counts, memo)
+    _recalled(run, task, parent, key, counts)
+    return value
 
 
 def _hold_until_done(action: Action, thread: asyncio.Future[Any]) -> None:

@@ -573,8 +573,3 @@ def store_uri_of(uri: str, digest: str) -> str:
             raise BlobError(f"blob URI {uri!r} does not follow the local blob store's layout")
         return root
     return base
-
-
-for _cls in (BlobStore, LocalBlobStore, BlobReader):
-    _cls.__module__ = "engine"
-del _cls

@@ -9,20 +9,25 @@ the first ``pyproject.toml`` that has a ``[tool.shoal]`` table, wins.
 Example::
 
     [tool.shoal]
+    home = ".shoal"                  # journal and blobs (relative: to this file)
     store = ".shoal/shoal.db"        # or "memory"
     max_concurrency = 1000
     blob_store = "s3://my-bucket/shoal"
+    cache = false                    # no cache lookups unless Engine(cache=True)
 
     [tool.shoal.offload.gpu]
     backend = "ssh"
     hosts = ["gpu1", "gpu2"]
+
+An unknown key, or a value of the wrong type or out of range, is a
+:class:`ConfigError` naming the file and the key (and the keys there are).
 """
 
 # No `from __future__ import annotations`: msgspec resolves Config's
 # annotations in the module named by __module__ ("engine").
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -32,11 +37,19 @@ __all__ = ["Config", "load_config"]
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Settings read from a config file; every field is optional."""
+    """Settings read from a config file; every field is optional.
+
+    ``home``: the folder for the journal and the local blob store
+    (``$SHOAL_HOME`` otherwise, then ``./.shoal``); ``store``: the journal
+    (a SQLite path, or ``"memory"``); ``max_concurrency``: the engine-wide
+    limit; ``blob_store``: a folder or ``s3://bucket/prefix``; ``cache``:
+    whether tasks with ``cache=`` look up the cache (``Engine(cache=...)``
+    and ``run(..., cache=...)`` override it); ``offload``: named targets.
+    """
 
     home: str | None = None
     store: str | None = None
-    max_concurrency: int | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
     blob_store: str | None = None
     cache: bool = True
     offload: dict[str, dict[str, Any]] = {}
@@ -44,17 +57,43 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     source: str | None = None
 
 
-def _find(start: Path) -> tuple[Path, dict[str, Any]] | None:
+#: The keys a config file may set.
+KEYS = ("home", "store", "max_concurrency", "blob_store", "cache", "offload")
+
+
+def _find(start: Path) -> tuple[Path, Any] | None:
     for folder in (start, *start.parents):
         candidate = folder / "shoal.toml"
         if candidate.is_file():
             return candidate, _read(candidate)
         candidate = folder / "pyproject.toml"
         if candidate.is_file():
-            table = _read(candidate).get("tool", {}).get("shoal")
+            table = _tool_table(_read(candidate))
             if table is not None:
                 return candidate, table
     return None
+
+
+def _tool_table(data: dict[str, Any]) -> Any:
+    tool = data.get("tool")
+    return tool.get("shoal") if isinstance(tool, dict) else None
+
+
+def _check_keys(data: Any, file: Path) -> None:
+    where = "[tool.shoal]" if file.name == "pyproject.toml" else "the file"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file}: {where} must be a table of settings, got {data!r}")
+    unknown = [key for key in data if key not in KEYS]
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, KEYS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"config file {file}: unknown shoal setting {key!r} in {where}.{hint} "
+            f"Settings are: {', '.join(KEYS)}."
+        )
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -69,32 +108,50 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
 
 
+def _bad_value(problem: str, data: dict[str, Any]) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.max_concurrency`" as "max_concurrency = 0: ..."."""
+    expected, sep, where = problem.rpartition(" - at `$.")
+    if not sep:
+        return f"invalid shoal setting: {problem}"
+    path = where.rstrip("`")
+    key = path.split(".")[0].split("[")[0]
+    shown = f" = {data[key]!r}" if path == key and key in data else ""
+    return f"invalid shoal setting {path}{shown}: {expected}"
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read the configuration (see the module docstring for where from)."""
+    named_by = ""
     if path is None and os.environ.get("SHOAL_CONFIG"):
         path = os.environ["SHOAL_CONFIG"]
+        named_by = " named by SHOAL_CONFIG"
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist")
+            raise ConfigError(
+                f"config file {file}{named_by} does not exist"
+                + ("; point SHOAL_CONFIG at an existing file, or unset it" if named_by else "")
+            )
         data = _read(file)
         if file.name == "pyproject.toml":
-            data = data.get("tool", {}).get("shoal", {})
-        found: tuple[Path, dict[str, Any]] | None = (file, data)
+            data = _tool_table(data) or {}
+        found: tuple[Path, Any] | None = (file, data)
     else:
         found = _find(Path.cwd())
     if found is None:
         return Config()
     file, data = found
+    _check_keys(data, file)
     try:
         config = msgspec.convert({**data, "source": str(file)}, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid shoal settings in {file}: {exc}") from None
+        raise ConfigError(f"config file {file}: {_bad_value(str(exc), data)}; fix it there") from None
     if config.home is not None and not Path(config.home).is_absolute():
         config = msgspec.structs.replace(config, home=str(file.parent / config.home))
     if config.store not in (None, "memory") and not Path(config.store).is_absolute():
         config = msgspec.structs.replace(config, store=str(file.parent / config.store))
+    blobs = config.blob_store
+    if blobs and "://" not in blobs and not Path(blobs).is_absolute():
+        # A folder, like home and store: relative to the file that names it.
+        config = msgspec.structs.replace(config, blob_store=str(file.parent / blobs))
     return config
-
-
-Config.__module__ = "engine"

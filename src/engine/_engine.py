@@ -65,6 +65,9 @@ class Engine:
     fan-outs cannot deadlock.  ``cpus``/``gpus``: local resource slots for
     tasks that declare ``Resources`` (default: usable CPUs, detected GPUs).
 
+    ``cache``: whether tasks declared with ``cache=`` look up the cache
+    (None: as the config file's ``cache`` says, by default yes).
+
     ``journal_timeout``: seconds a journal write waits for another process
     holding the file's lock before it fails with :class:`JournalBusy`.
 
@@ -81,7 +84,7 @@ class Engine:
         max_concurrency: int | None = None,
         config: Config | str | os.PathLike[str] | None = None,
         blob_store: Any = None,
-        cache: bool = True,
+        cache: bool | None = None,
         cpus: float | None = None,
         gpus: int | None = None,
         home: str | os.PathLike[str] | None = None,
@@ -108,7 +111,10 @@ class Engine:
                 f'Engine store= takes "memory", a path to a SQLite file, or None, got {store!r}'
             )
         self.store = "memory" if store == "memory" else str(Path(store) if store else self.home / "shoal.db")
-        self.use_cache = cache
+        if cache is not None and not isinstance(cache, bool):
+            raise ConfigError(f"Engine cache= takes True, False or None (the config's), got {cache!r}")
+        # Cache lookups: as given here, else as the config file says.
+        self.use_cache = self.config.cache if cache is None else cache
         if isinstance(journal_timeout, bool) or not isinstance(journal_timeout, int | float) or journal_timeout < 0:
             raise ConfigError(f"Engine journal_timeout= is seconds >= 0, got {journal_timeout!r}")
         self.journal_timeout = float(journal_timeout)
@@ -310,7 +316,10 @@ class Engine:
 
         A failure of the task does not raise here: look at ``run.status``, or
         read ``run.result``, which raises :class:`RunFailed`.  Cancelling the
-        caller cancels the run (every action, recorded as cancelled).
+        caller cancels the run (every action, recorded as cancelled).  A
+        ``KeyboardInterrupt`` or ``SystemExit`` raised in a task is not a
+        failure: the run is recorded cancelled and the exception is raised
+        here.
         """
         run = await self.submit(task, *args, tags=tags, cache=cache, **kwargs)
         return await self.wait_run(run)
@@ -345,12 +354,16 @@ class Engine:
         run.start()
 
     async def wait_run(self, run: Run) -> Run:
+        """Wait for ``run``; cancelled, cancel it; interrupted by a task, raise that interrupt."""
         try:
-            return await asyncio.shield(run.wait())
+            await asyncio.shield(run.wait())
         except asyncio.CancelledError:
             run.cancel()
             await run.wait()
             raise
+        if run.status == "cancelled" and isinstance(run.error, KeyboardInterrupt | SystemExit):
+            raise run.error
+        return run
 
     def run_finished(self, run: Run) -> None:
         self.runs_in_flight.pop(run.id, None)
@@ -498,6 +511,3 @@ def _split_run_options(
     if cache is not None and not isinstance(cache, bool):
         raise InputError(f"run cache= takes True or False, got {cache!r}")
     return tags, cache, kwargs
-
-
-Engine.__module__ = "engine"

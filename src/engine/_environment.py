@@ -57,6 +57,3 @@ class Environment:
 
     def __repr__(self) -> str:
         return f"Environment({self.name!r}, {len(self.tasks)} tasks)"
-
-
-Environment.__module__ = "engine"

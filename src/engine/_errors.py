@@ -152,9 +152,3 @@ class RemoteError(OffloadError):
             (str(self),),
             {"remote_type": self.remote_type, "remote_traceback": self.remote_traceback},
         )
-
-
-for _cls in list(globals().values()):
-    if isinstance(_cls, type) and issubclass(_cls, EngineError):
-        _cls.__module__ = "engine"
-del _cls

@@ -159,7 +159,3 @@ class EventStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-
-for _cls in (ActionEvent, EventStream, TaskCounts):
-    _cls.__module__ = "engine"

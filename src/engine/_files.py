@@ -390,8 +390,3 @@ class DataFrame(msgspec.Struct, frozen=True, tag="engine.DataFrame"):
         _require_pandas()
         table = await self.to_arrow(store=store, cache_dir=cache_dir)
         return await asyncio.to_thread(table.to_pandas)
-
-
-for _cls in (File, Dir, DirEntry, DataFrame):
-    _cls.__module__ = "engine"
-del _cls

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
-from typing import Any, Generic, TypeVar, overload
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ._context import action_var, group_var
-from ._errors import ConfigError
+from ._errors import ConfigError, EngineError
+
+if TYPE_CHECKING:
+    import contextvars
+    from types import TracebackType
+
+    from ._action import Action
 
 __all__ = ["MapResults", "group", "map"]
 
@@ -19,7 +33,12 @@ DEFAULT_WINDOW = 1000
 
 
 class MapResults(Generic[R]):
-    """The results of :func:`map`: await it for a list, or iterate it as they come, in order."""
+    """The results of :func:`map`: await it for a list, or iterate it as they come, in order.
+
+    In async code, ``await`` it or ``async for`` over it; in a sync task
+    (which runs in a worker thread), a plain ``for`` (or ``list(...)``)
+    does the same, the actions running on the run's event loop meanwhile.
+    """
 
     def __init__(self, task: Callable[..., Any], iterables: tuple[Iterable[Any], ...], window: int, return_exceptions: bool) -> None:
         self._task = task
@@ -27,6 +46,10 @@ class MapResults(Generic[R]):
         self._window = window
         self._return_exceptions = return_exceptions
         self._used = False
+        # The group the map was made in, which its actions belong to
+        # wherever it is consumed (as a task made by asyncio.create_task
+        # keeps the context it was created in).
+        self._group = group_var.get()
 
     def __await__(self) -> Generator[Any, None, list[R]]:
         return self._collect().__await__()
@@ -34,20 +57,78 @@ class MapResults(Generic[R]):
     async def _collect(self) -> list[R]:
         return [r async for r in self]
 
+    def __iter__(self) -> Iterator[R]:
+        action = action_var.get()
+        if action is None:
+            return self._iterate_outside_a_run()
+        run = action.run
+        if run.thread_id == threading.get_ident():
+            raise EngineError(
+                f"engine.map({_name(self._task)}, ...) is iterated with 'for' in async code, "
+                f"which would block the event loop; use 'async for' over it or 'await' it "
+                f"('for' works in sync tasks)"
+            )
+        return self._iterate_from_thread(action, run.loop)
+
+    def _iterate_outside_a_run(self) -> Iterator[R]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return iter(asyncio.run(self._collect()))
+        raise EngineError(
+            f"engine.map({_name(self._task)}, ...) is iterated with 'for' inside a running "
+            f"event loop; use 'async for' over it or 'await' it"
+        )
+
+    def _iterate_from_thread(self, action: Action, loop: asyncio.AbstractEventLoop) -> Iterator[R]:
+        """A sync task's ``for``: each step of the stream runs on the loop, as the task's own code."""
+        group = group_var.get()
+        self._claim()
+        stream = self._stream()
+
+        def step(awaitable: Awaitable[Any]) -> Any:
+            return asyncio.run_coroutine_threadsafe(_as(action, group, awaitable), loop).result()
+
+        try:
+            while True:
+                try:
+                    item: R = step(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            step(stream.aclose())
+
     def __aiter__(self) -> AsyncIterator[R]:
+        self._claim()
+        return self._stream()
+
+    def _claim(self) -> None:
         if self._used:
             raise RuntimeError("engine.map results can be consumed only once")
         self._used = True
-        return self._stream()
 
-    async def _stream(self) -> AsyncIterator[R]:
+    async def _stream(self) -> AsyncGenerator[R, None]:
         task = self._task
         items = zip(*self._iterables, strict=False)
         in_flight: deque[asyncio.Future[Any]] = deque()
         window = self._window
         loop = asyncio.get_running_loop()
 
+        group = self._group
+
         def start(args: tuple[Any, ...]) -> asyncio.Future[Any]:
+            if group_var.get() != group:
+                # Consumed outside the group it was made in: its actions
+                # start (and are labelled) in that group all the same.
+                token = group_var.set(group)
+                try:
+                    return start_in_group(args)
+                finally:
+                    group_var.reset(token)
+            return start_in_group(args)
+
+        def start_in_group(args: tuple[Any, ...]) -> asyncio.Future[Any]:
             made = task(*args)
             if isinstance(made, Awaitable):
                 return asyncio.ensure_future(made)
@@ -113,7 +194,9 @@ def map(
     never means a million coroutines at once, and items are taken from the
     iterables lazily.  The first failure cancels the actions in flight and
     raises, unless ``return_exceptions=True``, which yields the exception
-    in the failed item's place.
+    in the failed item's place.  Its actions belong to the
+    :func:`group` the map was made in, even when it is consumed after the
+    block.
     """
     if not iterables:
         raise ConfigError("engine.map needs at least one iterable of items")
@@ -124,18 +207,62 @@ def map(
     return MapResults(task, iterables, concurrency, return_exceptions)
 
 
-@contextlib.asynccontextmanager
-async def group(name: str) -> AsyncIterator[str]:
-    """Label the actions started inside the block (``"shards"``; nested: ``"train/shards"``)."""
+def group(name: str) -> GroupBlock:
+    """Label the actions started inside the block (``"shards"``; nested: ``"train/shards"``).
+
+    ``async with engine.group("shards"):`` in async code, ``with
+    engine.group("shards"):`` in a sync task (either works in either).  An
+    action belongs to the group current where it *starts* (its first step),
+    not where its coroutine was made: coroutines made before the block and
+    awaited or gathered inside it are in the group; an asyncio task keeps
+    the group of the block it was created in, and so does an :func:`map`,
+    whose actions are in the group it was made in even if it is awaited
+    after the block.
+    """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"engine.group takes a non-empty name, got {name!r}")
-    outer = group_var.get()
-    label = name if outer is None else f"{outer}/{name}"
-    token = group_var.set(label)
-    action = action_var.get()
-    if action is not None:
-        action.run.groups.add(label)
-    try:
-        yield label
-    finally:
-        group_var.reset(token)
+    return GroupBlock(name)
+
+
+class GroupBlock:
+    """The block of :func:`group`: a context manager, sync and async; gives the full label."""
+
+    __slots__ = ("_name", "_tokens")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        # Invariant: one token per block entered and not yet left (innermost last).
+        self._tokens: list[contextvars.Token[str | None]] = []
+
+    def __enter__(self) -> str:
+        outer = group_var.get()
+        label = self._name if outer is None else f"{outer}/{self._name}"
+        self._tokens.append(group_var.set(label))
+        action = action_var.get()
+        if action is not None:
+            action.run.groups.add(label)
+        return label
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        group_var.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> str:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(typ, exc, tb)
+
+
+async def _as(action: Action, group: str | None, awaitable: Awaitable[Any]) -> Any:
+    """Await ``awaitable`` on the loop as code of ``action`` inside ``group`` (for a sync task)."""
+    action_var.set(action)  # this asyncio task's own context: nothing to reset
+    group_var.set(group)
+    return await awaitable
+
+
+def _name(task: Any) -> str:
+    return str(getattr(task, "name", None) or getattr(task, "__qualname__", None) or task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["Resources", "Retry"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
 class Retry:
     """How often, and after which failures, an action is attempted again.
 
@@ -23,36 +24,47 @@ class Retry:
     action at most three times.  The delay before retry *n* (1-based) is
     ``backoff * 2 ** (n - 1)``, capped at ``max_delay``, then spread by up to
     ``jitter`` of itself in either direction so that many failing actions do
-    not retry in lockstep.  Only exceptions that are instances of ``on`` are
-    retried; cancellation never is.
+    not retry in lockstep.  Only exceptions that are instances of ``on`` (an
+    exception class, or any iterable of them; kept as a tuple) are retried;
+    cancellation never is.  A later attempt does not run again the child
+    calls and traces that succeeded in an earlier one: it gets their values.
     """
 
-    attempts: int = 0
-    backoff: float = 1.0
-    max_delay: float = 60.0
-    jitter: float = 0.1
-    on: tuple[type[BaseException], ...] | type[BaseException] = (Exception,)
+    attempts: int
+    backoff: float
+    max_delay: float
+    jitter: float
+    on: tuple[type[BaseException], ...]
 
-    def __post_init__(self) -> None:
-        attempts, on = self.attempts, self.on
-        if isinstance(on, type):
-            on = (on,)
-            object.__setattr__(self, "on", on)
+    def __init__(
+        self,
+        attempts: int = 0,
+        backoff: float = 1.0,
+        max_delay: float = 60.0,
+        jitter: float = 0.1,
+        on: type[BaseException] | Iterable[type[BaseException]] = (Exception,),
+    ) -> None:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
-            raise ConfigError(f"Retry attempts must be a whole number >= 0, got {attempts!r}")
-        for name in ("backoff", "max_delay", "jitter"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"Retry {name}= is a number of seconds, got {value!r}")
-        if self.backoff < 0 or self.max_delay < 0:
             raise ConfigError(
-                f"Retry backoff and max_delay must be >= 0, got backoff={self.backoff!r}, "
-                f"max_delay={self.max_delay!r}"
+                f"engine.Retry attempts is a whole number of retries >= 0, got {attempts!r}"
             )
-        if not 0 <= self.jitter <= 1:
-            raise ConfigError(f"Retry jitter is a fraction between 0 and 1, got {self.jitter!r}")
-        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-            raise ConfigError(f"Retry on= takes exception classes, got {on!r}")
+        for name, value in (("backoff", backoff), ("max_delay", max_delay), ("jitter", jitter)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"engine.Retry {name}= is a number of seconds, got {value!r}")
+        if backoff < 0 or max_delay < 0:
+            raise ConfigError(
+                f"engine.Retry backoff and max_delay must be >= 0, got backoff={backoff!r}, "
+                f"max_delay={max_delay!r}"
+            )
+        if not 0 <= jitter <= 1:
+            raise ConfigError(f"engine.Retry jitter is a fraction between 0 and 1, got {jitter!r}")
+        types = _exception_types(on)
+        set_field = object.__setattr__  # frozen: fields are set once, here
+        set_field(self, "attempts", attempts)
+        set_field(self, "backoff", float(backoff))
+        set_field(self, "max_delay", float(max_delay))
+        set_field(self, "jitter", float(jitter))
+        set_field(self, "on", types)
 
     def delay(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
@@ -63,16 +75,37 @@ class Retry:
 
     @classmethod
     def coerce(cls, value: Any, *, what: str) -> Retry:
-        """Turn the ``retries=`` option (int, Retry or None) into a Retry."""
+        """Turn the ``retries=`` option (int, Retry or None) of ``what`` into a Retry."""
         if value is None:
             return NO_RETRY
         if isinstance(value, Retry):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ConfigError(
+                    f"{what}: retries= is how many times a failed action is attempted again, "
+                    f"a whole number >= 0, got {value!r}"
+                )
             return cls(value)
         raise ConfigError(
             f"{what}: retries= takes a whole number or engine.Retry(...), got {value!r}"
         )
+
+
+def _exception_types(on: Any) -> tuple[type[BaseException], ...]:
+    """``Retry(on=...)`` as a tuple of exception classes, or a ConfigError."""
+    if isinstance(on, type):
+        types: tuple[Any, ...] = (on,)
+    elif isinstance(on, str | bytes) or not isinstance(on, Iterable):
+        types = ()
+    else:
+        types = tuple(on)
+    if not types or not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise ConfigError(
+            f"engine.Retry on= takes exception classes (one, or an iterable of them such as "
+            f"(ValueError, OSError)), got {on!r}"
+        )
+    return types
 
 
 NO_RETRY = Retry(0)
@@ -147,7 +180,3 @@ def parse_memory(value: int | str) -> int:
     raise ConfigError(
         f"Resources memory must be bytes or a size such as '512Mi' or '4Gi', got {value!r}"
     )
-
-
-Retry.__module__ = "engine"
-Resources.__module__ = "engine"

@@ -782,6 +782,3 @@ async def parallel_map(
     finally:
         await call.aclose()
     return out
-
-
-ParallelIterator.__module__ = "engine"

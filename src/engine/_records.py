@@ -125,7 +125,3 @@ class RunSummary(msgspec.Struct, frozen=True):
         if self.finished is None:
             return None
         return self.finished - (self.attempt_started if self.attempt_started is not None else self.started)
-
-
-for _cls in (ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary):
-    _cls.__module__ = "engine"

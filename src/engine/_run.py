@@ -9,9 +9,9 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._action import Action, Done, execute
+from ._action import Action, Done, call_remembered
 from ._codec import INLINE_KINDS, decode_value, digest_bytes
-from ._context import group_var
+from ._context import group_var, task_of
 from ._errors import EngineError, RunFailed
 from ._events import TaskCounts
 
@@ -77,6 +77,12 @@ class Run:
         #: (spawned and abandoned) is cancelled before it runs.
         self.closing = False
         self.journal = journal
+        # Invariant: ``keyed`` is ``journal is not None or _remembering > 0``,
+        # where ``_remembering`` counts this run's actions with retries whose
+        # attempts are running (they remember their calls by key): whether a
+        # call must compute its key, read with one attribute on the hot path.
+        self.keyed = journal is not None
+        self._remembering = 0
         # Outputs of actions that succeeded in an earlier attempt of this
         # run, by key; None when this attempt is not a resume.
         self.replay = replay
@@ -131,6 +137,21 @@ class Run:
         if self._main is not None and not self._main.done():
             self._main.cancel()
 
+    def interrupted(self, exc: KeyboardInterrupt | SystemExit) -> asyncio.CancelledError:
+        """An action raised ``exc``: cancel the run, and keep ``exc`` for whoever waits for it.
+
+        The run ends cancelled with ``error`` set to ``exc``, which
+        :meth:`Engine.run` (so ``engine.run``/``arun``) raises again.  An
+        action awaited inline unwinds to the root by itself; one in another
+        asyncio task (``gather``) cancels the root, so that the interrupt is
+        not taken for a failure of that one child.
+        """
+        if self.error is None:
+            self.error = exc
+        if not self.closing and task_of(self.loop) is not self._main:
+            self.cancel()
+        return asyncio.CancelledError(f"run {self.id} interrupted by {type(exc).__name__}")
+
     async def wait(self) -> Run:
         """Wait until the run has finished (whatever its status); return it."""
         await self._done.wait()
@@ -163,16 +184,25 @@ class Run:
         if counts is None:
             counts = self.counters[task.name] = TaskCounts(task.name)
         key = ""
-        if self.journal is not None:
-            # The key is fixed now, at call time, so that it follows the order
-            # of the calls and not the order in which the actions get to run.
-            key = self._key(task.name, parent, values, named)
-            if self.replay is not None:
-                found = self.replay.get(key)
-                if found is not None and found[0] in INLINE_KINDS:
-                    return self._replay_now(task, parent, key, found, counts)
+        if self.keyed:
+            memo = parent.memo
+            if self.journal is not None or memo is not None:
+                # The key is fixed now, at call time, so that it follows the order
+                # of the calls and not the order in which the actions get to run.
+                key = self._key(task.name, parent, values, named)
+                if memo is not None:
+                    return call_remembered(self, task, parent, key, values, named, counts, memo)
+                if self.replay is not None:
+                    found = self.replay.get(key)
+                    if found is not None and found[0] in INLINE_KINDS:
+                        return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
-        return execute(self, task, parent, group_var.get(), key, values, named, counts)
+        return task._execute(self, task, parent, key, values, named, counts)
+
+    def remembering(self, delta: int) -> None:
+        """An action with retries starts (``1``) or ends (``-1``) its attempts (see ``keyed``)."""
+        self._remembering += delta
+        self.keyed = self.journal is not None or self._remembering > 0
 
     def _replay_now(
         self, task: Task[Any, Any], parent: Action, key: str, found: tuple[str, bytes], counts: TaskCounts
@@ -181,7 +211,7 @@ class Run:
 
         No coroutine, no asyncio task, no scheduling: what comes back is an
         already finished awaitable, which is what makes replay cheap.
-        (Outputs kept in the blob store are fetched by :func:`execute`.)
+        (Outputs kept in the blob store are fetched by :func:`~engine._action.execute`.)
         """
         value = task.signature.decode_output(*found)
         counts.succeeded += 1
@@ -195,8 +225,10 @@ class Run:
 
     def call_from_thread(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call made from a sync task's worker thread: run it on the loop, wait here."""
+        group = group_var.get()  # the thread's group: the child starts in it
 
         async def call() -> Any:
+            group_var.set(group)
             return await self.call(task, parent, args, kwargs)
 
         return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
@@ -286,7 +318,9 @@ class Run:
                 await self.journal.started(self)
                 capture = OutputCapture(self)
                 capture.start()
-            self._result = await execute(self, self.task, None, None, key, self._values, self._named, counts)
+            # The root belongs to no group, whatever the caller's context.
+            group_var.set(None)
+            self._result = await self.task._execute(self, self.task, None, key, self._values, self._named, counts)
             self.status = "succeeded"
         except asyncio.CancelledError:
             self.status = "cancelled"
@@ -301,6 +335,7 @@ class Run:
                 counts.cancelled += self.status == "cancelled"
                 counts.failed += self.status == "failed"
             await self._cancel_leftovers()
+            self._settle_never_started()
             if capture is not None:
                 await capture.stop()
             self.finished_at = datetime.now(UTC)
@@ -317,6 +352,19 @@ class Run:
             finally:
                 self._done.set()
                 self.engine.run_finished(self)
+
+    def _settle_never_started(self) -> None:
+        """Count as cancelled the calls still pending once the run is over.
+
+        They were made and never awaited (a forgotten ``await``): none can
+        run any more (a call that starts after its run ended is cancelled
+        before it runs, and then not counted again), and a finished run
+        must not show actions pending forever.
+        """
+        for counts in self.counters.values():
+            if counts.pending > 0:
+                counts.cancelled += counts.pending
+                counts.pending = 0
 
     async def _cancel_leftovers(self) -> None:
         self.closing = True

@@ -8,6 +8,7 @@ import inspect
 import threading
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from ._action import named_execute
 from ._context import action_var
 from ._errors import ConfigError
 from ._options import Resources, Retry
@@ -36,6 +37,7 @@ class Task(Generic[P, R]):
     __slots__ = (
         "__dict__",
         "__weakref__",
+        "_execute",
         "admitted",
         "cache_version",
         "concurrency",
@@ -108,6 +110,9 @@ class Task(Generic[P, R]):
                 f"{what}: cache= takes True, False or a version string, got {cache!r}"
             )
         self.signature = Signature(fn, self.name)
+        # Runs one action of this task: the engine's ``execute``, named after
+        # the task so that a call never awaited is reported by its name.
+        self._execute = named_execute(self.name)
         # An async task with no retry and no timeout takes the action path's
         # shortest branch.
         self.plain = self.is_async and self.retry.attempts == 0 and self.timeout is None
@@ -195,6 +200,3 @@ def task(
 
         return decorate
     return Task(fn, **options)
-
-
-Task.__module__ = "engine"

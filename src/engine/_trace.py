@@ -7,10 +7,13 @@ import inspect
 import typing
 from typing import Any, ParamSpec, TypeVar
 
+from ._action import InFlight
 from ._context import action_var
 
 if typing.TYPE_CHECKING:
     from collections.abc import Callable
+
+    from ._action import Action
 
 __all__ = ["trace"]
 
@@ -19,15 +22,16 @@ R = TypeVar("R")
 
 
 def trace(fn: Callable[P, R]) -> Callable[P, R]:
-    """Journal each call's result; on resume, return it without running the function.
+    """Journal each call's result; on resume or retry, return it without running the function.
 
     For sync or async helpers called inside a task (an unreliable API call,
     an expensive lookup).  A trace is not an action: no scheduling, no
     retry, no timeout.  Its key is (action, trace name, input digest,
-    occurrence), so a resumed action finds the results of the calls it made
-    before in the same order.  A call that raised is not recorded and runs
-    again on resume.  Outside a run, or in a run that is not journaled, the
-    function is simply called.
+    occurrence within the action's attempt), so a resumed action, or a
+    later attempt of a retried one, finds the results of the calls it made
+    before in the same order: a checkpoint.  A call that raised is not
+    recorded and runs again.  Outside a run, or in an action that neither
+    is journaled nor has retries, the function is simply called.
     """
     name = getattr(fn, "__qualname__", repr(fn))
     try:
@@ -40,14 +44,14 @@ def trace(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         async def traced_async(*args: Any, **kwargs: Any) -> Any:
             action = action_var.get()
-            if action is None or action.run.journal is None:
+            if action is None or (action.run.journal is None and action.memo is None):
                 return await fn(*args, **kwargs)
-            run = action.run
-            key = run.trace_key(action, name, args, kwargs)
-            if run.replay is not None and key in run.replay:
-                return run.replay_value(key, returns)
+            key = action.run.trace_key(action, name, args, kwargs)
+            found = _recorded(action, key, returns)
+            if found is not _MISSING:
+                return found
             result = await fn(*args, **kwargs)
-            run.journal.traced(action, key, name, result)  # type: ignore[union-attr]
+            _record(action, key, name, result)
             return result
 
         return traced_async  # type: ignore[return-value]
@@ -55,14 +59,43 @@ def trace(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Any:
         action = action_var.get()
-        if action is None or action.run.journal is None:
+        if action is None or (action.run.journal is None and action.memo is None):
             return fn(*args, **kwargs)
-        run = action.run
-        key = run.trace_key(action, name, args, kwargs)
-        if run.replay is not None and key in run.replay:
-            return run.replay_value(key, returns)
+        key = action.run.trace_key(action, name, args, kwargs)
+        found = _recorded(action, key, returns)
+        if found is not _MISSING:
+            return found
         result = fn(*args, **kwargs)
-        run.journal.traced(action, key, name, result)  # type: ignore[union-attr]
+        _record(action, key, name, result)
         return result
 
     return traced
+
+
+#: Stands for "no recorded result" (a trace may return None).
+_MISSING: Any = object()
+
+
+def _recorded(action: Action, key: str, returns: Any) -> Any:
+    """The result of an earlier call with this key: this attempt's memo, then the journal's replay."""
+    memo = action.memo
+    if memo is not None:
+        value = memo.get(key, _MISSING)
+        if value is not _MISSING and type(value) is not InFlight:
+            return value
+    run = action.run
+    if run.replay is not None and key in run.replay:
+        value = run.replay_value(key, returns)
+        if memo is not None:
+            memo[key] = value
+        return value
+    return _MISSING
+
+
+def _record(action: Action, key: str, name: str, result: Any) -> None:
+    journal = action.run.journal
+    if journal is not None:
+        journal.traced(action, key, name, result)
+    memo = action.memo
+    if memo is not None:
+        memo[key] = result
