@@ -29,6 +29,7 @@ from ._context import current_run as current_run
 from ._engine import Engine as Engine
 from ._environment import Environment as Environment
 from ._errors import ActionTimeout as ActionTimeout
+from ._errors import BlobCorrupt as BlobCorrupt
 from ._errors import BlobError as BlobError
 from ._errors import BlobNotFound as BlobNotFound
 from ._errors import ConfigError as ConfigError
@@ -63,6 +64,7 @@ from ._trace import trace as trace
 __all__ = [
     "ActionEvent",
     "ActionTimeout",
+    "BlobCorrupt",
     "BlobError",
     "BlobNotFound",
     "BlobStore",
