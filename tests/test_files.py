@@ -9,6 +9,7 @@ import os
 import pathlib
 import stat
 import sys
+import tempfile
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -290,6 +291,14 @@ async def test_download_cache_refuses_a_folder_others_can_write(
         await d.download(store=store, cache_dir=tmp_path / "in-the-way" / "cache")
 
 
+async def test_default_download_cache_is_the_engines(tmp_path: pathlib.Path) -> None:
+    async with engine.Engine(str(tmp_path / "j.db"), home=tmp_path / "home") as eng:
+        run = await eng.run(download_to_cache, b"in the cache")
+        assert run.status == "succeeded"
+        assert pathlib.Path(run.result).is_relative_to(tmp_path / "home" / "cache" / "files")
+        assert eng.cache_dir == tmp_path / "home" / "cache"
+
+
 def test_dir_manifest_cannot_escape() -> None:
     digest = "0" * 64
     for bad in ("../x", "/etc/passwd", "a/../../b", "a//b", ""):
@@ -445,3 +454,83 @@ async def test_file_passes_between_tasks(
     assert f.digest.encode() in journal
     assert b"q" * 1000 not in journal
 
+
+# -- a memory engine keeps nothing -----------------------------------------------
+
+
+@engine.task
+async def download_to_cache(data: bytes) -> str:
+    return str(await (await File.from_bytes(data)).download())
+
+
+@engine.task
+async def make_data(folder: str) -> tuple[File, Dir, DataFrame, str, int]:
+    import pandas as pd
+
+    src = pathlib.Path(folder)
+    f = await File.from_path(src / "in.txt")
+    d = await Dir.from_path(src / "tree")
+    df = await DataFrame.from_pandas(pd.DataFrame({"x": [1, 2, 3]}))
+    text = (await f.download()).read_text()  # through the download cache
+    count = sum(p.is_file() for p in (await d.download()).rglob("*"))
+    assert list((await df.to_pandas())["x"]) == [1, 2, 3]
+    return f, d, df, text, count
+
+
+def tree_of(root: pathlib.Path, *, skip: pathlib.Path) -> set[str]:
+    return {str(p) for p in root.rglob("*") if not p.is_relative_to(skip)}
+
+
+async def test_memory_engine_leaves_nothing_on_disk(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SHOAL_HOME")  # the default home: ./.shoal in the working directory
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    inputs = tmp_path / "inputs"
+    (inputs / "tree" / "sub").mkdir(parents=True)
+    (inputs / "in.txt").write_text("hello")
+    (inputs / "tree" / "sub" / "t.txt").write_text("tree")
+    before = tree_of(tmp_path, skip=system_tmp)
+    async with engine.Engine(store="memory") as eng:
+        run = await eng.run(make_data, str(inputs))
+        f, d, df, text, count = run.result
+        assert (text, count) == ("hello", 1)
+        [scratch] = system_tmp.iterdir()
+        assert stat.S_IMODE(scratch.stat().st_mode) == 0o700
+        assert f.uri.startswith(scratch.as_uri()) and d.uri == df.file.store_uri
+        assert await f.read_bytes(store=eng.blob_store) == b"hello"
+        assert tree_of(tmp_path, skip=system_tmp) == before  # nothing in the working directory
+    assert not (tmp_path / ".shoal").exists()
+    assert list(system_tmp.iterdir()) == []  # and nothing left after close
+    with pytest.raises(EngineError, match="closed"):
+        _ = eng.blob_store
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+async def test_memory_engine_keeps_a_blob_store_it_is_given(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.delenv("SHOAL_HOME")
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    kept = tmp_path / "kept-blobs"
+    inputs = tmp_path / "inputs"
+    (inputs / "tree").mkdir(parents=True)
+    (inputs / "in.txt").write_text("kept")
+    (inputs / "tree" / "t.txt").write_text("tree")
+    if how == "environment":
+        monkeypatch.setenv("SHOAL_BLOB_STORE", str(kept))
+        eng = engine.Engine(store="memory")
+    else:
+        eng = engine.Engine(store="memory", blob_store=kept)
+    async with eng:
+        run = await eng.run(make_data, str(inputs))
+        f = run.result[0]
+    assert f.uri == LocalBlobStore(kept).object_uri(f.digest)
+    assert await LocalBlobStore(kept).get_bytes(f.digest) == b"kept"
+    # Its downloads were still temporary.
+    assert not (tmp_path / ".shoal").exists()
+    assert list(system_tmp.iterdir()) == []

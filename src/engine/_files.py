@@ -7,7 +7,7 @@ receives it and fetches the bytes when it needs them.  The bytes are never
 copied into the journal.
 
 Downloads without a destination go to a cache keyed by digest
-(``<home>/cache``).  Its folders are
+(``<home>/cache``; a memory engine's temporary folder).  Its folders are
 owner-only, and a cached copy is hashed again on every hit: one that no
 longer matches its digest (changed, damaged) is dropped, with a
 ``RuntimeWarning``, and fetched again.
@@ -73,7 +73,7 @@ def _cache_root(cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
         return pathlib.Path(cache_dir).expanduser().absolute()
     from ._context import current_engine
 
-    return current_engine().home / "cache"
+    return current_engine().cache_dir
 
 
 @contextlib.asynccontextmanager
