@@ -322,15 +322,25 @@ class BlobStore(Protocol):
         ...
 
     async def get_bytes(self, digest: str) -> bytes:
-        """The blob's content; raises BlobNotFound if it is not stored."""
+        """The blob's content; raises BlobNotFound if it is not stored.
+
+        Raises BlobCorrupt if what is stored does not hash to ``digest``.
+        """
         ...
 
     async def get_file(self, digest: str, dest: str | os.PathLike[str]) -> None:
-        """Write the blob to ``dest`` atomically (a temporary file renamed into place)."""
+        """Write the blob to ``dest`` atomically (a temporary file renamed into place).
+
+        The copy is renamed into place only if it hashes to ``digest``;
+        otherwise BlobCorrupt is raised and ``dest`` is left as it was.
+        """
         ...
 
     def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
-        """``async with store.open(d) as r:`` reads the blob in ranges."""
+        """``async with store.open(d) as r:`` reads the blob in ranges.
+
+        The reader is given ``digest``, so a full read is checked at its end.
+        """
         ...
 
     async def exists(self, digest: str) -> bool: ...
