@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from engine._errors import BlobCorrupt, BlobError, BlobNotFound, ConfigError, En
 from offload._s3 import S3BlobStore
 
 if TYPE_CHECKING:
-    import pathlib
     from collections.abc import AsyncIterator, Callable, Iterator
 
 __all__ = ["moto_server", "s3_bucket", "s3_env"]  # fixtures used by name
@@ -367,6 +367,66 @@ async def test_download_into_a_file_in_the_way(backend: Backend, tmp_path: pathl
         await backend.store.get_file(digest, dest)
     assert str(dest) in str(info.value)
     assert "choose a destination" in str(info.value)
+
+
+class Payload:
+    """A value msgspec cannot encode, so the journal pickles it (in a blob, when large)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class Planted:
+    """What a tampered blob unpickles to: unpickling it writes a file."""
+
+    def __init__(self, mark: pathlib.Path) -> None:
+        self.mark = mark
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (pathlib.Path.write_text, (self.mark, "unpickled"))
+
+
+FAIL_AFTER_PAYLOAD = {"on": True}
+
+
+@engine.task
+async def big_payload(n: int) -> Payload:
+    return Payload(b"p" * n)
+
+
+@engine.task
+async def uses_payload(n: int) -> int:
+    payload = await big_payload(n)
+    if FAIL_AFTER_PAYLOAD["on"]:
+        raise RuntimeError("failed after the payload was recorded")
+    return len(payload.data)
+
+
+async def test_replaced_output_blob_is_never_unpickled_on_resume(
+    tmp_path: pathlib.Path,
+) -> None:
+    import pickle
+
+    n = 400_000  # over the journal's inline limit: the pickled output goes to a blob
+    blobs = tmp_path / "blobs"
+    FAIL_AFTER_PAYLOAD["on"] = True
+    async with engine.Engine(str(tmp_path / "j.db"), blob_store=blobs) as eng:
+        first = await eng.run(uses_payload, n)
+    assert first.status == "failed"
+    [digest] = [d async for d in LocalBlobStore(blobs).list_digests()]
+    mark = tmp_path / "mark"
+    (blobs / digest[:2] / digest).write_bytes(pickle.dumps(Planted(mark)))
+    FAIL_AFTER_PAYLOAD["on"] = False
+    async with engine.Engine(str(tmp_path / "j.db"), blob_store=blobs) as eng:
+        again = await eng.resume(first.id)
+    assert not mark.exists()  # the replaced blob was refused before anything unpickled it
+    if again.status == "succeeded":  # treated as not recorded: the action ran again
+        assert again.result == n
+    else:
+        error: BaseException | None = again.error
+        while error is not None and not isinstance(error, BlobCorrupt):
+            error = error.__cause__ or error.__context__
+        assert isinstance(error, BlobCorrupt) and digest in str(error)
 
 
 # -- local store specifics ---------------------------------------------------
