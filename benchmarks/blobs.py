@@ -2,6 +2,7 @@
 
     python benchmarks/blobs.py            # 256 MiB file, 10,000 small files
     python benchmarks/blobs.py --quick    # 64 MiB, 1,000 small files
+    python benchmarks/blobs.py --no-small # the large-file cases only
 
 Starts ``moto_server`` on a free port of 127.0.0.1 in a child process (so
 the server does not share this process's GIL), and measures in one run:
@@ -9,6 +10,10 @@ the server does not share this process's GIL), and measures in one run:
   * one large file, upload and download: ``S3BlobStore.put_file``/``get_file``
     against boto3's ``upload_file``/``download_file`` (its default transfer
     settings: 8 MiB parts, 10 threads), and the local store;
+  * the same file read into memory (``get_bytes`` against ``get_object``'s
+    ``read()``) and streamed (``async with store.open(d)`` + ``async for``
+    against ``iter_chunks`` of 1 MiB): every read of a blob is checked
+    against its SHA-256, so these show what checking costs;
   * many small files, upload and download: ``Dir.from_path``/``Dir.download``
     (concurrent) against a sequential boto3 ``put_object``/``get_object``
     loop, and the local store.
@@ -144,8 +149,9 @@ async def bench(
             fh.write(os.urandom(MiB))
     size = args.size_mib * MiB
     small = work / "small"
-    make_small_files(small, args.files, args.small_size)
-    files = sorted(p for p in small.rglob("*") if p.is_file())
+    if args.small:
+        make_small_files(small, args.files, args.small_size)
+    files = sorted(p for p in small.rglob("*") if p.is_file()) if args.small else []
 
     s3 = S3BlobStore(f"s3://{bucket}/blobs", endpoint_url=moto.endpoint)
     local = LocalBlobStore(work / "local-blobs")
@@ -192,7 +198,32 @@ async def bench(
             )
             (work / "local.out").unlink()
 
+            # -- large file, read in memory and streamed ----------------------
+            client.put_object(Bucket=bucket, Key="plain/big", Body=big.read_bytes())
+
+            def read_plain() -> None:
+                client.get_object(Bucket=bucket, Key="plain/big")["Body"].read()
+
+            def stream_plain() -> None:
+                body = client.get_object(Bucket=bucket, Key="plain/big")["Body"]
+                for _ in body.iter_chunks(MiB):
+                    pass
+
+            async def stream(store: Any, digest: str) -> None:
+                async with store.open(digest) as reader:
+                    async for _ in reader:
+                        pass
+
+            keep("large read", "boto3 get_object read", timed(read_plain))
+            keep("large read", "shoal S3", await atimed(s3.get_bytes(digest)))
+            keep("large read", "shoal local", await atimed(local.get_bytes(digest)))
+            keep("large stream", "boto3 iter_chunks", timed(stream_plain))
+            keep("large stream", "shoal S3", await atimed(stream(s3, digest)))
+            keep("large stream", "shoal local", await atimed(stream(local, digest)))
+
             # -- small files --------------------------------------------------
+            if not args.small:
+                continue
             empty_bucket(client, bucket)
 
             def put_loop() -> None:
@@ -249,8 +280,9 @@ async def bench(
 def report(rows: list[tuple[str, str, float, float]], args: argparse.Namespace) -> None:
     baseline = {case: sec for case, who, sec, _ in rows if who.startswith("boto3")}
     print(
-        f"\nblob stores: {args.size_mib} MiB file, {args.files} files of {args.small_size} B, "
-        f"best of {args.rounds}, moto_server on 127.0.0.1, Dir concurrency {args.concurrency}"
+        f"\nblob stores: {args.size_mib} MiB file, "
+        + (f"{args.files} files of {args.small_size} B, " if args.small else "")
+        + f"best of {args.rounds}, moto_server on 127.0.0.1, Dir concurrency {args.concurrency}"
     )
     print(f"{'case':<16} {'who':<24} {'seconds':>9} {'throughput':>16} {'vs boto3':>10}")
     for case, who, sec, units in rows:
@@ -268,10 +300,14 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--size-mib", type=int, default=None, help="size of the large file")
     parser.add_argument("--concurrency", type=int, default=64, help="files in flight for Dir")
     parser.add_argument("--small-size", type=int, default=1024, help="bytes per small file")
+    parser.add_argument(
+        "--no-small", dest="small", action="store_false", help="only the large-file cases"
+    )
     args = parser.parse_args()
-    args.size_mib = 64 if args.quick else 256
+    args.size_mib = args.size_mib or (64 if args.quick else 256)
     args.files = 1000 if args.quick else 10_000
     args.rounds = args.rounds or (1 if args.quick else 2)
     # The moto server's keys, for the store (which reads the standard environment).

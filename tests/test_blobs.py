@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -13,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import engine
 from _moto import KEY, REGION, MotoServer, moto_server, s3_bucket, s3_env
 from engine._blobs import BlobStore, LocalBlobStore, open_blob_store, run_bounded
-from engine._errors import BlobError, BlobNotFound, ConfigError, EngineError
+from engine._errors import BlobCorrupt, BlobError, BlobNotFound, ConfigError, EngineError
 from offload._s3 import S3BlobStore
 
 if TYPE_CHECKING:
-    import pathlib
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 __all__ = ["moto_server", "s3_bucket", "s3_env"]  # fixtures used by name
 
@@ -55,6 +56,8 @@ class Backend:
     store: BlobStore
     #: A value that changes whenever the store writes something.
     writes: Callable[[], object]
+    #: Replace what the store holds under a digest, behind the store's back.
+    tamper: Callable[[str, bytes], None]
 
 
 def local_snapshot(root: pathlib.Path) -> object:
@@ -67,14 +70,26 @@ def local_snapshot(root: pathlib.Path) -> object:
 async def backend(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Backend]:
     if request.param == "local":
         root = tmp_path / "blobs"
+
+        def overwrite(digest: str, data: bytes) -> None:
+            (root / digest[:2] / digest).write_bytes(data)
+
         async with LocalBlobStore(root) as local:
-            yield Backend("local", local, lambda: local_snapshot(root))
+            yield Backend("local", local, lambda: local_snapshot(root), overwrite)
         return
     moto: MotoServer = request.getfixturevalue("moto_server")
     bucket: str = request.getfixturevalue("s3_bucket")
     start = moto.mark()
+
+    def put_object(digest: str, data: bytes) -> None:
+        client = moto.client()
+        try:
+            client.put_object(Bucket=bucket, Key=f"blobs/{digest}", Body=data)
+        finally:
+            client.close()
+
     async with make_s3(moto, bucket) as s3:
-        yield Backend("s3", s3, lambda: sum(r.is_write for r in moto.since(start)))
+        yield Backend("s3", s3, lambda: sum(r.is_write for r in moto.since(start)), put_object)
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
@@ -246,6 +261,174 @@ async def test_put_file_missing_source(backend: Backend, tmp_path: pathlib.Path)
         await backend.store.put_file(tmp_path / "nope")
 
 
+# -- what is read back is checked ----------------------------------------------
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+async def test_tampered_blob_is_refused_by_every_read(
+    backend: Backend, tmp_path: pathlib.Path
+) -> None:
+    store = backend.store
+    data = random_bytes(100_000, seed=11)
+    digest = await store.put_bytes(data)
+    backend.tamper(digest, flip_last_byte(data))  # same size: only the hash can tell
+    with pytest.raises(engine.BlobCorrupt) as info:
+        await store.get_bytes(digest)
+    message = str(info.value)
+    assert digest in message and store.uri in message
+    assert "delete it and store the data again" in message
+    assert isinstance(info.value, BlobError)
+    with pytest.raises(BlobCorrupt, match=digest):
+        await store.get_file(digest, tmp_path / "out" / "copy.bin")
+    assert list((tmp_path / "out").iterdir()) == []  # nothing renamed into place, no temp left
+    async with store.open(digest) as reader:
+        with pytest.raises(BlobCorrupt, match=digest):
+            await reader.read()
+        assert not reader.verified
+        with pytest.raises(BlobCorrupt, match=digest):  # and it stays refused
+            await reader.read_range(0, 10)
+    async with store.open(digest) as reader:
+        with pytest.raises(BlobCorrupt, match=digest):
+            async for _ in reader:
+                pass
+
+
+async def test_streamed_read_is_checked_at_its_end(backend: Backend) -> None:
+    store = backend.store
+    data = random_bytes(3 * MiB + 5, seed=12)  # several read-ahead chunks on the local store
+    digest = await store.put_bytes(data)
+    async with store.open(digest) as reader:
+        assert b"".join([chunk async for chunk in reader]) == data
+        assert reader.verified
+    async with store.open(digest) as reader:
+        # In-order ranges feed the hash too.
+        step = 700_000
+        got = [await reader.read_range(i, i + step) for i in range(0, len(data), step)]
+        assert b"".join(got) == data and reader.verified
+    async with store.open(digest) as reader:
+        # Out-of-order ranges cannot be checked one by one: verify() checks the whole.
+        assert await reader.read_range(len(data) - 10) == data[-10:]
+        assert not reader.verified
+        await reader.verify()
+        assert reader.verified
+
+    backend.tamper(digest, flip_last_byte(data))
+    async with store.open(digest) as reader:
+        seen: list[bytes] = []
+        with pytest.raises(BlobCorrupt, match=digest):
+            async for chunk in reader:
+                seen.append(chunk)
+        # What came before the end was handed out; the end never was.
+        assert len(b"".join(seen)) < len(data)
+        assert data.startswith(b"".join(seen))
+    async with store.open(digest) as reader:
+        assert await reader.read_range(0, 10) == data[:10]  # a prefix cannot be judged yet
+        with pytest.raises(BlobCorrupt, match=digest):
+            await reader.verify()
+
+
+async def test_blob_of_wrong_size_is_refused_and_stored_again(backend: Backend) -> None:
+    store = backend.store
+    data = random_bytes(50_000, seed=13)
+    digest = await store.put_bytes(data)
+    backend.tamper(digest, data[:-100])
+    with pytest.raises(BlobCorrupt, match=digest):
+        await store.get_bytes(digest)
+    async with store.open(digest) as reader:
+        with pytest.raises(BlobCorrupt, match=digest):
+            await reader.read()
+    # Storing the content again replaces the damaged copy.
+    assert await store.put_bytes(data) == digest
+    assert await store.get_bytes(digest) == data
+    backend.tamper(digest, b"")
+    with pytest.raises(BlobCorrupt, match=digest):
+        await store.get_bytes(digest)
+
+
+async def test_local_blob_that_shrinks_while_read(tmp_path: pathlib.Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = random_bytes(3 * MiB, seed=14)
+    digest = await store.put_bytes(data)
+    async with store.open(digest) as reader:
+        assert await reader.read(10) == data[:10]
+        os.truncate(tmp_path / "blobs" / digest[:2] / digest, MiB)
+        with pytest.raises(BlobCorrupt, match="shrank"):
+            await reader.read()
+
+
+async def test_download_into_a_file_in_the_way(backend: Backend, tmp_path: pathlib.Path) -> None:
+    digest = await backend.store.put_bytes(b"content")
+    (tmp_path / "plain-file").write_text("in the way")
+    dest = tmp_path / "plain-file" / "sub" / "out.bin"
+    with pytest.raises(BlobError, match="cannot write") as info:
+        await backend.store.get_file(digest, dest)
+    assert str(dest) in str(info.value)
+    assert "choose a destination" in str(info.value)
+
+
+class Payload:
+    """A value msgspec cannot encode, so the journal pickles it (in a blob, when large)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class Planted:
+    """What a tampered blob unpickles to: unpickling it writes a file."""
+
+    def __init__(self, mark: pathlib.Path) -> None:
+        self.mark = mark
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (pathlib.Path.write_text, (self.mark, "unpickled"))
+
+
+FAIL_AFTER_PAYLOAD = {"on": True}
+
+
+@engine.task
+async def big_payload(n: int) -> Payload:
+    return Payload(b"p" * n)
+
+
+@engine.task
+async def uses_payload(n: int) -> int:
+    payload = await big_payload(n)
+    if FAIL_AFTER_PAYLOAD["on"]:
+        raise RuntimeError("failed after the payload was recorded")
+    return len(payload.data)
+
+
+async def test_replaced_output_blob_is_never_unpickled_on_resume(
+    tmp_path: pathlib.Path,
+) -> None:
+    import pickle
+
+    n = 400_000  # over the journal's inline limit: the pickled output goes to a blob
+    blobs = tmp_path / "blobs"
+    FAIL_AFTER_PAYLOAD["on"] = True
+    async with engine.Engine(str(tmp_path / "j.db"), blob_store=blobs) as eng:
+        first = await eng.run(uses_payload, n)
+    assert first.status == "failed"
+    [digest] = [d async for d in LocalBlobStore(blobs).list_digests()]
+    mark = tmp_path / "mark"
+    (blobs / digest[:2] / digest).write_bytes(pickle.dumps(Planted(mark)))
+    FAIL_AFTER_PAYLOAD["on"] = False
+    async with engine.Engine(str(tmp_path / "j.db"), blob_store=blobs) as eng:
+        again = await eng.resume(first.id)
+    assert not mark.exists()  # the replaced blob was refused before anything unpickled it
+    if again.status == "succeeded":  # treated as not recorded: the action ran again
+        assert again.result == n
+    else:
+        error: BaseException | None = again.error
+        while error is not None and not isinstance(error, BlobCorrupt):
+            error = error.__cause__ or error.__context__
+        assert isinstance(error, BlobCorrupt) and digest in str(error)
+
+
 # -- local store specifics ---------------------------------------------------
 
 
@@ -290,6 +473,60 @@ async def test_local_unwritable_root(tmp_path: pathlib.Path) -> None:
     store = LocalBlobStore(blocker / "blobs")
     with pytest.raises(BlobError, match=str(blocker)):
         await store.put_bytes(b"x")
+    itself = LocalBlobStore(blocker)
+    with pytest.raises(BlobError, match=f"blob store {blocker} is a file, not a folder"):
+        await itself.put_bytes(b"x")
+
+
+@pytest.fixture
+def umask_0() -> Iterator[None]:
+    """Run the test with umask 000, so any folder made without an explicit mode is 0777."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: pathlib.Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("umask_0")
+async def test_local_folders_are_private_whatever_the_umask(tmp_path: pathlib.Path) -> None:
+    root = tmp_path / "new" / "home" / "blobs"
+    store = LocalBlobStore(root)
+    digest = await store.put_bytes(b"private")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"streamed"
+
+    streamed = await store.put_stream(chunks())
+    big = tmp_path / "big.bin"
+    big.write_bytes(random_bytes(2 * MiB, seed=15))
+    from_file = await store.put_file(big)
+    made = [tmp_path / "new", tmp_path / "new" / "home", root, root / "tmp"]
+    made += [root / d[:2] for d in (digest, streamed, from_file)]
+    assert {str(p): oct(mode(p)) for p in made} == {str(p): "0o700" for p in made}
+    for d in (digest, streamed, from_file):
+        assert mode(root / d[:2] / d) == 0o600
+
+
+@pytest.mark.parametrize("folder", ["root", "tmp", "shard"])
+async def test_local_store_refuses_a_folder_others_can_write(
+    tmp_path: pathlib.Path, folder: str
+) -> None:
+    root = tmp_path / "blobs"
+    store = LocalBlobStore(root)
+    digest = await store.put_bytes(b"first")
+    loose = {"root": root, "tmp": root / "tmp", "shard": root / sha(b"second")[:2]}[folder]
+    loose.mkdir(exist_ok=True)
+    os.chmod(loose, 0o777)
+    with pytest.raises(BlobError, match="can be written by other users") as info:
+        await store.put_bytes(b"second")
+    assert f"chmod 700 {loose}" in str(info.value)
+    assert not await store.exists(sha(b"second"))
+    assert await store.get_bytes(digest) == b"first"  # reads are checked by content instead
 
 
 # -- S3 specifics --------------------------------------------------------------
@@ -335,7 +572,6 @@ async def test_s3_client_errors_are_not_retried(moto_server: MotoServer, s3_buck
     assert delays == []
 
 
-
 def assert_bucket_empty(moto_server: MotoServer, bucket: str) -> None:
     """No object and no unfinished multipart upload is left in ``bucket``."""
     client = moto_server.client()
@@ -344,6 +580,7 @@ def assert_bucket_empty(moto_server: MotoServer, bucket: str) -> None:
         assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     finally:
         client.close()
+
 
 async def test_s3_failed_multipart_upload_is_aborted(
     moto_server: MotoServer, s3_bucket: str, tmp_path: pathlib.Path
@@ -507,9 +744,9 @@ async def test_s3_detects_corrupt_object(
     finally:
         client.close()
     async with make_s3(moto_server, s3_bucket) as store:
-        with pytest.raises(BlobError, match="corrupt"):
+        with pytest.raises(BlobCorrupt, match="corrupt"):
             await store.get_bytes(digest)
-        with pytest.raises(BlobError, match="corrupt"):
+        with pytest.raises(BlobCorrupt, match="corrupt"):
             await store.get_file(digest, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -581,4 +818,6 @@ async def test_run_bounded_keeps_order_and_limit() -> None:
 
 def test_errors_are_engine_errors() -> None:
     assert issubclass(BlobNotFound, BlobError) and issubclass(BlobError, EngineError)
+    assert issubclass(BlobCorrupt, BlobError) and engine.BlobCorrupt is BlobCorrupt
+    assert BlobCorrupt.__module__ == "engine"
     assert KEY == "testing" and REGION == "us-east-1"

@@ -7,8 +7,11 @@ import hashlib
 import json
 import os
 import pathlib
+import stat
 import sys
+import tempfile
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import pytest
@@ -17,12 +20,12 @@ import engine
 from _moto import MotoServer, moto_server, s3_bucket, s3_env
 from engine import MissingDependency
 from engine._blobs import BlobStore, LocalBlobStore
-from engine._errors import EngineError
+from engine._errors import BlobCorrupt, BlobError, EngineError
 from engine._files import DataFrame, Dir, DirEntry, File
 from offload._s3 import S3BlobStore
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 __all__ = ["moto_server", "s3_bucket", "s3_env"]  # fixtures used by name
 
@@ -145,6 +148,155 @@ async def test_dir_round_trip(store: BlobStore, tmp_path: pathlib.Path) -> None:
     again = await Dir.from_path(src, store=store)
     assert again == d  # same tree, same digest
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(d), type=Dir) == d
+
+
+def tamper(store: BlobStore, digest: str, data: bytes, request: pytest.FixtureRequest) -> None:
+    """Replace what ``store`` holds under ``digest``, behind its back."""
+    if isinstance(store, LocalBlobStore):
+        pathlib.Path(unquote(urlsplit(store.object_uri(digest)).path)).write_bytes(data)
+        return
+    assert isinstance(store, S3BlobStore)
+    client = request.getfixturevalue("moto_server").client()
+    try:
+        client.put_object(Bucket=store.bucket, Key=f"{store.prefix}/{digest}", Body=data)
+    finally:
+        client.close()
+
+
+async def test_open_refuses_a_blob_of_another_size(
+    store: BlobStore, request: pytest.FixtureRequest
+) -> None:
+    f = await File.from_bytes(b"the stored content", store=store)
+    tamper(store, f.digest, b"longer, replaced content", request)
+    with pytest.raises(BlobCorrupt, match=f.digest) as info:
+        async with f.open(store=store):
+            pass
+    assert "24 bytes, not the 18 bytes" in str(info.value)
+    with pytest.raises(BlobCorrupt, match=f.digest):
+        await f.read_bytes(store=store)
+
+
+async def test_cached_download_is_checked_on_every_hit(
+    store: BlobStore, tmp_path: pathlib.Path
+) -> None:
+    f = await File.from_bytes(b"cached content", name="data.txt", store=store)
+    cache = tmp_path / "cache"
+    first = await f.download(store=store, cache_dir=cache)
+    attacker = tmp_path / "elsewhere.txt"
+    attacker.write_bytes(b"cached content")
+
+    def link_elsewhere(path: pathlib.Path) -> None:
+        path.unlink()
+        path.symlink_to(attacker)  # right content today, anything tomorrow
+
+    damages: list[Callable[[pathlib.Path], object]] = [
+        lambda path: path.write_bytes(b"cached CONTENT"),  # same size: only the hash can tell
+        lambda path: path.write_bytes(b"short"),
+        link_elsewhere,
+    ]
+    for damage in damages:
+        damage(first)
+        with pytest.warns(RuntimeWarning, match="no longer matches its digest") as warned:
+            again = await f.download(store=store, cache_dir=cache)
+        assert str(first) in str(warned[0].message)
+        assert again == first and again.read_bytes() == b"cached content"
+        assert not again.is_symlink()
+    assert attacker.read_bytes() == b"cached content"  # removed the link, not its target
+
+
+async def test_cached_tree_is_checked_on_every_hit(
+    store: BlobStore, tmp_path: pathlib.Path
+) -> None:
+    src = tmp_path / "tree"
+    files = {"a.txt": b"alpha", "sub/b.txt": b"bravo", "sub/deep/c.txt": b"charlie"}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    d = await Dir.from_path(src, store=store)
+    cache = tmp_path / "cache"
+    cached = await d.download(store=store, cache_dir=cache)
+
+    def swap_folder_for_link(root: pathlib.Path) -> None:
+        import shutil
+
+        shutil.move(root / "sub", tmp_path / "moved-sub")
+        (root / "sub").symlink_to(tmp_path / "moved-sub")
+
+    damages: list[Callable[[pathlib.Path], object]] = [
+        lambda root: (root / "sub" / "b.txt").write_bytes(b"BRAVO"),
+        lambda root: (root / "extra.txt").write_bytes(b"not in the manifest"),
+        lambda root: (root / "sub" / "deep" / "c.txt").unlink(),
+        swap_folder_for_link,
+    ]
+    for damage in damages:
+        damage(cached)
+        with pytest.warns(RuntimeWarning, match="no longer matches its digest"):
+            again = await d.download(store=store, cache_dir=cache)
+        assert again == cached
+        got = {
+            p.relative_to(again).as_posix(): p.read_bytes() for p in again.rglob("*") if p.is_file()
+        }
+        assert got == files and not (again / "sub").is_symlink()
+    assert [p.name for p in (cache / "dirs").iterdir()] == [d.digest]  # nothing left over
+
+
+@pytest.fixture
+def umask_0() -> Iterator[None]:
+    """Run the test with umask 000, so any folder made without an explicit mode is 0777."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.usefixtures("umask_0")
+async def test_download_cache_folders_are_private_whatever_the_umask(
+    store: BlobStore, tmp_path: pathlib.Path
+) -> None:
+    src = tmp_path / "tree"
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "sub" / "deep" / "c.txt").write_bytes(b"deep")
+    (src / "top.txt").write_bytes(b"top")
+    d = await Dir.from_path(src, store=store)
+    f = await File.from_bytes(b"one file", name="one.txt", store=store)
+    cache = tmp_path / "new" / "cache"
+    await f.download(store=store, cache_dir=cache)
+    await d.download(store=store, cache_dir=cache)
+    folders = [tmp_path / "new", *(p for p in (tmp_path / "new").rglob("*") if p.is_dir())]
+    assert len(folders) == 9  # new, cache, files/<2>/<digest>, dirs/<digest>/sub/deep
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {
+        str(p): "0o700" for p in folders
+    }
+
+
+async def test_download_cache_refuses_a_folder_others_can_write(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    f = await File.from_bytes(b"x", store=store)
+    d = Dir.from_entries(store.uri, (DirEntry("x", f.digest, 1),))
+    cache = tmp_path / "cache"
+    (cache / "files").mkdir(parents=True)
+    os.chmod(cache, 0o777)
+    for download in (f.download, d.download):
+        with pytest.raises(BlobError, match="can be written by other users") as info:
+            await download(store=store, cache_dir=cache)
+        assert f"download cache {cache} " in str(info.value)
+        assert f"chmod 700 {cache}" in str(info.value)
+    (tmp_path / "in-the-way").write_text("a file")
+    with pytest.raises(BlobError, match="is a file, not a folder"):
+        await f.download(store=store, cache_dir=tmp_path / "in-the-way")
+    with pytest.raises(BlobError, match="cannot be used: Not a directory"):
+        await d.download(store=store, cache_dir=tmp_path / "in-the-way" / "cache")
+
+
+async def test_default_download_cache_is_the_engines(tmp_path: pathlib.Path) -> None:
+    async with engine.Engine(str(tmp_path / "j.db"), home=tmp_path / "home") as eng:
+        run = await eng.run(download_to_cache, b"in the cache")
+        assert run.status == "succeeded"
+        assert pathlib.Path(run.result).is_relative_to(tmp_path / "home" / "cache" / "files")
+        assert eng.cache_dir == tmp_path / "home" / "cache"
 
 
 def test_dir_manifest_cannot_escape() -> None:
@@ -301,3 +453,84 @@ async def test_file_passes_between_tasks(
     journal = read_journal_files(tmp_path)
     assert f.digest.encode() in journal
     assert b"q" * 1000 not in journal
+
+
+# -- a memory engine keeps nothing -----------------------------------------------
+
+
+@engine.task
+async def download_to_cache(data: bytes) -> str:
+    return str(await (await File.from_bytes(data)).download())
+
+
+@engine.task
+async def make_data(folder: str) -> tuple[File, Dir, DataFrame, str, int]:
+    import pandas as pd
+
+    src = pathlib.Path(folder)
+    f = await File.from_path(src / "in.txt")
+    d = await Dir.from_path(src / "tree")
+    df = await DataFrame.from_pandas(pd.DataFrame({"x": [1, 2, 3]}))
+    text = (await f.download()).read_text()  # through the download cache
+    count = sum(p.is_file() for p in (await d.download()).rglob("*"))
+    assert list((await df.to_pandas())["x"]) == [1, 2, 3]
+    return f, d, df, text, count
+
+
+def tree_of(root: pathlib.Path, *, skip: pathlib.Path) -> set[str]:
+    return {str(p) for p in root.rglob("*") if not p.is_relative_to(skip)}
+
+
+async def test_memory_engine_leaves_nothing_on_disk(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SHOAL_HOME")  # the default home: ./.shoal in the working directory
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    inputs = tmp_path / "inputs"
+    (inputs / "tree" / "sub").mkdir(parents=True)
+    (inputs / "in.txt").write_text("hello")
+    (inputs / "tree" / "sub" / "t.txt").write_text("tree")
+    before = tree_of(tmp_path, skip=system_tmp)
+    async with engine.Engine(store="memory") as eng:
+        run = await eng.run(make_data, str(inputs))
+        f, d, df, text, count = run.result
+        assert (text, count) == ("hello", 1)
+        [scratch] = system_tmp.iterdir()
+        assert stat.S_IMODE(scratch.stat().st_mode) == 0o700
+        assert f.uri.startswith(scratch.as_uri()) and d.uri == df.file.store_uri
+        assert await f.read_bytes(store=eng.blob_store) == b"hello"
+        assert tree_of(tmp_path, skip=system_tmp) == before  # nothing in the working directory
+    assert not (tmp_path / ".shoal").exists()
+    assert list(system_tmp.iterdir()) == []  # and nothing left after close
+    with pytest.raises(EngineError, match="closed"):
+        _ = eng.blob_store
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+async def test_memory_engine_keeps_a_blob_store_it_is_given(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.delenv("SHOAL_HOME")
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    kept = tmp_path / "kept-blobs"
+    inputs = tmp_path / "inputs"
+    (inputs / "tree").mkdir(parents=True)
+    (inputs / "in.txt").write_text("kept")
+    (inputs / "tree" / "t.txt").write_text("tree")
+    if how == "environment":
+        monkeypatch.setenv("SHOAL_BLOB_STORE", str(kept))
+        eng = engine.Engine(store="memory")
+    else:
+        eng = engine.Engine(store="memory", blob_store=kept)
+    async with eng:
+        run = await eng.run(make_data, str(inputs))
+        f = run.result[0]
+    assert f.uri == LocalBlobStore(kept).object_uri(f.digest)
+    assert await LocalBlobStore(kept).get_bytes(f.digest) == b"kept"
+    # Its downloads were still temporary.
+    assert not (tmp_path / ".shoal").exists()
+    assert list(system_tmp.iterdir()) == []

@@ -29,6 +29,7 @@ from ._context import current_run as current_run
 from ._engine import Engine as Engine
 from ._environment import Environment as Environment
 from ._errors import ActionTimeout as ActionTimeout
+from ._errors import BlobCorrupt as BlobCorrupt
 from ._errors import BlobError as BlobError
 from ._errors import BlobNotFound as BlobNotFound
 from ._errors import ConfigError as ConfigError
@@ -69,6 +70,7 @@ __all__ = [
     "ActionEvent",
     "ActionRecord",
     "ActionTimeout",
+    "BlobCorrupt",
     "BlobError",
     "BlobNotFound",
     "BlobReader",

@@ -9,6 +9,15 @@ live in the engine's blob store.
 Two stores ship: :class:`LocalBlobStore` (a directory, the default, under
 ``<home>/blobs``) and ``offload._s3.S3BlobStore`` (``s3://bucket/prefix``).
 :func:`open_blob_store` picks one from a setting.
+
+What a store gives back is checked against the digest it was asked for, on
+every read: ``get_bytes`` and ``get_file`` hash what they read before they
+return or rename it into place, and a :class:`BlobReader` hashes what it
+reads in order from the start and compares at the end of a full read.  A
+store is a folder or a bucket that something else may write to, and the
+journal and the download cache trust what it returns; a blob whose content
+no longer matches its name raises :class:`~engine.BlobCorrupt` instead of
+being returned.
 """
 
 from __future__ import annotations
@@ -19,12 +28,12 @@ import hashlib
 import os
 import pathlib
 import re
-import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from ._errors import BlobError, BlobNotFound, ConfigError
+from ._errors import BlobCorrupt, BlobError, BlobNotFound, ConfigError
+from ._home import private_dir
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
@@ -37,10 +46,13 @@ __all__ = [
     "BlobStore",
     "LocalBlobStore",
     "check_digest",
+    "corrupt_blob",
     "object_uri",
     "open_blob_store",
+    "private_folder",
     "run_bounded",
     "store_uri_of",
+    "unwritable_destination",
 ]
 
 T = TypeVar("T")
@@ -49,6 +61,10 @@ R = TypeVar("R")
 #: Bytes read per hashing/copying step: big enough to amortise a system call
 #: and a thread hop, small enough to keep memory flat for huge files.
 CHUNK = 1 << 20
+
+#: Bytes hashed on the event loop; a larger piece is hashed in a worker thread
+#: (hashlib releases the GIL), so a streamed read never blocks the loop for long.
+HASH_ON_LOOP = 1 << 16
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -65,6 +81,31 @@ def check_digest(digest: str) -> str:
             "use the digest returned by put_bytes/put_file"
         )
     return digest
+
+
+def corrupt_blob(digest: str, actual: str, *, store: str, where: str) -> BlobCorrupt:
+    """The error for blob ``digest`` of the store ``store`` whose content hashes to ``actual``.
+
+    ``where`` locates the damaged copy (a path or an object URI).
+    """
+    return BlobCorrupt(
+        f"blob {digest} in the blob store {store} is corrupt: its content ({where}) hashes to "
+        f"{actual}, so it was changed or damaged after it was stored; delete it and store the "
+        "data again (run the action that produced it again, or restore it from a copy)"
+    )
+
+
+def private_folder(base: pathlib.Path, what: str, *parts: str) -> pathlib.Path:
+    """``base / parts...`` as an owner-only folder; every folder made on the way is 0700.
+
+    ``base`` and each folder below it are checked by ``private_dir`` (created
+    0700 with any missing parents if missing, refused if others can write
+    to it).  Raises BlobError naming the folder and what to do.  Blocking.
+    """
+    path = private_dir(base, what, BlobError)
+    for part in parts:
+        path = private_dir(path / part, what, BlobError)
+    return path
 
 
 def hash_file(path: pathlib.Path) -> tuple[str, int]:
@@ -113,7 +154,17 @@ class BlobReader:
     position without I/O; ``read_range(start, end)`` fetches ``[start, end)``
     without moving it.  Small sequential reads are served from a read-ahead
     buffer of ``chunk_size`` bytes, so a loop of ``read(100)`` does not cost
-    one request each.  ``async for chunk in reader`` streams the rest.
+    one request each.  ``async for chunk in fh`` streams the rest.
+
+    Given the blob's ``digest``, the reader hashes the bytes it fetches in
+    order from the start, so a full read (``read()`` to the end, ``async
+    for``, in-order ranges) is checked without a second pass: the read that
+    reaches the end raises :class:`~engine.BlobCorrupt` instead of
+    returning its bytes when the whole does not hash to ``digest``, and so
+    does every read after it.  Ranges read out of order cannot be checked
+    one by one (a digest covers the whole blob); ``await fh.verify()``
+    reads what was not hashed yet and checks the whole.  ``verified`` is
+    true once the whole blob has been checked.
     """
 
     def __init__(
@@ -123,6 +174,8 @@ class BlobReader:
         size: int,
         fetch: Callable[[int, int], Awaitable[bytes]],
         chunk_size: int = CHUNK,
+        digest: str | None = None,
+        store_uri: str = "",
     ) -> None:
         self.uri = uri
         self.size = size
@@ -132,6 +185,20 @@ class BlobReader:
         # Invariant: _buf holds the blob's bytes [_buf_start, _buf_start + len(_buf)).
         self._buf = b""
         self._buf_start = 0
+        self._digest = digest
+        self._store_uri = store_uri
+        # Invariant: _hash holds the SHA-256 state of the blob's bytes [0, _hashed);
+        # it advances only under _hash_lock, so concurrent range reads feed it in
+        # order.  _verified is set once _hashed == size and the digest matched.
+        self._hash = hashlib.sha256() if digest is not None else None
+        self._hashed = 0
+        self._hash_lock = asyncio.Lock()
+        self._verified = False
+
+    @property
+    def verified(self) -> bool:
+        """Whether the whole blob has been read and found to match its digest."""
+        return self._verified
 
     def tell(self) -> int:
         return self._pos
@@ -146,16 +213,55 @@ class BlobReader:
         self._pos = base + offset
         return self._pos
 
+    async def _get(self, start: int, end: int) -> bytes:
+        """Fetch ``[start, end)``, hashing it if it extends the hashed prefix."""
+        data = await self._fetch(start, end)
+        if self._hash is not None and start <= self._hashed < start + len(data):
+            async with self._hash_lock:
+                # Checked again: another read may have hashed these bytes meanwhile.
+                if start <= self._hashed < start + len(data):
+                    piece = memoryview(data)[self._hashed - start :]
+                    if len(piece) > HASH_ON_LOOP:
+                        await asyncio.to_thread(self._hash.update, piece)
+                    else:
+                        self._hash.update(piece)
+                    self._hashed = start + len(data)
+        self._check()
+        return data
+
+    def _check(self) -> None:
+        """Compare the digest once the whole blob is hashed; raise BlobCorrupt on a mismatch."""
+        if self._hash is None or self._verified or self._hashed < self.size:
+            return
+        actual = self._hash.hexdigest()
+        if actual != self._digest:
+            assert self._digest is not None
+            raise corrupt_blob(self._digest, actual, store=self._store_uri, where=self.uri)
+        self._verified = True
+
+    async def verify(self) -> None:
+        """Read what no read has hashed yet and check the whole blob against its digest.
+
+        Raises :class:`~engine.BlobCorrupt` on a mismatch; a no-op for a
+        reader made without a digest, or once ``verified``.
+        """
+        while self._hash is not None and self._hashed < self.size:
+            await self._get(self._hashed, min(self.size, self._hashed + self._chunk_size))
+        self._check()
+
     async def read_range(self, start: int, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of the blob (``end`` clamped to its size)."""
         end = self.size if end is None else min(end, self.size)
         if start < 0 or start > end:
             raise ValueError(f"bad range [{start}, {end}) for {self.uri} of {self.size} bytes")
+        # Found corrupt before (or empty, so whole before any byte is read): say so.
+        self._check()
         if start == end:
             return b""
-        return await self._fetch(start, end)
+        return await self._get(start, end)
 
     async def read(self, n: int = -1) -> bytes:
+        self._check()
         end = self.size if n < 0 else min(self.size, self._pos + n)
         if self._pos >= end:
             return b""
@@ -163,7 +269,7 @@ class BlobReader:
         if not (self._buf_start <= self._pos and end <= buf_end):
             # Refill from the position, reading ahead at least one chunk.
             fetch_end = min(self.size, max(end, self._pos + self._chunk_size))
-            self._buf = await self._fetch(self._pos, fetch_end)
+            self._buf = await self._get(self._pos, fetch_end)
             self._buf_start = self._pos
         lo = self._pos - self._buf_start
         data = self._buf[lo : lo + (end - self._pos)]
@@ -206,15 +312,25 @@ class BlobStore(Protocol):
         ...
 
     async def get_bytes(self, digest: str) -> bytes:
-        """The blob's content; raises BlobNotFound if it is not stored."""
+        """The blob's content; raises BlobNotFound if it is not stored.
+
+        Raises BlobCorrupt if what is stored does not hash to ``digest``.
+        """
         ...
 
     async def get_file(self, digest: str, dest: str | os.PathLike[str]) -> None:
-        """Write the blob to ``dest`` atomically (a temporary file renamed into place)."""
+        """Write the blob to ``dest`` atomically (a temporary file renamed into place).
+
+        The copy is renamed into place only if it hashes to ``digest``;
+        otherwise BlobCorrupt is raised and ``dest`` is left as it was.
+        """
         ...
 
     def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
-        """``async with store.open(d) as r:`` reads the blob in ranges."""
+        """``async with store.open(d) as r:`` reads the blob in ranges.
+
+        The reader is given ``digest``, so a full read is checked at its end.
+        """
         ...
 
     async def exists(self, digest: str) -> bool: ...
@@ -268,8 +384,12 @@ class LocalBlobStore(ClosingStore):
     (``durable=True``, the default, also fsyncs the directory so the rename
     survives a crash) and renamed into place, so a reader never sees a
     partial blob and a crash leaves at most a stray temporary file.
-    Directories are created owner-only (0700) and blobs are owner-only
-    (0600).  Blocking file work runs in worker threads, one hop per call.
+    Every folder is owner-only (0700, whatever the umask), an existing one
+    that other users can write to is refused, and blobs are owner-only
+    (0600).  Reads are checked against the digest (see the module's
+    docstring).  A stored blob whose size is wrong is written again by
+    the next put of its content.  Blocking file work runs in worker
+    threads, one hop per call.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, durable: bool = True) -> None:
@@ -297,16 +417,29 @@ class LocalBlobStore(ClosingStore):
             "blob store; point the engine's blob_store at the store that holds it"
         )
 
-    def _mkdir(self, path: pathlib.Path) -> None:
+    def _corrupt(self, digest: str, actual: str) -> BlobCorrupt:
+        return corrupt_blob(digest, actual, store=self.uri, where=str(self._path(digest)))
+
+    def _folder(self, name: str) -> pathlib.Path:
+        """The store's folder ``name`` (``tmp`` or a shard), made or checked private."""
+        return private_folder(self.root, "blob store", name)
+
+    def _holds(self, digest: str, size: int) -> bool:
+        """Whether blob ``digest`` is stored with the right size (blocking).
+
+        A stored file of another size is damaged: writing the blob again
+        replaces it.  Equal sizes are trusted here, as hashing every stored
+        blob on every put would double the cost of storing known content;
+        reads check the content.
+        """
         try:
-            # The root first, so that it too is created owner-only (``parents=True``
-            # would create it with the default mode); an existing one is left as is.
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return self._path(digest).stat().st_size == size
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # not stored (or no store yet): writing it reports what is wrong
         except OSError as exc:
             raise BlobError(
-                f"cannot create directory {path} of the local blob store {self.uri}: {exc}; "
-                "check the permissions or choose another blob_store"
+                f"cannot look up blob {digest} in the local blob store {self.uri}: {exc}; "
+                f"check the permissions of {self.root}, or choose another blob_store"
             ) from exc
 
     def _fsync_dir(self, path: pathlib.Path) -> None:
@@ -323,11 +456,13 @@ class LocalBlobStore(ClosingStore):
         changed between hashing and copying is caught, not filed wrongly.
         """
         final = self._path(digest)
-        tmp_dir = self.root / "tmp"
-        self._mkdir(tmp_dir)
-        self._mkdir(final.parent)
-        # mkstemp creates the file 0600, and the rename keeps that mode.
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=digest[:16] + ".")
+        tmp_dir = self._folder("tmp")
+        self._folder(digest[:2])
+        try:
+            # mkstemp creates the file 0600, and the rename keeps that mode.
+            fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=digest[:16] + ".")
+        except OSError as exc:
+            raise self._unwritable(digest, exc) from exc
         tmp = pathlib.Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -344,13 +479,19 @@ class LocalBlobStore(ClosingStore):
             if self.durable:
                 self._fsync_dir(final.parent)
         except OSError as exc:
-            raise BlobError(f"cannot write blob {digest} to {self.uri}: {exc}") from exc
+            raise self._unwritable(digest, exc) from exc
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _unwritable(self, digest: str, exc: OSError) -> BlobError:
+        return BlobError(
+            f"cannot write blob {digest} to the local blob store {self.uri}: {exc}; check the "
+            f"free space and permissions of {self.root}, or choose another blob_store"
+        )
+
     def _put_bytes_sync(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        if not self._path(digest).exists():
+        if not self._holds(digest, len(data)):
 
             def write(fh: Any) -> str:
                 fh.write(data)
@@ -365,8 +506,8 @@ class LocalBlobStore(ClosingStore):
     def _put_file_sync(self, path: pathlib.Path) -> str:
         try:
             # Hash first: when the blob is already stored nothing is written.
-            digest, _ = hash_file(path)
-            if not self._path(digest).exists():
+            digest, size = hash_file(path)
+            if not self._holds(digest, size):
 
                 def write(fh: Any) -> str:
                     h = hashlib.sha256()
@@ -387,17 +528,16 @@ class LocalBlobStore(ClosingStore):
         return await asyncio.to_thread(self._put_file_sync, pathlib.Path(path))
 
     def _spool_file(self) -> tuple[int, pathlib.Path]:
-        tmp_dir = self.root / "tmp"
-        self._mkdir(tmp_dir)
+        tmp_dir = self._folder("tmp")
         fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="stream.")
         return fd, pathlib.Path(name)
 
-    def _adopt(self, tmp: pathlib.Path, digest: str) -> None:
+    def _adopt(self, tmp: pathlib.Path, digest: str, size: int) -> None:
         """Rename a complete, synced temp file to the blob ``digest`` unless it is stored."""
-        final = self._path(digest)
-        if final.exists():
+        if self._holds(digest, size):
             return
-        self._mkdir(final.parent)
+        final = self._path(digest)
+        self._folder(digest[:2])
         os.replace(tmp, final)
         if self.durable:
             self._fsync_dir(final.parent)
@@ -407,48 +547,73 @@ class LocalBlobStore(ClosingStore):
         fd, tmp = await asyncio.to_thread(self._spool_file)
         try:
             h = hashlib.sha256()
+            size = 0
             with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
                     h.update(chunk)
+                    size += len(chunk)
                     await asyncio.to_thread(out.write, chunk)
                 await asyncio.to_thread(out.flush)
                 if self.durable:
                     await asyncio.to_thread(os.fsync, out.fileno())
             digest = h.hexdigest()
-            await asyncio.to_thread(self._adopt, tmp, digest)
+            await asyncio.to_thread(self._adopt, tmp, digest, size)
             return digest
         except OSError as exc:
-            raise BlobError(f"cannot write a streamed blob to {self.uri}: {exc}") from exc
+            raise BlobError(
+                f"cannot write a streamed blob to the local blob store {self.uri}: {exc}; "
+                f"check the free space and permissions of {self.root}, or choose another "
+                "blob_store"
+            ) from exc
         finally:
             tmp.unlink(missing_ok=True)
 
     def _get_bytes_sync(self, digest: str) -> bytes:
         try:
-            return self._path(digest).read_bytes()
+            data = self._path(digest).read_bytes()
         except FileNotFoundError as exc:
             raise self._missing(digest) from exc
         except OSError as exc:
             raise BlobError(f"cannot read blob {self.object_uri(digest)}: {exc}") from exc
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise self._corrupt(digest, actual)
+        return data
 
     async def get_bytes(self, digest: str) -> bytes:
         return await asyncio.to_thread(self._get_bytes_sync, digest)
 
     def _get_file_sync(self, digest: str, dest: pathlib.Path) -> None:
         src = self._path(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        os.close(fd)
         try:
-            shutil.copyfile(src, tmp_name)
-            os.replace(tmp_name, dest)
+            fin = src.open("rb")
         except FileNotFoundError as exc:
-            if not src.exists():
-                raise self._missing(digest) from exc
-            raise BlobError(f"cannot write {dest} from {self.object_uri(digest)}: {exc}") from exc
+            raise self._missing(digest) from exc
         except OSError as exc:
-            raise BlobError(f"cannot write {dest} from {self.object_uri(digest)}: {exc}") from exc
-        finally:
-            pathlib.Path(tmp_name).unlink(missing_ok=True)
+            raise BlobError(f"cannot read blob {self.object_uri(digest)}: {exc}") from exc
+        with fin:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+            except OSError as exc:
+                raise unwritable_destination(dest, self.object_uri(digest), exc) from exc
+            tmp = pathlib.Path(tmp_name)
+            try:
+                # Copied and hashed in one pass; only a copy that matches is renamed
+                # into place, so ``dest`` never holds corrupt content.
+                h = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := fin.read(CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                actual = h.hexdigest()
+                if actual != digest:
+                    raise self._corrupt(digest, actual)
+                os.replace(tmp, dest)
+            except OSError as exc:
+                raise unwritable_destination(dest, self.object_uri(digest), exc) from exc
+            finally:
+                tmp.unlink(missing_ok=True)
 
     async def get_file(self, digest: str, dest: str | os.PathLike[str]) -> None:
         await asyncio.to_thread(self._get_file_sync, digest, pathlib.Path(dest))
@@ -464,9 +629,18 @@ class LocalBlobStore(ClosingStore):
             size = os.fstat(fd).st_size
 
             async def fetch(start: int, end: int) -> bytes:
-                return await asyncio.to_thread(os.pread, fd, end - start, start)
+                data = await asyncio.to_thread(os.pread, fd, end - start, start)
+                if len(data) != end - start:
+                    raise BlobCorrupt(
+                        f"blob {digest} in the blob store {self.uri} is corrupt: {path} "
+                        f"shrank to fewer than {end} bytes while it was read; delete it and "
+                        "store the data again (run the action that produced it again)"
+                    )
+                return data
 
-            yield BlobReader(uri=path.as_uri(), size=size, fetch=fetch)
+            yield BlobReader(
+                uri=path.as_uri(), size=size, fetch=fetch, digest=digest, store_uri=self.uri
+            )
         finally:
             os.close(fd)
 
@@ -505,6 +679,15 @@ class LocalBlobStore(ClosingStore):
 
     async def aclose(self) -> None:
         """Nothing to release: the local store holds no open files between calls."""
+
+
+def unwritable_destination(dest: pathlib.Path, source: str, exc: OSError) -> BlobError:
+    """The error for a download of ``source`` that cannot be written to ``dest``."""
+    return BlobError(
+        f"cannot write {dest} from {source}: {exc.strerror or exc}; choose a destination in a "
+        "folder you can write to (a file in the way of a folder is not replaced)"
+    )
+
 
 def _local_root(spec: str) -> pathlib.Path:
     if spec.startswith("file://"):

@@ -58,7 +58,11 @@ class Engine:
     ``store``: ``None`` for the configured journal (default: the SQLite file
     ``.shoal/shoal.db`` in the working directory, or under ``$SHOAL_HOME``),
     ``"memory"`` to keep nothing (for latency-sensitive embedding: no
-    journal, no resume, no cache), or a path to a SQLite file.
+    journal, no resume, no cache), or a path to a SQLite file.  A memory
+    engine keeps ``File``/``Dir``/``DataFrame`` data and downloads in a
+    private temporary folder that ``aclose()`` removes (unless a blob store
+    is named: ``blob_store=``, config, ``SHOAL_BLOB_STORE``), so it leaves
+    nothing on disk; references it made are dangling after that.
 
     ``max_concurrency``: most actions running their own code at once (None:
     no limit).  An action waiting for its children does not count, so deep
@@ -142,6 +146,9 @@ class Engine:
             self.config.blob_store or os.environ.get("SHOAL_BLOB_STORE")
         )
         self._blob_store: BlobStore | None = None
+        # A memory engine's blobs and downloads: a private temporary folder made
+        # on first use (most memory engines never store a blob), removed by aclose().
+        self._scratch: Path | None = None
         self._journal: Journal | None = None
         # Invariant: while the journal is being opened, ``_journal_opening``
         # is the one task doing it, which every caller awaits: concurrent
@@ -189,8 +196,17 @@ class Engine:
                 if self._journal is not None:
                     await self._journal.aclose()
             finally:
-                if self._blob_store is not None:
-                    await self._blob_store.aclose()
+                try:
+                    # Forgotten, so that a later use opens it again (a memory engine's
+                    # refuses: its folder is gone).
+                    blobs, self._blob_store = self._blob_store, None
+                    if blobs is not None:
+                        await blobs.aclose()
+                finally:
+                    if self._scratch is not None:
+                        import shutil
+
+                        await asyncio.to_thread(shutil.rmtree, self._scratch, ignore_errors=True)
 
     @property
     def durable(self) -> bool:
@@ -232,12 +248,39 @@ class Engine:
 
     @property
     def blob_store(self) -> BlobStore:
-        """The blob store for large outputs and ``File``/``Dir`` data, opened on first use."""
+        """The blob store for large outputs and ``File``/``Dir`` data, opened on first use.
+
+        For ``store="memory"`` with no blob store named, a local one in the
+        engine's temporary folder, removed by ``aclose()``.
+        """
         if self._blob_store is None:
             from ._blobs import open_blob_store
 
-            self._blob_store = open_blob_store(self._blob_spec, home=self.home)
+            spec = self._blob_spec or (None if self.durable else self._scratch_dir() / "blobs")
+            self._blob_store = open_blob_store(spec, home=self.home)
         return self._blob_store
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where ``File``/``Dir``/``DataFrame`` downloads are cached.
+
+        ``<home>/cache``; for ``store="memory"``, in the engine's temporary folder.
+        """
+        return self.home / "cache" if self.durable else self._scratch_dir() / "cache"
+
+    def _scratch_dir(self) -> Path:
+        if self._closed:
+            raise EngineError(
+                'this engine (store="memory") is closed, and its temporary folder for blobs '
+                "and downloads was removed with it; use File/Dir data while the engine is "
+                "open, or give it a blob_store= that outlives it"
+            )
+        if self._scratch is None:
+            import tempfile
+
+            # mkdtemp makes it 0700 whatever the umask.
+            self._scratch = Path(tempfile.mkdtemp(prefix="shoal-memory-"))
+        return self._scratch
 
     def run_sync(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> asyncio.Future[Any]:
         """Start one attempt of a sync task in a worker thread (with the action's context)."""

@@ -20,7 +20,8 @@ The tree::
     ├── MissingDependency (also ImportError) an optional extra is not installed
     ├── WorkerCrashed                      a parallel_map worker process died
     ├── BlobError                          the blob store failed
-    │   └── BlobNotFound (also LookupError)
+    │   ├── BlobNotFound (also LookupError)
+    │   └── BlobCorrupt                    a blob's content does not match its digest
     └── OffloadError                       a remote backend failed
         └── RemoteError                    the remote task raised; carries its traceback
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActionTimeout",
+    "BlobCorrupt",
     "BlobError",
     "BlobNotFound",
     "ConfigError",
@@ -132,6 +134,10 @@ class BlobError(EngineError):
 
 class BlobNotFound(BlobError, LookupError):
     """No object with that key or digest is in the blob store."""
+
+
+class BlobCorrupt(BlobError):
+    """A blob read back does not hash to its digest: it was changed or damaged after it was stored."""
 
 
 class OffloadError(EngineError):

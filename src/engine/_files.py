@@ -6,6 +6,12 @@ journal records it as those few fields, and another task (or process)
 receives it and fetches the bytes when it needs them.  The bytes are never
 copied into the journal.
 
+Downloads without a destination go to a cache keyed by digest
+(``<home>/cache``; a memory engine's temporary folder).  Its folders are
+owner-only, and a cached copy is hashed again on every hit: one that no
+longer matches its digest (changed, damaged) is dropped, with a
+``RuntimeWarning``, and fetched again.
+
 Which store: an explicit ``store=`` argument; otherwise the blob store of
 the current engine (``engine._context.current_engine()``).  A reference
 written by a store that is not the current one (another process, another
@@ -23,13 +29,23 @@ import hashlib
 import os
 import pathlib
 import shutil
+import stat
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._blobs import object_uri, open_blob_store, run_bounded, store_uri_of
-from ._errors import BlobError, MissingDependency
+from ._blobs import (
+    hash_file,
+    object_uri,
+    open_blob_store,
+    private_folder,
+    run_bounded,
+    store_uri_of,
+    unwritable_destination,
+)
+from ._errors import BlobCorrupt, BlobError, MissingDependency
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -48,12 +64,16 @@ def _current_store() -> "BlobStore":
     return current_engine().blob_store
 
 
+#: What a download-cache folder is called in errors.
+_CACHE = "download cache"
+
+
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
     if cache_dir is not None:
-        return pathlib.Path(cache_dir)
+        return pathlib.Path(cache_dir).expanduser().absolute()
     from ._context import current_engine
 
-    return current_engine().home / "cache"
+    return current_engine().cache_dir
 
 
 @contextlib.asynccontextmanager
@@ -80,8 +100,86 @@ def _safe_name(name: str, fallback: str) -> str:
     return base if base not in ("", ".", "..") else fallback
 
 
-def _mkdir_private(path: pathlib.Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _cached_file_ok(path: pathlib.Path, digest: str, size: int) -> bool | None:
+    """Whether the cached copy at ``path`` holds blob ``digest``: None when there is none.
+
+    A copy that does not hash to its digest (or is not a plain file) is
+    removed here, so the caller fetches the blob again.  Blocking.
+    """
+    try:
+        st = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # making the cache's folders reports a file in the way
+    if stat.S_ISREG(st.st_mode) and st.st_size == size and hash_file(path) == (digest, size):
+        return True
+    _drop(path)
+    return False
+
+
+def _cached_tree_ok(root: pathlib.Path, files: "tuple[DirEntry, ...]") -> bool | None:
+    """Whether the cached tree at ``root`` is exactly ``files``: None when there is none.
+
+    Exactly: every file there, with its content, and nothing else (no
+    extra file, no link).  A tree that differs is removed.  Blocking.
+    """
+    if not os.path.lexists(root):
+        return None
+    expected = {e.path: e for e in files}
+    if (
+        not root.is_symlink()
+        and root.is_dir()
+        and _tree_shape(root, expected)
+        and all(hash_file(root / rel) == (e.digest, e.size) for rel, e in expected.items())
+    ):
+        return True
+    _drop(root)
+    return False
+
+
+def _tree_shape(root: pathlib.Path, expected: "dict[str, DirEntry]") -> bool:
+    """Whether ``root`` holds plain files at exactly the paths of ``expected``, sizes right."""
+    found = 0
+    for folder, dirnames, filenames in os.walk(root):
+        base = pathlib.Path(folder)
+        if any((base / d).is_symlink() for d in dirnames):
+            return False
+        for name in filenames:
+            entry = expected.get((base / name).relative_to(root).as_posix())
+            st = (base / name).lstat()
+            if entry is None or not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+                return False
+            found += 1
+    return found == len(expected)
+
+
+def _drop(path: pathlib.Path) -> None:
+    """Remove a damaged cache entry (a file or a tree) so that it is fetched again."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            # Renamed away first: a concurrent download sees no entry rather than half of one.
+            doomed = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=".damaged."))
+            try:
+                os.rename(path, doomed / path.name)
+            finally:
+                shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass  # another download removed it first
+    except OSError as exc:
+        raise BlobError(
+            f"the {_CACHE} entry {path} is damaged and cannot be removed ({exc.strerror}); "
+            "remove it by hand, or pass another cache_dir"
+        ) from exc
+
+
+def _warn_dropped(path: pathlib.Path, what: str) -> None:
+    warnings.warn(
+        f"the cached copy {path} of {what} no longer matches its digest (it was changed or "
+        "damaged); it was removed and is downloaded again",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class File(msgspec.Struct, frozen=True, tag="engine.File"):
@@ -137,6 +235,13 @@ class File(msgspec.Struct, frozen=True, tag="engine.File"):
         ``async for chunk in fh``; see :class:`engine._blobs.BlobReader`.
         """
         async with _holding(self.store_uri, store) as s, s.open(self.digest) as reader:
+            if reader.size != self.size:
+                raise BlobCorrupt(
+                    f"blob {self.digest} in the blob store {self.store_uri} is corrupt: "
+                    f"{reader.uri} holds {reader.size} bytes, not the {self.size} bytes of "
+                    "the file it was stored from; delete it and store the data again (run "
+                    "the action that produced it again)"
+                )
             yield reader
 
     async def download(
@@ -152,21 +257,24 @@ class File(msgspec.Struct, frozen=True, tag="engine.File"):
         ``dest`` is a directory), replacing what was there.  Without, it goes
         to a cache keyed by digest (``<home>/cache/files/...``, or under
         ``cache_dir``) and is downloaded only once; treat that copy as
-        read-only, as other Files with the same content share it.
+        read-only, as other Files with the same content share it.  A cached
+        copy is hashed on every hit; one that was changed is replaced.
         """
         if dest is not None:
             target = pathlib.Path(dest)
             if await asyncio.to_thread(target.is_dir):
                 target = target / _safe_name(self.name, self.digest)
         else:
-            folder = _cache_root(cache_dir) / "files" / self.digest[:2] / self.digest
-            target = folder / _safe_name(self.name, "data")
-            try:
-                if (await asyncio.to_thread(target.stat)).st_size == self.size:
-                    return target
-            except FileNotFoundError:
-                pass
-            await asyncio.to_thread(_mkdir_private, folder)
+            root = _cache_root(cache_dir)
+            target = root / "files" / self.digest[:2] / self.digest / _safe_name(self.name, "data")
+            intact = await asyncio.to_thread(_cached_file_ok, target, self.digest, self.size)
+            if intact:
+                return target
+            if intact is False:
+                _warn_dropped(target, f"blob {self.digest}")
+            await asyncio.to_thread(
+                private_folder, root, _CACHE, "files", self.digest[:2], self.digest
+            )
         async with _holding(self.store_uri, store) as s:
             await s.get_file(self.digest, target)
         return target
@@ -257,28 +365,30 @@ class Dir(msgspec.Struct, frozen=True, tag="engine.Dir"):
         the same paths are replaced, others left alone).  Without, the tree
         goes to a cache keyed by the manifest digest (``<home>/cache/dirs/``
         or under ``cache_dir``), built in a temporary directory and renamed
-        into place, so a cached tree is always complete.
+        into place, so a cached tree is always complete.  A cached tree is
+        checked on every hit (every file hashed, nothing extra); one that
+        was changed is replaced.
         """
         if dest is not None:
             target = pathlib.Path(dest)
             await self._fetch_into(target, store, concurrency)
             return target
-        dirs = _cache_root(cache_dir) / "dirs"
+        dirs = await asyncio.to_thread(private_folder, _cache_root(cache_dir), _CACHE, "dirs")
         final = dirs / self.digest
-        if await asyncio.to_thread(final.is_dir):
+        intact = await asyncio.to_thread(_cached_tree_ok, final, self.files)
+        if intact:
             return final
-        await asyncio.to_thread(_mkdir_private, dirs)
-        tmp = pathlib.Path(
-            await asyncio.to_thread(tempfile.mkdtemp, dir=dirs, prefix=f".{self.digest[:16]}.")
-        )
+        if intact is False:
+            _warn_dropped(final, f"the tree {self.digest}")
+        tmp = pathlib.Path(await asyncio.to_thread(_private_tree, dirs, self))
         try:
             await self._fetch_into(tmp, store, concurrency)
             try:
                 await asyncio.to_thread(os.rename, tmp, final)
-            except OSError:
+            except OSError as exc:
                 # Another download finished first; its tree is identical.
                 if not await asyncio.to_thread(final.is_dir):
-                    raise
+                    raise unwritable_destination(final, self.uri, exc) from exc
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True)
         return final
@@ -292,6 +402,22 @@ class Dir(msgspec.Struct, frozen=True, tag="engine.Dir"):
                 await s.get_file(entry.digest, target.joinpath(*entry.path.split("/")))
 
             await run_bounded(fetch, self.files, limit=concurrency)
+
+
+def _private_tree(dirs: pathlib.Path, tree: Dir) -> str:
+    """A new temporary folder in ``dirs`` holding ``tree``'s folders, all 0700 (blocking).
+
+    Made here rather than by the stores' downloads, which create missing
+    folders with the umask's mode, as for any destination a user names.
+    """
+    try:
+        tmp = tempfile.mkdtemp(dir=dirs, prefix=f".{tree.digest[:16]}.")
+    except OSError as exc:
+        raise unwritable_destination(dirs / tree.digest, tree.uri, exc) from exc
+    for parts in sorted({tuple(e.path.split("/")[:-1]) for e in tree.files}):
+        if parts:
+            private_folder(pathlib.Path(tmp), _CACHE, *parts)
+    return tmp
 
 
 def _list_files(root: pathlib.Path) -> list[str]:

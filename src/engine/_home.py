@@ -11,6 +11,7 @@ error class with the path and what to do, instead of a raw
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from typing import TYPE_CHECKING
@@ -26,6 +27,9 @@ __all__ = ["private_dir"]
 def private_dir(path: Path, what: str, error: type[EngineError]) -> Path:
     """Create ``path`` (and missing parents) owner-only, or check the existing folder.
 
+    A folder that appears meanwhile (another process made it) is checked
+    on the next call, not this one.
+
     ``what`` names the folder in messages ("shoal home", "blob store");
     ``error`` is the class raised when the folder cannot be used.  Runs
     on whichever thread the caller is on: it is blocking file-system work.
@@ -38,9 +42,17 @@ def private_dir(path: Path, what: str, error: type[EngineError]) -> Path:
         raise error(f"{what} {path} cannot be used: {exc.strerror}; {_advice(path)}") from None
     if st is None:
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # mkdir's mode is filtered by the umask: set it exactly.
-            os.chmod(path, 0o700)
+            # One level at a time, top down: ``mkdir(parents=True)`` would
+            # give the missing parents the umask's mode.  Existing folders
+            # above (``/tmp``, a project folder) are the user's, left alone.
+            missing = [path]
+            while not os.path.lexists(missing[-1].parent) and missing[-1].parent != missing[-1]:
+                missing.append(missing[-1].parent)
+            for folder in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir(mode=0o700)
+                    # mkdir's mode is filtered by the umask: set it exactly.
+                    os.chmod(folder, 0o700)
         except NotADirectoryError:
             raise error(
                 f"{what} {path} cannot be created: a part of that path is a file, not a folder; "

@@ -22,8 +22,17 @@ import tempfile
 import zlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine._blobs import CHUNK, BlobReader, ClosingStore, check_digest, hash_file, run_bounded
-from engine._errors import BlobError, BlobNotFound, ConfigError
+from engine._blobs import (
+    CHUNK,
+    BlobReader,
+    ClosingStore,
+    check_digest,
+    corrupt_blob,
+    hash_file,
+    run_bounded,
+    unwritable_destination,
+)
+from engine._errors import BlobCorrupt, BlobError, BlobNotFound, ConfigError
 
 from ._errors_map import error_code, is_retryable, map_s3_error, map_s3_errors
 
@@ -57,7 +66,11 @@ class S3BlobStore(ClosingStore):
       cancelled upload is aborted, so it never leaves a visible object (nor
       stored parts).  Downloads of large blobs are concurrent range reads.
     - An upload first asks whether the digest is stored (HEAD); if it is,
-      nothing is transferred.  Downloads are checked against the digest.
+      with the right size, nothing is transferred.
+    - Every read is checked against the digest: ``get_bytes`` and
+      ``get_file`` before they return (``get_file`` renames its download
+      into place only then), ``open()`` readers at the end of a full read
+      (see ``BlobReader``).  A mismatch raises ``BlobCorrupt``.
     - Every upload request carries the CRC32 of its body (parts too, as boto3
       sends them), which S3 checks; the payload itself is not signed
       (``UNSIGNED-PAYLOAD``), and no ``Expect: 100-continue`` round trip
@@ -269,9 +282,11 @@ class S3BlobStore(ClosingStore):
 
         data = await self._call(f"read bytes {start}-{end - 1} of", self.object_uri(digest), get)
         if len(data) != end - start:
-            raise BlobError(
-                f"read bytes {start}-{end - 1} of {self.object_uri(digest)}: got {len(data)} "
-                "bytes; the object is shorter than its reference says"
+            raise BlobCorrupt(
+                f"blob {digest} in the blob store {self.uri} is corrupt: reading bytes "
+                f"{start}-{end - 1} of {self.object_uri(digest)} gave {len(data)} bytes, so the "
+                "object is shorter than when it was looked up; delete it and store the data "
+                "again (run the action that produced it again)"
             )
         return data
 
@@ -359,7 +374,7 @@ class S3BlobStore(ClosingStore):
     async def put_bytes(self, data: bytes) -> str:
         data = bytes(data)
         digest = await asyncio.to_thread(_sha256, data) if len(data) > CHUNK else _sha256(data)
-        if await self._head(digest) is None:
+        if not _holds(await self._head(digest), len(data)):
 
             async def read(start: int, end: int) -> bytes:
                 return data[start:end]
@@ -379,7 +394,7 @@ class S3BlobStore(ClosingStore):
             raise BlobNotFound(f"cannot store {path} in {self.uri}: no such file") from exc
         except OSError as exc:
             raise BlobError(f"cannot store {path} in {self.uri}: {exc}") from exc
-        if await self._head(digest) is not None:
+        if _holds(await self._head(digest), size):
             return digest
         if content is not None:
 
@@ -422,6 +437,10 @@ class S3BlobStore(ClosingStore):
 
     # -- reading ------------------------------------------------------------
 
+    def _verify(self, actual: str, digest: str) -> None:
+        if actual != digest:
+            raise corrupt_blob(digest, actual, store=self.uri, where=self.object_uri(digest))
+
     def _missing(self, digest: str) -> BlobNotFound:
         return BlobNotFound(
             f"blob {digest} is not in {self.uri} (no object {self.object_uri(digest)} at "
@@ -451,17 +470,18 @@ class S3BlobStore(ClosingStore):
             data = await self._call("download", self.object_uri(digest), get)
         except BlobNotFound as exc:
             raise self._missing(digest) from exc
-        _verify(_sha256(data), digest, self.object_uri(digest))
+        actual = await asyncio.to_thread(_sha256, data) if len(data) > CHUNK else _sha256(data)
+        self._verify(actual, digest)
         return data
 
     async def get_file(self, digest: str, dest: str | os.PathLike[str]) -> None:
         """Download to a temp file next to ``dest`` (ranges in parallel), check, rename."""
         dest = pathlib.Path(dest)
         size = await self.size(digest)
-        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
-        fd, tmp_name = await asyncio.to_thread(
-            tempfile.mkstemp, dir=dest.parent, prefix=f".{dest.name}."
-        )
+        try:
+            fd, tmp_name = await asyncio.to_thread(_temp_next_to, dest)
+        except OSError as exc:
+            raise unwritable_destination(dest, self.object_uri(digest), exc) from exc
         tmp = pathlib.Path(tmp_name)
         try:
             try:
@@ -474,11 +494,13 @@ class S3BlobStore(ClosingStore):
                 await run_bounded(fetch, range(0, size, step), limit=self.max_concurrency)
             finally:
                 os.close(fd)
+            # Parts arrive out of order, so the whole is hashed once it is written
+            # (from the page cache), before it is renamed into place.
             actual, _ = await asyncio.to_thread(hash_file, tmp)
-            _verify(actual, digest, self.object_uri(digest))
+            self._verify(actual, digest)
             await asyncio.to_thread(os.replace, tmp, dest)
         except OSError as exc:
-            raise BlobError(f"cannot write {dest} from {self.object_uri(digest)}: {exc}") from exc
+            raise unwritable_destination(dest, self.object_uri(digest), exc) from exc
         finally:
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
 
@@ -491,7 +513,12 @@ class S3BlobStore(ClosingStore):
 
         # Read ahead a whole part: one request per part_size of sequential reads.
         yield BlobReader(
-            uri=self.object_uri(digest), size=size, fetch=fetch, chunk_size=self.part_size
+            uri=self.object_uri(digest),
+            size=size,
+            fetch=fetch,
+            chunk_size=self.part_size,
+            digest=digest,
+            store_uri=self.uri,
         )
 
     async def delete(self, digest: str) -> None:
@@ -527,6 +554,20 @@ class S3BlobStore(ClosingStore):
             await asyncio.sleep(0)
 
 
+def _holds(head: dict[str, Any] | None, size: int) -> bool:
+    """Whether HeadObject's answer shows the blob stored with the right size.
+
+    An object of another size is damaged; uploading the blob replaces it.
+    """
+    return head is not None and int(head.get("ContentLength", -1)) == size
+
+
+def _temp_next_to(dest: pathlib.Path) -> tuple[int, str]:
+    """A new temporary file in ``dest``'s folder (made if missing), to rename to ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+
+
 def _no_expect_header(params: dict[str, Any], **_: Any) -> None:
     params.get("headers", {}).pop("Expect", None)
 
@@ -554,11 +595,3 @@ async def _crc32_of(data: bytes) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _verify(actual: str, digest: str, uri: str) -> None:
-    if actual != digest:
-        raise BlobError(
-            f"{uri} is corrupt: its content hashes to {actual}, not {digest}; "
-            "delete the object and upload the file again"
-        )
