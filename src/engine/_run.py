@@ -62,8 +62,9 @@ class Run:
         self.error: BaseException | None = None
         self.started_at = datetime.now(UTC)
         self.finished_at: datetime | None = None
-        #: Per task name, how many of its actions are in each state.
-        self.counters: dict[str, TaskCounts] = {}
+        #: How many actions are in each state: per task name, and per
+        #: (group label, task name) for calls made inside an ``engine.group``.
+        self.counters: dict[str | tuple[str, str], TaskCounts] = {}
         #: Labels of the ``engine.group`` blocks entered in this run.
         self.groups: set[str] = set()
         # Invariant: ``live`` holds every asyncio task currently running an
@@ -117,11 +118,12 @@ class Run:
                 total[state] = total.get(state, 0) + n
         return total or TaskCounts("").as_dict()
 
-    def counters_for(self, name: str) -> TaskCounts:
-        """The counters of ``name`` (a task, or another unit of work such as a parallel_map)."""
-        counts = self.counters.get(name)
+    def counters_for(self, name: str, group: str | None = None) -> TaskCounts:
+        """The counters of ``name`` (a task, or another unit of work such as a parallel_map) in ``group``."""
+        key = name if group is None else (group, name)
+        counts = self.counters.get(key)
         if counts is None:
-            counts = self.counters[name] = TaskCounts(name)
+            counts = self.counters[key] = TaskCounts(name, group)
         return counts
 
     def cancel(self) -> None:
@@ -157,9 +159,10 @@ class Run:
             if task.offload is not None:
                 raise self.engine.offload_unavailable(task)
             self.engine.check_resources(task)
-        counts = self.counters.get(task.name)
+        group = group_var.get()
+        counts = self.counters.get(task.name if group is None else (group, task.name))
         if counts is None:
-            counts = self.counters[task.name] = TaskCounts(task.name)
+            counts = self.counters_for(task.name, group)
         key = ""
         if self.journal is not None:
             # The key is fixed now, at call time, so that it follows the order
@@ -170,7 +173,7 @@ class Run:
                 if found is not None and found[0] in INLINE_KINDS:
                     return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
-        return execute(self, task, parent, group_var.get(), key, values, named, counts)
+        return execute(self, task, parent, group, key, values, named, counts)
 
     def _replay_now(
         self, task: Task[Any, Any], parent: Action, key: str, found: tuple[str, bytes], counts: TaskCounts
