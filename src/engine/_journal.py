@@ -503,6 +503,23 @@ class Journal:
 
         return await self.read(go)
 
+    async def action_tasks(self, run_id: str, *, prefix: str = "", logged: bool = False) -> dict[str, str]:
+        """Key -> task name of the run's recorded actions whose key starts with ``prefix``.
+
+        With ``logged``, only the actions that printed or logged something
+        (what ``shoal logs`` needs to name the task beside each line).
+        """
+
+        def go(db: sqlite3.Connection) -> dict[str, str]:
+            sql = "SELECT DISTINCT key, task FROM actions WHERE run_id=? AND kind='action' AND substr(key, 1, ?)=?"
+            params: list[Any] = [run_id, len(prefix), prefix]
+            if logged:
+                sql += " AND key IN (SELECT action FROM logs WHERE run_id=?)"
+                params.append(run_id)
+            return {key: task for key, task in db.execute(sql, params)}
+
+        return await self.read(go)
+
     async def decode(self, kind: str, data: bytes, type: Any) -> Any:
         if kind.startswith("blob-"):
             data = await self.engine.blob_store.get_bytes(data.decode())
