@@ -86,15 +86,16 @@ class _TaskRate:
         elif active:
             self.finished = None
 
-    def rate(self, now: float) -> float:
+    def rate(self) -> float | None:
+        """Finished per second; None while too little was seen to tell."""
         if self.finished is not None:
             # Over: its average, rather than a window that has emptied.
             took = self.finished - self.first_seen
-            return self.total / took if took > 0 else 0.0
+            return self.total / took if took > 0 else None
         if len(self.samples) < 2:
-            return 0.0
+            return None
         (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
-        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else None
 
     def elapsed(self, now: float) -> float:
         return (self.finished or now) - self.first_seen
@@ -233,7 +234,7 @@ class Progress:
                 f"[red]{counts.failed:,}[/red]" if counts.failed else "0",
                 f"[yellow]{counts.cancelled:,}[/yellow]" if counts.cancelled else "0",
                 f"{counts.cached:,}",
-                f"{rate.rate(now):,.0f}/s",
+                "-" if (per_second := rate.rate()) is None else f"{per_second:,.0f}/s",
                 duration(rate.elapsed(now)),
             )
         bar = ProgressBar(total=max(total, 1), completed=done, width=40)
