@@ -129,7 +129,7 @@ def _query(command: str, store: str | None, what: Callable[[Engine], Awaitable[T
 
     try:
         return asyncio.run(go())
-    except (RunNotFound, ConfigError) as exc:
+    except (RunNotFound, ConfigError, UsageProblem) as exc:
         usage_error(str(exc), command)
     except EngineError as exc:
         if "keeps no journal" in str(exc):
@@ -179,8 +179,11 @@ async def _recorded(journal: Journal, run_id: str) -> render.Recorded:
     if output_kind is None:
         recorded.result_note = "(none: the run did not succeed)" if record.status != "succeeded" else None
     elif output_kind in (MSGPACK, "blob-msgpack"):
-        recorded.has_result = True
-        recorded.result = await journal.decode(output_kind, output, Any)
+        try:
+            recorded.result = await journal.decode(output_kind, output, Any)
+            recorded.has_result = True
+        except EngineError as exc:  # a blob store that lost it, or is unreachable
+            recorded.result_note = f"(in the blob store, unreadable: {exc})"
     else:
         recorded.result_note = f"({output_kind}-encoded; not shown)"
     return recorded
@@ -306,7 +309,7 @@ def task_help(target: str, task: Task[Any, Any]) -> RenderableType:
 
 
 def _version() -> str:
-    """The installed distribution's version (what ``pip`` sees), or the source tree's."""
+    """The installed distribution's version (what ``pip`` sees)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -526,7 +529,7 @@ def build_app() -> typer.Typer:
             rows = [r for r in rows if r[0].startswith(action)]
             tasks = await journal.action_tasks(run_id, prefix=action)
             if not rows and not tasks:
-                raise RunNotFound(
+                raise UsageProblem(
                     f"run {run_id} has no action {action!r} (nor one whose id starts with it); "
                     f"list its actions with 'shoal show {run_id} --actions'"
                 )
