@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import re
+import shlex
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -27,18 +33,36 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
+#: The order the examples are read in (tests/test_examples.py follows it too).
+EXAMPLES = ["hello.py", "fanout.py", "retries.py", "pipeline.py"]
+
+
+def _documented_commands(path: Path) -> list[tuple[list[str], int]]:
+    """The ``shoal ...`` lines of an example's docstring, with the exit code each promises."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    commands = []
+    for line in doc.splitlines():
+        command, _, comment = line.strip().partition("#")
+        if command.startswith("shoal "):
+            promised = re.search(r"exit code (\d+)", comment)
+            commands.append((shlex.split(command)[1:], int(promised.group(1)) if promised else 0))
+    return commands
+
+
 @nox.session
 def examples(session: nox.Session) -> None:
-    """Run every example through the CLI, as a user would."""
+    """Follow every example's docstring, in order, in one fresh folder, as a user would."""
     session.install("-e", ".")
+    root = Path(session.invoked_from)
     session.chdir(session.create_tmp())
-    for name, args in [
-        ("hello.py", []),
-        ("fanout.py", ["--n", "10000"]),
-        ("retries.py", []),
-        ("pipeline.py", []),
-    ]:
-        session.run("shoal", "run", f"{session.invoked_from}/examples/{name}", *args)
+    for name in EXAMPLES:
+        for args, promised in _documented_commands(root / "examples" / name):
+            args = [str(root / a) if a.startswith("examples/") else a for a in args]
+            if "RUN_ID" in args:
+                listed = session.run("shoal", "runs", "--json", "--limit", "1", silent=True)
+                run_id = json.loads(str(listed))[0]["id"]
+                args = [run_id if a == "RUN_ID" else a for a in args]
+            session.run("shoal", *args, success_codes=[promised])
 
 
 @nox.session

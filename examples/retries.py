@@ -1,11 +1,15 @@
 """Retries and traces: a flaky quote service.
 
 ``fetch_quote`` stands for an unreliable API call: it fails the first
-``fail_times`` times it is called for a symbol (counted in files under
-``state``, so the behaviour is the same on every machine).  ``quote``
-retries it with exponential backoff; the ``@engine.trace`` records each
-successful call in the journal, so a resumed run does not call the API
-again for quotes it already has.
+``fail_times`` times it is called for a symbol in a run (counted in files
+under ``state``, one folder per run, so that every run sees the same
+failures on every machine, and a resumed run goes on counting its own).
+``quote`` retries it with exponential backoff (four attempts in all); the
+``@engine.trace`` records each successful call in the journal, so a resumed
+run does not call the API again for quotes it already has.
+
+Followed in order, in one folder (RUN_ID is the run the second command
+started, listed by ``shoal runs``):
 
     shoal run examples/retries.py                    # succeeds after retries
     shoal run examples/retries.py --fail-times 5     # gives up: exit code 1
@@ -20,8 +24,9 @@ import engine
 
 @engine.trace
 def fetch_quote(symbol: str, state: str, fail_times: int) -> float:
-    """The unreliable call: raises ConnectionError ``fail_times`` times per symbol."""
-    counter = Path(state) / f"{symbol}.calls"
+    """The unreliable call: raises ConnectionError ``fail_times`` times per symbol and run."""
+    run = engine.current_run()
+    counter = Path(state) / (run.id if run is not None else "no-run") / f"{symbol}.calls"
     counter.parent.mkdir(parents=True, exist_ok=True)
     calls = int(counter.read_text()) + 1 if counter.exists() else 1
     counter.write_text(str(calls))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import json
@@ -52,13 +53,13 @@ def last_run(*filters: str) -> dict[str, Any]:
     return runs[0]
 
 
-def wait_for_running(deadline: float = 20.0) -> str:
-    """The id of the run another process is running, once it is in the journal."""
+def wait_for_running(deadline: float = 20.0, min_actions: int = 11) -> str:
+    """The id of the run another process is running, once it has recorded ``min_actions``."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if Path(".shoal/shoal.db").exists():
             runs = json.loads(shoal("runs", "--json", "--status", "running").stdout or "[]")
-            if runs and runs[0]["actions"] > 10:
+            if runs and runs[0]["actions"] >= min_actions:
                 return str(runs[0]["id"])
         time.sleep(0.1)
     raise AssertionError("the run never showed up as running")
@@ -221,9 +222,9 @@ def test_show_draws_groups_tasks_and_failures() -> None:
     assert {(t["task"], t["group"], t["succeeded"]) for t in data["tasks"]} == {
         ("chatty", None, 1), ("speak", "talk", 3), ("shout", None, 1),
     }
-    assert len(data["actions"]) == 5 and data["failed_actions"] == []
+    assert len(data["action_records"]) == data["actions"] == 5 and data["failed_actions"] == []
     listed = shoal("show", run["id"], "--actions").stdout
-    assert all(a["key"] in listed for a in data["actions"])
+    assert all(a["key"] in listed for a in data["action_records"])
 
     assert shoal("run", FAILING, "--n", "4").exit_code == 1
     failed = last_run()
@@ -331,7 +332,8 @@ def test_capture_saves_prints_and_logs_per_action(capsys: pytest.CaptureFixture[
     assert only.strip() == "thread says hi"
     as_json = json.loads(shoal("logs", run.id, "--json").stdout)
     assert {"action", "at", "stream", "text"} <= set(as_json[0])
-    assert "no output recorded" in shoal("logs", run.id, "ffffffffff").stderr
+    unknown = shoal("logs", run.id, "ffffffffff")
+    assert unknown.exit_code == 2 and "no action 'ffffffffff'" in unknown.stderr
 
 
 async def test_capture_is_shared_by_concurrent_runs_and_removed_by_the_last() -> None:
@@ -448,3 +450,350 @@ def test_cancel_from_another_process() -> None:
     assert "cancelled" in err
     again = shoal("cancel", run_id)
     assert again.exit_code == 0 and "nothing to cancel" in again.stderr
+
+
+# -- the live table, from counters ---------------------------------------------------------
+
+
+class _Counted:
+    """Stands for a run in the display: ``counters`` is all it reads."""
+
+    def __init__(self, *counts: engine.TaskCounts) -> None:
+        self.id = "r1"
+        self.counters = {(c.name if c.group is None else (c.group, c.name)): c for c in counts}
+
+
+def _counts(name: str, group: str | None = None, **states: int) -> engine.TaskCounts:
+    counts = engine.TaskCounts(name, group)
+    for state, n in states.items():
+        setattr(counts, state, n)
+    return counts
+
+
+def _text(renderable: Any) -> str:
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(renderable)
+    return out.getvalue()
+
+
+async def test_live_table_counts_work_done_apart_from_commits_and_shows_groups() -> None:
+    now = [100.0]
+    async with engine.Engine(store="memory") as eng:
+        progress = Progress(eng, Console(file=io.StringIO()), live=True, clock=lambda: now[0])
+        progress.close()
+    square = _counts("square", "shards", running=1_000, committing=400_000, succeeded=100_000, upcoming=499_000)
+    run = _Counted(
+        _counts("main", running=1),
+        square,
+        _counts("check", "report", cancelled=3, failed=2, pending=1),
+    )
+    text = _text(progress.render(run))  # type: ignore[arg-type]
+    header = next(line for line in text.splitlines() if "pending" in line).split()
+    assert header == [
+        "task", "pending", "running", "committing", "succeeded", "failed", "cancelled", "cached", "rate", "elapsed",
+    ]
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    # Upcoming map calls are pending; what waits for its commit is not running.
+    assert rows["square"][1:6] == ["499,000", "1,000", "400,000", "100,000", "0"]
+    assert rows["check"][1:7] == ["1", "0", "0", "0", "2", "3"]
+    lines = text.splitlines()
+    assert lines.index(next(x for x in lines if "group shards" in x)) < lines.index(
+        next(x for x in lines if x.split()[:1] == ["square"])
+    )
+    assert "group report" in text
+    # The bar's total is the whole fan-out; done counts the work that is over.
+    assert "500,005/1,000,007 actions done" in text
+    assert "400,000 committing" in text
+
+    # The rate follows finished work over the window, committed or not.
+    now[0] += 2.0
+    square.committing += 50_000  # 50,000 more finished, none of them committed
+    square.upcoming -= 50_000
+    text = _text(progress.render(run))  # type: ignore[arg-type]
+    square_row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["square"])
+    assert square_row[8] == "25,000/s"
+
+    plain = progress.plain_lines(run)  # type: ignore[arg-type]
+    assert any(line.endswith("shards/square: 550000/1000000 done (450,000 committing), 0 failed") for line in plain)
+    assert any(line.endswith("report/check: 5/6 done, 2 failed, 3 cancelled") for line in plain)
+
+
+async def test_a_finished_task_shows_its_average_rate() -> None:
+    now = [0.0]
+    async with engine.Engine(store="memory") as eng:
+        progress = Progress(eng, Console(file=io.StringIO()), live=True, clock=lambda: now[0])
+        progress.close()
+    nap = _counts("nap", running=10)
+    run = _Counted(nap)
+    progress.render(run)  # type: ignore[arg-type]
+    now[0] = 4.0
+    nap.running, nap.succeeded = 0, 10
+    progress.render(run)  # type: ignore[arg-type]
+    now[0] = 60.0  # long after: no window left, the average remains
+    row = next(line.split() for line in _text(progress.render(run)).splitlines() if line.split()[:1] == ["nap"])  # type: ignore[arg-type]
+    assert row[8] == "2/s" and row[9] == "4.00s"
+
+
+async def test_map_over_sized_items_gives_progress_its_total_up_front() -> None:
+    seen: list[str] = []
+
+    @engine.task
+    async def item(i: int) -> int:
+        if i == 0:
+            run = engine.current_run()
+            assert run is not None
+            seen.append(_text(progress.render(run)))
+        await asyncio.sleep(0)
+        return i
+
+    @engine.task
+    async def fan(n: int) -> int:
+        async with engine.group("items"):
+            total = sum(await engine.map(item, range(n), concurrency=5))
+        # A generator has no length: its calls are counted as they are made.
+        total += sum(await engine.map(item, (i for i in range(1, 4)), concurrency=2))
+        return total
+
+    async with engine.Engine(store="memory") as eng:
+        progress = Progress(eng, Console(file=io.StringIO()), live=True)
+        run = await eng.run(fan, 50)
+        progress.close()
+    assert run.result == sum(range(50)) + 6
+    assert "/51 actions done" in seen[0], seen[0]  # fan and the 50 items, from the first item on
+    assert "group items" in seen[0]
+    # Nothing is left announced once the maps are over.
+    assert all(c.upcoming == 0 for c in run.counters.values())
+    assert run.counters[("items", "item")].succeeded == 50 and run.counters["item"].succeeded == 3
+
+
+async def test_map_stopped_early_withdraws_what_it_announced() -> None:
+    @engine.task
+    async def boom(i: int) -> int:
+        if i == 3:
+            raise ValueError("stop")
+        return i
+
+    @engine.task
+    async def fan() -> int:
+        return sum(await engine.map(boom, range(100), concurrency=4))
+
+    async with engine.Engine(store="memory") as eng:
+        run = await eng.run(fan)
+    assert run.status == "failed"
+    counts = run.counters["boom"]
+    assert counts.upcoming == 0 and counts.total < 100
+
+
+# -- the command's contract: stdout, pipes, JSON, exit codes ---------------------------------
+
+PRINTER = str(DATA / "printer.py")
+SLEEPER = str(DATA / "sleeper.py")
+
+
+def shoal_process(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real ``shoal`` command in a child process, nothing configured (no logging, no pytest)."""
+    return subprocess.run(
+        [sys.executable, "-c", BOOT, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_logs_show_each_record_once_with_its_task() -> None:
+    result = shoal_process("run", f"{FLOWS}:chatty")
+    assert result.returncode == 0, result.stderr
+    # Python's last resort still shows the warning to the user...
+    assert "careful 2" in result.stderr
+    run_id = last_run()["id"]
+    records = json.loads(shoal("show", run_id, "--actions", "--json").stdout)["action_records"]
+    keys = {a["task"]: a["key"] for a in records}
+    lines = shoal("logs", run_id).stdout.splitlines()
+    # ... and the journal holds it once, as a log record, not again as stderr.
+    assert [line for line in lines if "careful" in line] == [f"{keys['chatty']} chatty: [log] WARNING flows: careful 2"]
+    speaks = sorted(f"{a['key']} speak: speaking" for a in records if a["task"] == "speak")
+    assert sorted(line.rsplit(" ", 3)[0] for line in lines if " speak: " in line) == speaks
+    assert f"{keys['shout']} shout: thread says hi" in lines
+    as_json = json.loads(shoal("logs", run_id, "--json").stdout)
+    assert {(row["task"], row["text"]) for row in as_json} >= {("shout", "thread says hi"), ("chatty", "root done")}
+
+
+def test_a_reader_that_stops_early_fails_neither_the_run_nor_the_command() -> None:
+    # `shoal run printer.py | head -n 3`, with a real pipe: head exits after three lines.
+    script = f"set -o pipefail; {sys.executable} -c \"$BOOT\" run {PRINTER} | head -n 3"
+    proc = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "BOOT": BOOT},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["result 0", "result 1", "result 2"]
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+    # What the tasks printed went to stderr, and to the journal, whole.
+    assert "action 7 line 19" in proc.stderr
+    run = last_run()
+    assert run["status"] == "succeeded" and run["actions"] == 51
+    logs = shoal("logs", run["id"], "--json")
+    assert len([r for r in json.loads(logs.stdout) if r["text"].startswith("action ")]) == 50 * 20
+
+
+def test_json_stdout_holds_only_the_json_when_tasks_print() -> None:
+    result = shoal("run", PRINTER, "--n", "3", "--lines", "2", "--result-lines", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == "result 0"
+    assert "action 2 line 1" in result.stderr
+
+
+async def test_capture_survives_a_closed_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+
+    @engine.task
+    async def loud(n: int) -> int:
+        for i in range(n):
+            print(f"loud {i}")  # noqa: T201 - output to capture
+        return n
+
+    try:
+        async with engine.Engine() as eng:
+            run = await eng.run(loud, 30)
+            rows = await (await eng.journal()).logs(run.id)
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(BrokenPipeError):
+            closed.close()
+    assert run.status == "succeeded", run.error
+    assert [text for _a, _at, _s, text in rows] == [f"loud {i}" for i in range(30)]
+
+
+def test_failed_run_with_json_prints_a_document() -> None:
+    result = shoal("run", FAILING, "--n", "4", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["run"] == last_run()["id"] and doc["status"] == "failed"
+    assert doc["error"]["type"] == "ValueError" and doc["error"]["message"].startswith("odd item 1")
+    assert "Traceback" in doc["error"]["traceback"]
+
+
+def test_show_json_gives_actions_one_type() -> None:
+    assert shoal("run", FLOWS, "--n", "4").exit_code == 0
+    run_id = last_run()["id"]
+    plain = json.loads(shoal("show", run_id, "--json").stdout)
+    listed = json.loads(shoal("show", run_id, "--json", "--actions", "--limit", "2").stdout)
+    assert plain["actions"] == listed["actions"] == 5
+    assert "action_records" not in plain
+    assert len(listed["action_records"]) == 2
+    assert json.loads(shoal("runs", "--json").stdout)[0]["actions"] == 5
+
+
+def test_show_gives_arguments_result_and_tracebacks() -> None:
+    assert shoal("run", FLOWS, "--n", "2", "--names", "a", "--label", "y" * 1000).exit_code == 0
+    run_id = last_run()["id"]
+    out = shoal("show", run_id).stdout
+    flat = "".join(out.split())  # the table wraps long values
+    assert "arguments  2, 1.0, ['a'], False, None," in out
+    assert "morecharacters)" in flat and "y" * 1000 not in flat  # long values are cut, and say so
+    assert "result     {'total': 1.0," in out
+    data = json.loads(shoal("show", run_id, "--json").stdout)
+    assert data["args"] == {"args": [2, 1.0, ["a"], False, None, "y" * 1000], "kwargs": {}}
+    assert data["result"]["total"] == 1.0
+
+    assert shoal("run", FAILING, "--n", "4").exit_code == 1
+    failed_id = last_run()["id"]
+    out = shoal("show", failed_id).stdout
+    assert "traceback of" in out and 'raise ValueError(f"odd item {i}' in out
+    assert "(none: the run did not succeed)" in out
+
+
+def test_show_says_when_a_listing_is_cut() -> None:
+    assert shoal("run", FLOWS, "--n", "6").exit_code == 0
+    run_id = last_run()["id"]
+    page = shoal("show", run_id, "--actions", "--limit", "3").stdout
+    assert "3 of 7 actions shown; use --offset 3 for more" in page
+    last = shoal("show", run_id, "--actions", "--limit", "3", "--offset", "6").stdout
+    assert "1 of 7 actions shown (from 7)" in last and "--offset" not in last.split("shown")[-1]
+    whole = shoal("show", run_id, "--actions").stdout
+    assert " of 7 actions shown" not in whole
+
+
+def test_show_says_how_many_failures_it_left_out() -> None:
+    assert shoal("run", FAILING, "--n", "60").exit_code == 1
+    out = shoal("show", last_run()["id"]).stdout
+    # 30 odd items and the root failed; the first 20 are listed.
+    assert "20 of 31 failed actions shown" in out
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "shoal cancel"])
+def test_stopping_a_run_does_not_wait_for_sync_threads(how: str) -> None:
+    proc = spawn("run", SLEEPER, "--seconds", "600")
+    try:
+        run_id = wait_for_running(min_actions=20)
+        time.sleep(0.5)  # the sync task is in its thread by now
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            assert shoal("cancel", run_id).exit_code == 0
+        # The thread sleeps for ten minutes; the command exits long before.
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert proc.returncode == (130 if how == "ctrl-c" else 1), err
+    assert "abandoned 1 sync-task thread still running" in err
+    assert last_run()["status"] == "cancelled"
+
+
+# -- packaging ----------------------------------------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_version_and_shell_completion() -> None:
+    from importlib.metadata import version
+
+    result = shoal("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"shoal {version('shoal')}"
+    assert "--install-completion" in shoal("--help").stdout
+    # Typer's completion, as a shell asks for it.
+    env = {**os.environ, "_SHOAL_COMPLETE": "complete_bash", "COMP_WORDS": "shoal ru", "COMP_CWORD": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", BOOT], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(proc.stdout.split()) == {"run", "runs"}
+
+
+def test_the_wheel_carries_license_metadata_and_the_command(tmp_path: Path) -> None:
+    import importlib.util
+    import zipfile
+
+    if importlib.util.find_spec("hatchling") is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("hatchling is needed to build the wheel (pip install hatchling)")
+        pytest.skip("hatchling is not installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("shoal-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = zf.read(f"{dist_info}/METADATA").decode()
+        entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
+        license_text = zf.read(f"{dist_info}/licenses/LICENSE").decode()
+    headers = [line.split(": ", 1) for line in metadata.split("\n\n", 1)[0].splitlines() if ": " in line]
+    fields: dict[str, list[str]] = {}
+    for key, value in headers:
+        fields.setdefault(key, []).append(value)
+    assert fields["Name"] == ["shoal"]
+    assert fields["License-Expression"] == ["Apache-2.0"] and fields["License-File"] == ["LICENSE"]
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert license_text == (ROOT / "LICENSE").read_text()
+    assert fields["Author"]
+    classifiers = set(fields["Classifier"])
+    assert {"Typing :: Typed", "Framework :: AsyncIO", "Programming Language :: Python :: 3.11"} <= classifiers
+    requires = [r.split(";")[0].strip() for r in fields["Requires-Dist"] if "extra ==" not in r]
+    assert not any(r.startswith("anyio") for r in requires)  # declared only if imported
+    assert {"msgspec", "rich", "typer"} <= {r.split(">")[0].split("=")[0] for r in requires}
+    assert "shoal = engine._cli:main" in entry_points
+    assert "engine/py.typed" in names and "offload/py.typed" in names

@@ -161,14 +161,21 @@ class CaptureStream:
                 capture = captures.get(action.run.id)
                 if capture is not None:
                     capture.add(action.label, self.stream, text)
-        return self.real.write(text)
+        try:
+            return self.real.write(text)
+        except BrokenPipeError:
+            # The reader went away (``shoal run flow.py | head``): the text
+            # is captured all the same, and a print must not fail the action
+            # that made it (nor every other action that prints after it).
+            return len(text)
 
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
-        self.real.flush()
+        with contextlib.suppress(BrokenPipeError):
+            self.real.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -180,7 +187,10 @@ class CaptureHandler(logging.Handler):
     While it is installed, the root logger has a handler, so Python's
     "last resort" (warnings to stderr when nothing is configured) would no
     longer fire; the handler stands in for it in that case, so installing
-    capture does not change what a user sees.
+    capture does not change what a user sees.  It writes what the last
+    resort would to the stream under the stderr proxy, not through it: the
+    record is saved once, as ``log``, not a second time as a line of
+    ``stderr``.
     """
 
     def __init__(self, hub: CaptureHub) -> None:
@@ -193,7 +203,8 @@ class CaptureHandler(logging.Handler):
             if _only_handler(self, record.name):
                 last = logging.lastResort
                 if last is not None and record.levelno >= last.level:
-                    last.handle(record)
+                    with contextlib.suppress(BrokenPipeError):
+                        self.hub.stderr.real.write(last.format(record) + "\n")
             captures = self.hub.captures
             if not captures:
                 return

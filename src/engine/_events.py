@@ -22,7 +22,7 @@ EVENT_KINDS: frozenset[str] = frozenset(
 
 
 class TaskCounts:
-    """How many actions of one task are in each state, in one run.
+    """How many actions of one task (in one ``engine.group``, if any) are in each state, in one run.
 
     Invariant: ``pending + running + committing`` is the number of actions
     of this task created and not yet finished; each finished action is
@@ -32,6 +32,12 @@ class TaskCounts:
     not running any more, and not succeeded until their record is durable.  ``cached`` (served
     from the cross-run cache) and ``replayed`` (served from the journal on
     resume) are subsets of ``succeeded``; ``retries`` counts retried attempts.
+
+    ``upcoming`` is not a state: it counts the calls an ``engine.map`` over
+    a sized iterable will still make and has not made yet (they are no
+    actions yet), so that progress knows the total from the start.
+    ``group`` is the ``engine.group`` label of these actions (None outside
+    any group).
     """
 
     __slots__ = (
@@ -39,16 +45,20 @@ class TaskCounts:
         "cancelled",
         "committing",
         "failed",
+        "group",
         "name",
         "pending",
         "replayed",
         "retries",
         "running",
         "succeeded",
+        "upcoming",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, group: str | None = None) -> None:
         self.name = name
+        self.group = group
+        self.upcoming = 0
         self.pending = 0
         self.running = 0
         self.committing = 0
@@ -62,6 +72,11 @@ class TaskCounts:
     @property
     def done(self) -> int:
         return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def finished(self) -> int:
+        """Actions whose work is over: done, or only waiting for their record's commit."""
+        return self.committing + self.succeeded + self.failed + self.cancelled
 
     @property
     def total(self) -> int:
@@ -82,7 +97,8 @@ class TaskCounts:
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v}" for k, v in self.as_dict().items() if v)
-        return f"TaskCounts({self.name!r}, {inner})"
+        where = "" if self.group is None else f", group={self.group!r}"
+        return f"TaskCounts({self.name!r}{where}, {inner})"
 
 
 class ActionEvent(msgspec.Struct, frozen=True, tag=True):

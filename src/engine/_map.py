@@ -13,6 +13,7 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
+    Sized,
 )
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from ._action import Action
+
+if TYPE_CHECKING:
+    from ._events import TaskCounts
 
 __all__ = ["MapResults", "group", "map"]
 
@@ -114,10 +118,18 @@ class MapResults(Generic[R]):
         in_flight: deque[asyncio.Future[Any]] = deque()
         window = self._window
         loop = asyncio.get_running_loop()
+        # Progress knows the whole fan-out at once when the items have a
+        # length: the calls this map has not made yet count as upcoming.
+        # Invariant: ``left`` of them are in ``counts.upcoming`` now.
+        counts, left = self._announce()
 
         group = self._group
 
         def start(args: tuple[Any, ...]) -> asyncio.Future[Any]:
+            nonlocal left
+            if left:
+                left -= 1
+                counts.upcoming -= 1  # type: ignore[union-attr]
             if group_var.get() != group:
                 # Consumed outside the group it was made in: its actions
                 # start (and are labelled) in that group all the same.
@@ -144,12 +156,27 @@ class MapResults(Generic[R]):
             while in_flight:
                 yield await self._next(in_flight)
         finally:
+            if left:
+                counts.upcoming -= left  # type: ignore[union-attr]
             # Whatever is still in flight (a failure, or the consumer stopped
             # early) is cancelled: map never leaves actions behind.
             for fut in in_flight:
                 fut.cancel()
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+
+    def _announce(self) -> tuple[TaskCounts | None, int]:
+        """Count this map's calls as upcoming in its run's progress, when they are known."""
+        action = action_var.get()
+        name = getattr(self._task, "name", None)
+        if action is None or not isinstance(name, str):
+            return None, 0
+        if not all(isinstance(items, Sized) for items in self._iterables):
+            return None, 0
+        n = min(len(items) for items in self._iterables)  # type: ignore[arg-type]
+        counts = action.run.counters_for(name, group_var.get())
+        counts.upcoming += n
+        return counts, n
 
     async def _next(self, in_flight: deque[asyncio.Future[Any]]) -> Any:
         head = in_flight[0]

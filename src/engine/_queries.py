@@ -201,6 +201,24 @@ class JournalQueries:
         result: list[tuple[str, float, str, str]] = await self.read(go, list)
         return result
 
+    async def action_tasks(self, run_id: str, *, prefix: str = "", logged: bool = False) -> dict[str, str]:
+        """Key -> task name of the run's recorded actions whose key starts with ``prefix``.
+
+        With ``logged``, only the actions that printed or logged something
+        (what ``shoal logs`` needs to name the task beside each line).
+        """
+
+        def go(db: sqlite3.Connection) -> dict[str, str]:
+            sql = "SELECT DISTINCT key, task FROM actions WHERE run_id=? AND kind='action' AND substr(key, 1, ?)=?"
+            params: list[Any] = [run_id, len(prefix), prefix]
+            if logged:
+                sql += " AND key IN (SELECT action FROM logs WHERE run_id=?)"
+                params.append(run_id)
+            return {key: task for key, task in db.execute(sql, params)}
+
+        result: dict[str, str] = await self.read(go)
+        return result
+
     async def replay_table(self, run_id: str) -> dict[str, tuple[str, bytes]]:
         """key -> (kind, bytes) of every action and trace that succeeded in the run.
 

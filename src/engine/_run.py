@@ -64,8 +64,9 @@ class Run:
         #: When this attempt started (a resumed run's ``started_at`` is its first's).
         self.attempt_started_at = self.started_at
         self.finished_at: datetime | None = None
-        #: Per task name, how many of its actions are in each state.
-        self.counters: dict[str, TaskCounts] = {}
+        #: How many actions are in each state: per task name, and per
+        #: (group label, task name) for calls made inside an ``engine.group``.
+        self.counters: dict[str | tuple[str, str], TaskCounts] = {}
         #: Labels of the ``engine.group`` blocks entered in this run.
         self.groups: set[str] = set()
         # Invariant: ``live`` holds every asyncio task currently running an
@@ -125,11 +126,12 @@ class Run:
                 total[state] = total.get(state, 0) + n
         return total or TaskCounts("").as_dict()
 
-    def counters_for(self, name: str) -> TaskCounts:
-        """The counters of ``name`` (a task, or another unit of work such as a parallel_map)."""
-        counts = self.counters.get(name)
+    def counters_for(self, name: str, group: str | None = None) -> TaskCounts:
+        """The counters of ``name`` (a task, or another unit of work such as a parallel_map) in ``group``."""
+        key = name if group is None else (group, name)
+        counts = self.counters.get(key)
         if counts is None:
-            counts = self.counters[name] = TaskCounts(name)
+            counts = self.counters[key] = TaskCounts(name, group)
         return counts
 
     def cancel(self) -> None:
@@ -180,9 +182,14 @@ class Run:
             if task.offload is not None:
                 raise self.engine.offload_unavailable(task)
             self.engine.check_resources(task)
-        counts = self.counters.get(task.name)
+        # Progress counts a call under the group it is made in; the journal
+        # labels the action with the group it starts in (see engine.group).
+        # The two differ only for a coroutine made outside a group and
+        # awaited inside it.
+        group = group_var.get()
+        counts = self.counters.get(task.name if group is None else (group, task.name))
         if counts is None:
-            counts = self.counters[task.name] = TaskCounts(task.name)
+            counts = self.counters_for(task.name, group)
         key = ""
         if self.keyed:
             memo = parent.memo

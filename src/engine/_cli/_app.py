@@ -5,12 +5,28 @@ failed or was cancelled (or the engine failed), 2 for a usage error (bad
 file, task, option or value, unknown run id), 130 when Ctrl-C stopped the
 run.  Progress, failures and summaries go to stderr; results and ``--json``
 documents go to stdout, so that ``shoal run flow.py --json > out.json``
-gives clean JSON.
+gives clean JSON.  What the tasks themselves print goes to stderr too (and
+to the journal) whenever stdout is not a terminal or ``--json`` is given,
+and a reader that goes away early (``shoal run flow.py | head``) fails
+neither the run nor its exit code.
+
+``shoal run --json`` prints the result as JSON when the run succeeded, and
+otherwise a document ``{"run": ID, "status": "failed" | "cancelled",
+"error": {"type", "message", "traceback"} | null}``.
+
+After Ctrl-C or ``shoal cancel``, the command exits as soon as the run is
+recorded as cancelled: a sync task's thread that is still running (Python
+cannot stop a thread) is abandoned, and the command says how many were.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -20,6 +36,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .._codec import MSGPACK, decode_value
 from .._engine import Engine
 from .._errors import ConfigError, EngineError, ImportFailed, InputError, RunNotFound
 from . import _render as render
@@ -38,6 +55,10 @@ T = TypeVar("T")
 
 #: Exit code after Ctrl-C, as a shell reports a process killed by SIGINT.
 EXIT_INTERRUPTED = 130
+#: The name prefix of the engine's threads for sync tasks (see Engine.run_sync).
+SYNC_THREAD_PREFIX = "shoal-sync"
+#: Seconds idle sync-task threads get to exit once their engine has closed.
+THREAD_GRACE = 0.5
 
 StoreOption = Annotated[
     str | None,
@@ -108,7 +129,7 @@ def _query(command: str, store: str | None, what: Callable[[Engine], Awaitable[T
 
     try:
         return asyncio.run(go())
-    except (RunNotFound, ConfigError) as exc:
+    except (RunNotFound, ConfigError, UsageProblem) as exc:
         usage_error(str(exc), command)
     except EngineError as exc:
         if "keeps no journal" in str(exc):
@@ -141,10 +162,92 @@ class _NoJournal(Exception):
     """No journal file yet: nothing was ever run with this store."""
 
 
-def _finish(outcome: Outcome, console: Console, store: str | None) -> None:
+async def _recorded(journal: Journal, run_id: str) -> render.Recorded:
+    """The run's arguments and result as recorded, decoded for display.
+
+    Pickled values are not unpickled here (that would run the pickled
+    classes' code in ``shoal show``); a result kept in the blob store is
+    fetched from it.
+    """
+    record, output, output_kind = await journal.load_run(run_id)
+    recorded = render.Recorded()
+    if record.args_kind == MSGPACK:
+        values, named = decode_value(record.args_kind, record.args)
+        recorded.args, recorded.kwargs = list(values), dict(named)
+    else:
+        recorded.args_note = f"({record.args_kind}-encoded; not shown)"
+    if output_kind is None:
+        recorded.result_note = "(none: the run did not succeed)" if record.status != "succeeded" else None
+    elif output_kind in (MSGPACK, "blob-msgpack"):
+        try:
+            recorded.result = await journal.decode(output_kind, output, Any)
+            recorded.has_result = True
+        except EngineError as exc:  # a blob store that lost it, or is unreachable
+            recorded.result_note = f"(in the blob store, unreadable: {exc})"
+    else:
+        recorded.result_note = f"({output_kind}-encoded; not shown)"
+    return recorded
+
+
+def _echo(text: str) -> None:
+    """Print ``text`` on stdout; a reader that has gone away (``| head``) is not an error."""
+    try:
+        typer.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nobody reads stdout any more.  Point it at /dev/null so that the
+        # interpreter's last flush does not fail too (and turn the exit
+        # code into 120); the command's own exit code stands.
+        # (OSError and ValueError cover a stdout without a file descriptor.)
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+
+def _error_json(error: BaseException | None) -> dict[str, str] | None:
+    if error is None:
+        return None
+    import traceback
+
+    return {
+        "type": type(error).__qualname__,
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+
+
+def _abandoned_threads(grace: float = THREAD_GRACE) -> int:
+    """How many sync-task threads are still running now that every engine has closed.
+
+    A closed engine's idle threads exit at once; those left are running a
+    sync task that was cancelled or timed out, and Python cannot stop them.
+    """
+    threads = [t for t in threading.enumerate() if t.name.startswith(SYNC_THREAD_PREFIX)]
+    deadline = time.monotonic() + grace
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(t.is_alive() for t in threads)
+
+
+def _say_abandoned(console: Console) -> None:
+    left = _abandoned_threads()
+    if left:
+        console.print(
+            f"abandoned {left} sync-task thread{'s' if left != 1 else ''} still running "
+            f"(Python cannot stop a thread); exiting without waiting for "
+            f"{'them' if left != 1 else 'it'}"
+        )
+
+
+def _finish(outcome: Outcome, console: Console, store: str | None, *, as_json: bool = False) -> None:
     """Exit with the code of ``outcome``, after saying how to resume when that makes sense."""
     run = outcome.run
     resume = f"shoal resume {run.id}" + (f" --store {store}" if store else "") if run else ""
+    if run is not None and run.status != "succeeded":
+        _say_abandoned(console)
+        if as_json:
+            doc = {"run": run.id, "status": run.status, "error": _error_json(run.error)}
+            _echo(render.json_text(doc))
     if outcome.interrupted:
         if run is not None and outcome.durable:
             console.print(f"interrupted; resume the run with: {resume}")
@@ -167,13 +270,28 @@ def _finish(outcome: Outcome, console: Console, store: str | None) -> None:
 def _print_result(result: Any, as_json: bool) -> None:
     if as_json:
         try:
-            typer.echo(msgspec.json.encode(result).decode())
+            _echo(msgspec.json.encode(result).decode())
         except (TypeError, msgspec.EncodeError):
-            typer.echo(msgspec.json.encode(repr(result)).decode())
+            _echo(msgspec.json.encode(repr(result)).decode())
         return
     if result is None:
         return
-    typer.echo(result if isinstance(result, str) else repr(result))
+    _echo(result if isinstance(result, str) else repr(result))
+
+
+def _task_output_to_stderr(as_json: bool) -> contextlib.AbstractContextManager[Any]:
+    """Send what tasks print to stderr while the run goes, unless stdout is a terminal.
+
+    Stdout then carries the result alone (JSON with ``--json``), whatever the
+    tasks print; the journal still records their output as ``stdout``.
+    """
+    try:
+        interactive = sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if interactive and not as_json:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def task_help(target: str, task: Task[Any, Any]) -> RenderableType:
@@ -190,15 +308,46 @@ def task_help(target: str, task: Task[Any, Any]) -> RenderableType:
     return Group(*parts)
 
 
+def _version() -> str:
+    """The installed distribution's version (what ``pip`` sees)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shoal")
+    except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"shoal {_version()}")
+        raise typer.Exit(0)
+
+
 def build_app() -> typer.Typer:
-    """The ``shoal`` Typer application (built on demand: no module-level state)."""
+    """The ``shoal`` Typer application (built on demand: no module-level state).
+
+    Shell completion is Typer's: ``shoal --install-completion`` installs it
+    for the current shell, ``--show-completion`` prints the script.
+    """
     app = typer.Typer(
         name="shoal",
         help="shoal: run, inspect, resume and cancel workflow runs.",
         no_args_is_help=True,
-        add_completion=False,
+        add_completion=True,
         pretty_exceptions_enable=False,
     )
+
+    @app.callback()
+    def root(
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version", is_eager=True, callback=_show_version, help="Print shoal's version and exit."
+            ),
+        ] = False,
+    ) -> None:
+        """shoal: run, inspect, resume and cancel workflow runs."""
 
     @app.command(
         "run",
@@ -230,12 +379,13 @@ def build_app() -> typer.Typer:
             usage_error(str(exc), "run")
         console = _stderr()
         try:
-            outcome = asyncio.run(
-                run_with_progress(
-                    task, parsed.args, parsed.kwargs, tags=tag or (), store=store,
-                    max_concurrency=max_concurrency, console=console, live=console.is_terminal,
+            with _task_output_to_stderr(as_json):
+                outcome = asyncio.run(
+                    run_with_progress(
+                        task, parsed.args, parsed.kwargs, tags=tag or (), store=store,
+                        max_concurrency=max_concurrency, console=console, live=console.is_terminal,
+                    )
                 )
-            )
         except (InputError, ConfigError, ImportFailed) as exc:
             usage_error(str(exc), "run")
         except KeyboardInterrupt:
@@ -244,7 +394,7 @@ def build_app() -> typer.Typer:
         except EngineError as exc:
             console.print(f"[red]error:[/red] {render.escape_markup(str(exc))}")
             raise typer.Exit(1) from None
-        _finish(outcome, console, store)
+        _finish(outcome, console, store, as_json=as_json)
         assert outcome.run is not None
         _print_result(outcome.run.result, as_json)
 
@@ -269,12 +419,13 @@ def build_app() -> typer.Typer:
                     "resume",
                 )
         try:
-            outcome = asyncio.run(
-                resume_with_progress(
-                    run_id, store=store, max_concurrency=max_concurrency, console=console,
-                    live=console.is_terminal,
+            with _task_output_to_stderr(as_json):
+                outcome = asyncio.run(
+                    resume_with_progress(
+                        run_id, store=store, max_concurrency=max_concurrency, console=console,
+                        live=console.is_terminal,
+                    )
                 )
-            )
         except (RunNotFound, InputError, ConfigError, ImportFailed) as exc:
             usage_error(str(exc), "resume")
         except KeyboardInterrupt:
@@ -288,7 +439,7 @@ def build_app() -> typer.Typer:
         run = outcome.run
         if run is not None and outcome.already_done:
             console.print(f"run {run.id} had already succeeded; nothing to do")
-        _finish(outcome, console, store)
+        _finish(outcome, console, store, as_json=as_json)
         assert run is not None
         _print_result(run.result, as_json)
 
@@ -320,7 +471,7 @@ def build_app() -> typer.Typer:
 
         runs = _query("runs", store, query)
         if as_json:
-            typer.echo(render.json_text([render.run_json(r) for r in runs]))
+            _echo(render.json_text([render.run_json(r) for r in runs]))
         elif not runs:
             _stderr().print("no runs recorded yet" + (" that match" if status or tag else ""))
         else:
@@ -335,19 +486,24 @@ def build_app() -> typer.Typer:
         store: StoreOption = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Show one run: summary, tasks by group with counts, failed actions and their errors."""
+        """Show one run: its arguments and result, tasks by group, failed actions and their tracebacks.
 
-        async def query(eng: Engine) -> tuple[Any, Any]:
+        Long values and tracebacks are cut ('shoal show RUN --json' has them
+        whole); '--actions' lists a page of the run's actions (--offset,
+        --limit).
+        """
+
+        async def query(eng: Engine) -> tuple[Any, Any, render.Recorded]:
             journal = await _open(eng, run_id)
             summary = await eng.get_run(run_id, actions=actions, offset=offset, limit=limit)
-            failed = await journal.failed_actions(run_id, limit=20)
-            return summary, failed
+            failed = await journal.failed_actions(run_id, limit=render.MAX_FAILED)
+            return summary, failed, await _recorded(journal, run_id)
 
-        summary, failed = _query("show", store, query)
+        summary, failed, recorded = _query("show", store, query)
         if as_json:
-            typer.echo(render.json_text(render.run_json(summary, failed, actions=actions)))
+            _echo(render.json_text(render.run_json(summary, failed, recorded, actions=actions, offset=offset)))
         else:
-            _stdout().print(render.show(summary, failed, actions=actions))
+            _stdout().print(render.show(summary, failed, recorded, actions=actions, offset=offset))
 
     @app.command("logs")
     def logs_cmd(
@@ -358,29 +514,44 @@ def build_app() -> typer.Typer:
         store: StoreOption = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Print what the run's actions printed (stdout, stderr) or logged, in order."""
+        """Print what the run's actions printed (stdout, stderr) or logged, in order.
 
-        async def query(eng: Engine) -> list[tuple[str, float, str, str]]:
+        Each line names the action and its task (unless ACTION picks one
+        action); an ACTION that matches no action of the run exits 2.
+        """
+
+        async def query(eng: Engine) -> tuple[list[tuple[str, float, str, str]], dict[str, str]]:
             journal = await _open(eng, run_id)
             await journal.load_run(run_id)  # RunNotFound for an unknown id
             rows = await journal.logs(run_id)
-            if action is not None:
-                rows = [r for r in rows if r[0].startswith(action)]
-            return rows
+            if action is None:
+                return rows, await journal.action_tasks(run_id, logged=True)
+            rows = [r for r in rows if r[0].startswith(action)]
+            tasks = await journal.action_tasks(run_id, prefix=action)
+            if not rows and not tasks:
+                raise UsageProblem(
+                    f"run {run_id} has no action {action!r} (nor one whose id starts with it); "
+                    f"list its actions with 'shoal show {run_id} --actions'"
+                )
+            return rows, tasks
 
-        rows = _query("logs", store, query)
+        rows, tasks = _query("logs", store, query)
         if as_json:
-            typer.echo(render.json_text(render.logs_json(rows)))
+            _echo(render.json_text(render.logs_json(rows, tasks)))
             return
         if not rows:
             what = f"action {action} of run {run_id}" if action else f"run {run_id}"
             _stderr().print(f"no output recorded for {what}")
             return
-        show_action = action is None
+        # One action asked for, one found: its lines alone, as it printed them.
+        show_action = action is None or len({key for key, *_ in rows}) > 1
+        lines = []
         for key, _at, stream, text in rows:
-            prefix = f"{key} " if show_action else ""
+            task = tasks.get(key)
+            prefix = (f"{key} {task}: " if task else f"{key}: ") if show_action else ""
             mark = "" if stream == "stdout" else f"[{stream}] "
-            typer.echo(f"{prefix}{mark}{text}")
+            lines.append(f"{prefix}{mark}{text}")
+        _echo("\n".join(lines))
 
     @app.command("cancel")
     def cancel_cmd(
@@ -413,7 +584,7 @@ def build_app() -> typer.Typer:
 
         before, status = _query("cancel", store, query)
         if as_json:
-            typer.echo(render.json_text({"run": run_id, "was": before, "status": status}))
+            _echo(render.json_text({"run": run_id, "was": before, "status": status}))
         elif before == "abandoned":
             _stderr().print(
                 f"the process that ran {run_id} is gone; recorded the run as cancelled "
@@ -433,7 +604,21 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    """Entry point of the ``shoal`` console script."""
-    build_app()(prog_name="shoal")
+    """Entry point of the ``shoal`` console script.
+
+    Exits without joining sync-task threads that are still running once
+    the command is done (the run is recorded by then): the interpreter's
+    exit would otherwise wait for each to return, which may be never.
+    """
+    try:
+        build_app()(prog_name="shoal")
+    except SystemExit as exc:
+        if any(t.name.startswith(SYNC_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate()):
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
+        raise
 
 

@@ -5,12 +5,24 @@ anything per action), so it costs the engine nothing measurable whatever
 the number of actions.  Failures are the exception: they are printed as they
 happen, from the engine's event stream, with only failure events queued.
 
-On a terminal it is a rich ``Live`` table, one row per task (pending,
-running, succeeded, failed, cached, rate, elapsed) above an overall bar.
-Elsewhere (a pipe, a CI log) it prints one line per task every
-``plain_every`` seconds, ``[12.3s] square: 4000/10000 done, 0 failed``,
-and nothing for a run that ends sooner.  Either way it ends with a one-line
-summary.
+On a terminal it is a rich ``Live`` table, one row per task under its
+``engine.group`` (pending, running, committing, succeeded, failed,
+cancelled, cached, rate, elapsed) above an overall bar.  Elsewhere (a pipe,
+a CI log) it prints one line per task every ``plain_every`` seconds,
+``[12.3s] shards/square: 4000/10000 done, 0 failed``, and nothing for a
+run that ends sooner.  Either way it ends with a one-line summary.
+
+What the figures mean, so that they stay true at a million actions:
+
+- an action counts as *done* as soon as its work is over; *committing*
+  shows those of them whose record waits for the journal's next commit
+  (they are neither running nor yet durable), and *succeeded* only those
+  whose record is durable;
+- the total includes the calls an ``engine.map`` over a sized iterable has
+  not made yet, so the bar does not grow as the map submits;
+- the rate is actions done per second over the last :data:`RATE_WINDOW`
+  seconds, whether or not their records have committed; for a task that has
+  finished, its average over its elapsed time.
 """
 
 from __future__ import annotations
@@ -50,32 +62,40 @@ RATE_WINDOW = 3.0
 
 
 class _TaskRate:
-    """Recent (time, done) samples of one task, for its rate and elapsed time."""
+    """Recent (time, finished) samples of one task, for its rate and elapsed time."""
 
-    __slots__ = ("finished", "first_seen", "samples")
+    __slots__ = ("finished", "first_seen", "samples", "total")
 
     def __init__(self, now: float) -> None:
         self.first_seen = now
         self.finished: float | None = None
+        self.total = 0
         self.samples: deque[tuple[float, int]] = deque()
 
     def update(self, now: float, counts: TaskCounts) -> None:
-        done = counts.done
+        # Finished work, not durable records: a commit that lags behind must
+        # not make the rate drop to 0/s while actions keep completing.
+        done = self.total = counts.finished
         samples = self.samples
         samples.append((now, done))
         while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW:
             samples.popleft()
-        active = counts.pending + counts.running
+        active = counts.pending + counts.running + counts.upcoming
         if active == 0 and self.finished is None:
             self.finished = now
         elif active:
             self.finished = None
 
-    def rate(self) -> float:
+    def rate(self) -> float | None:
+        """Finished per second; None while too little was seen to tell."""
+        if self.finished is not None:
+            # Over: its average, rather than a window that has emptied.
+            took = self.finished - self.first_seen
+            return self.total / took if took > 0 else None
         if len(self.samples) < 2:
-            return 0.0
+            return None
         (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
-        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else None
 
     def elapsed(self, now: float) -> float:
         return (self.finished or now) - self.first_seen
@@ -108,7 +128,7 @@ class Progress:
         # Only failures: the engine then builds no event for the others.
         self.failures = engine.events(kinds={"failed"})
         self.failures_seen = 0
-        self._rates: dict[str, _TaskRate] = {}
+        self._rates: dict[tuple[str | None, str], _TaskRate] = {}
         self._start = clock()
         self._out: Console = console
 
@@ -169,55 +189,79 @@ class Progress:
     # -- rendering -------------------------------------------------------------
 
     def _sample(self, run: Run, now: float) -> list[tuple[TaskCounts, _TaskRate]]:
+        """Every task's counters with its rate, grouped: ungrouped tasks first, then each group."""
         rows = []
         for counts in list(run.counters.values()):
-            rate = self._rates.get(counts.name)
+            key = (counts.group, counts.name)
+            rate = self._rates.get(key)
             if rate is None:
-                rate = self._rates[counts.name] = _TaskRate(now)
+                rate = self._rates[key] = _TaskRate(now)
             rate.update(now, counts)
             rows.append((counts, rate))
+        # Stable: within a group, tasks keep the order they were first called in.
+        order: dict[str | None, int] = {None: 0}
+        for counts, _ in rows:
+            order.setdefault(counts.group, len(order))
+        rows.sort(key=lambda row: order[row[0].group])
         return rows
 
     def render(self, run: Run) -> RenderableType:
-        """The live display: a table of tasks and an overall bar."""
+        """The live display: a table of tasks under their groups, and an overall bar."""
         now = self.clock()
         table = Table(box=None, padding=(0, 1), header_style="bold")
         table.add_column("task")
-        for name in ("pending", "running", "succeeded", "failed", "cached", "rate", "elapsed"):
+        for name in (
+            "pending", "running", "committing", "succeeded", "failed", "cancelled", "cached", "rate", "elapsed",
+        ):
             table.add_column(name, justify="right")
-        total = done = failed = 0
+        total = done = failed = committing = 0
+        group: str | None = None
         for counts, rate in self._sample(run, now):
-            total += counts.total
-            done += counts.done
+            total += counts.total + counts.upcoming
+            done += counts.finished
             failed += counts.failed
+            committing += counts.committing
+            if counts.group != group:
+                group = counts.group
+                table.add_row(f"[magenta]group {escape(group or '')}[/magenta]")
+            pending = counts.pending + counts.upcoming
             table.add_row(
-                escape(counts.name),
-                str(counts.pending),
-                str(counts.running),
-                f"[green]{counts.succeeded}[/green]" if counts.succeeded else "0",
-                f"[red]{counts.failed}[/red]" if counts.failed else "0",
-                str(counts.cached),
-                f"{rate.rate():,.0f}/s",
+                ("  " if group else "") + escape(counts.name),
+                f"{pending:,}",
+                f"{counts.running:,}",
+                f"{counts.committing:,}",
+                f"[green]{counts.succeeded:,}[/green]" if counts.succeeded else "0",
+                f"[red]{counts.failed:,}[/red]" if counts.failed else "0",
+                f"[yellow]{counts.cancelled:,}[/yellow]" if counts.cancelled else "0",
+                f"{counts.cached:,}",
+                "-" if (per_second := rate.rate()) is None else f"{per_second:,.0f}/s",
                 duration(rate.elapsed(now)),
             )
         bar = ProgressBar(total=max(total, 1), completed=done, width=40)
         line = Table.grid(padding=(0, 1))
         line.add_row(
             bar,
-            Text(f"{done:,}/{total:,} actions", style="bold"),
+            Text(f"{done:,}/{total:,} actions done", style="bold"),
+            Text(f"{committing:,} committing", style="dim"),
             Text(f"{failed:,} failed", style="red" if failed else "dim"),
             Text(duration(now - self._start), style="dim"),
         )
         return Group(table, line)
 
     def plain_lines(self, run: Run) -> list[str]:
-        """One line per task: ``[12.3s] square: 4000/10000 done, 0 failed``."""
+        """One line per task: ``[12.3s] shards/square: 4000/10000 done, 0 failed``."""
         now = self.clock()
         stamp = f"[{now - self._start:.1f}s]"
-        return [
-            f"{stamp} {counts.name}: {counts.done}/{counts.total} done, {counts.failed} failed"
-            for counts, _ in self._sample(run, now)
-        ]
+        lines = []
+        for counts, _ in self._sample(run, now):
+            name = counts.name if counts.group is None else f"{counts.group}/{counts.name}"
+            total = counts.total + counts.upcoming
+            waiting = f" ({counts.committing:,} committing)" if counts.committing else ""
+            cancelled = f", {counts.cancelled:,} cancelled" if counts.cancelled else ""
+            lines.append(
+                f"{stamp} {name}: {counts.finished}/{total} done{waiting}, {counts.failed} failed{cancelled}"
+            )
+        return lines
 
     def summary(self, run: Run) -> str:
         """The closing line: status, time, and the actions by outcome."""

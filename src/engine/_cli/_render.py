@@ -2,6 +2,13 @@
 
 Times are shown in local time (``2024-05-01 14:03:22``); JSON carries the
 journal's Unix timestamps unchanged, plus ``duration`` in seconds.
+
+``shoal show`` cuts what could be long for a terminal (a value's repr at
+:data:`MAX_VALUE` characters, a traceback at its last :data:`TRACEBACK_LINES`
+lines, tracebacks for the first :data:`TRACEBACKS_SHOWN` failures) and says
+so; ``--json`` has everything whole.  In JSON, ``actions`` is always the
+number of the run's actions, and ``action_records`` (only with
+``--actions``) the page of their records.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ if TYPE_CHECKING:
     from .._records import ActionRecord, RunSummary, TaskSummary
 
 __all__ = [
+    "Recorded",
     "actions_table",
     "duration",
     "escape_markup",
@@ -35,6 +43,15 @@ __all__ = [
     "stamp",
     "task_tree",
 ]
+
+#: Failed actions listed by ``shoal show`` (the first to fail).
+MAX_FAILED = 20
+#: Failed actions whose traceback ``shoal show`` prints.
+TRACEBACKS_SHOWN = 3
+#: Lines of a traceback ``shoal show`` prints (its end, where the error is).
+TRACEBACK_LINES = 15
+#: Characters of an argument's or a result's repr ``shoal show`` prints.
+MAX_VALUE = 300
 
 STATUS_STYLE = {
     "succeeded": "green",
@@ -81,6 +98,49 @@ def first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+def clip(text: str, limit: int = MAX_VALUE) -> str:
+    """``text`` cut at ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+def traceback_tail(text: str, lines: int = TRACEBACK_LINES) -> str:
+    """The last ``lines`` lines of a traceback, saying how many came before."""
+    all_lines = text.rstrip().splitlines()
+    if len(all_lines) <= lines:
+        return "\n".join(all_lines)
+    cut = len(all_lines) - lines
+    return "\n".join([f"... ({cut} earlier line{'s' if cut != 1 else ''})", *all_lines[cut:]])
+
+
+class Recorded:
+    """A run's arguments and result as recorded, decoded (see ``shoal show``).
+
+    A value that is not shown (pickled, or no result because the run did
+    not succeed) has a note saying why instead.
+    """
+
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+        self.kwargs: dict[str, Any] = {}
+        self.args_note: str | None = None
+        self.has_result = False
+        self.result: Any = None
+        self.result_note: str | None = None
+
+    def call_text(self) -> str:
+        if self.args_note is not None:
+            return self.args_note
+        parts = [repr(v) for v in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return clip(", ".join(parts)) if parts else "(none)"
+
+    def result_text(self) -> str | None:
+        if self.has_result:
+            return clip(repr(self.result))
+        return self.result_note
+
+
 # -- runs ----------------------------------------------------------------------------
 
 
@@ -106,11 +166,11 @@ def runs_table(runs: Iterable[RunSummary]) -> Table:
     return table
 
 
-def run_panel(run: RunSummary) -> RenderableType:
-    """The head of ``shoal show``: what, when, how it ended."""
+def run_panel(run: RunSummary, recorded: Recorded | None = None) -> RenderableType:
+    """The head of ``shoal show``: what, with which arguments, when, how it ended."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")
     grid.add_row("run", run.id)
     grid.add_row("task", f"{escape(run.task)} ({escape(run.root)})")
     grid.add_row("status", status_text(run.status))
@@ -121,6 +181,11 @@ def run_panel(run: RunSummary) -> RenderableType:
     grid.add_row("actions", f"{run.actions:,}")
     if run.tags:
         grid.add_row("tags", escape(", ".join(run.tags)))
+    if recorded is not None:
+        grid.add_row("arguments", Text(recorded.call_text()))
+        result = recorded.result_text()
+        if result is not None:
+            grid.add_row("result", Text(result))
     if run.error is not None:
         grid.add_row("error", Text(f"{run.error.type}: {first_line(run.error.message)}", style="red"))
     return grid
@@ -191,12 +256,46 @@ def actions_table(records: Iterable[ActionRecord]) -> Table:
     return table
 
 
-def show(run: RunSummary, failed: list[ActionRecord], *, actions: bool) -> RenderableType:
-    parts: list[RenderableType] = [run_panel(run), Text(), task_tree(run)]
+def tracebacks(run: RunSummary, records: list[ActionRecord]) -> RenderableType:
+    """The tracebacks of the first failed actions, each cut to its last lines."""
+    parts: list[RenderableType] = []
+    shown = [r for r in records if r.error is not None and r.error.traceback][:TRACEBACKS_SHOWN]
+    for rec in shown:
+        parts.append(Text(f"traceback of {rec.key} ({rec.task}, attempt {rec.attempt}):", style="bold"))
+        parts.append(Text(traceback_tail(rec.error.traceback if rec.error else ""), style="red"))
+    rest = len(records) - len(shown)
+    if rest > 0 and shown:
+        parts.append(Text(f"(tracebacks of the other {rest}: shoal show {run.id} --json)", style="dim"))
+    return Group(*parts)
+
+
+def page_note(what: str, shown: int, total: int, offset: int) -> Text | None:
+    """``100 of 250 actions shown (from 1); use --offset 100 for more``, when a listing is cut."""
+    if shown >= total and offset == 0:
+        return None
+    text = f"{shown:,} of {total:,} {what} shown"
+    if offset:
+        text += f" (from {offset + 1:,})"
+    if offset + shown < total:
+        text += f"; use --offset {offset + shown} for more"
+    return Text(text, style="dim")
+
+
+def show(
+    run: RunSummary, failed: list[ActionRecord], recorded: Recorded, *, actions: bool, offset: int = 0
+) -> RenderableType:
+    parts: list[RenderableType] = [run_panel(run, recorded), Text(), task_tree(run)]
     if failed:
         parts += [Text(), failed_table(failed)]
+        total_failed = sum(t.failed for t in run.tasks)
+        if total_failed > len(failed):
+            parts.append(Text(f"{len(failed):,} of {total_failed:,} failed actions shown (the first to fail)", style="dim"))
+        parts += [Text(), tracebacks(run, failed)]
     if actions:
         parts += [Text(), actions_table(run.action_records)]
+        note = page_note("actions", len(run.action_records), run.actions, offset)
+        if note is not None:
+            parts.append(note)
     return Group(*parts)
 
 
@@ -211,7 +310,15 @@ def _action_json(rec: ActionRecord) -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
-def run_json(run: RunSummary, failed: list[ActionRecord] | None = None, *, actions: bool = False) -> dict[str, Any]:
+def run_json(
+    run: RunSummary,
+    failed: list[ActionRecord] | None = None,
+    recorded: Recorded | None = None,
+    *,
+    actions: bool = False,
+    offset: int = 0,
+) -> dict[str, Any]:
+    """A run as JSON: ``actions`` is always the run's number of actions (as in ``shoal runs``)."""
     data: dict[str, Any] = msgspec.to_builtins(run)
     data["duration"] = run.duration
     data.pop("action_records", None)
@@ -219,13 +326,29 @@ def run_json(run: RunSummary, failed: list[ActionRecord] | None = None, *, actio
         data["failed_actions"] = [_action_json(r) for r in failed]
     else:
         data.pop("tasks", None)
+    if recorded is not None:
+        data["args"] = None if recorded.args_note else _jsonable({"args": recorded.args, "kwargs": recorded.kwargs})
+        data["result"] = _jsonable(recorded.result) if recorded.has_result else None
     if actions:
-        data["actions"] = [_action_json(r) for r in run.action_records]
+        data["action_records"] = [_action_json(r) for r in run.action_records]
+        data["action_offset"] = offset
     return data
 
 
-def logs_json(rows: Iterable[tuple[str, float, str, str]]) -> list[dict[str, Any]]:
-    return [{"action": a, "at": at, "stream": s, "text": t} for a, at, s, t in rows]
+def _jsonable(value: Any) -> Any:
+    """``value`` if JSON can carry it, else its repr."""
+    try:
+        msgspec.json.encode(value)
+    except (TypeError, msgspec.EncodeError):
+        return repr(value)
+    return value
+
+
+def logs_json(
+    rows: Iterable[tuple[str, float, str, str]], tasks: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    tasks = tasks or {}
+    return [{"action": a, "task": tasks.get(a), "at": at, "stream": s, "text": t} for a, at, s, t in rows]
 
 
 def json_text(value: Any) -> str:
