@@ -329,6 +329,7 @@ def test_killed_at_random_moments_then_resumed(tmp_path: Path, seed: int) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_killed_at_twenty_random_moments_then_resumed(tmp_path: Path) -> None:
     rng = random.Random(2026)
     landed = sum(_crash_and_resume(tmp_path / f"flow-{i}", rng, kills=2, cli_first=i % 2 == 0) for i in range(10))
@@ -446,6 +447,7 @@ async def test_two_hundred_concurrent_runs_on_a_fresh_engine(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_two_thousand_concurrent_runs_on_a_fresh_engine(tmp_path: Path) -> None:
     await _concurrent_runs(tmp_path, 2000)
 
