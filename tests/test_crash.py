@@ -5,6 +5,13 @@ journal in the test's folder.  Every execution of an action body or a trace
 leaves a line in a side file; after each SIGKILL the journal is read with
 ``sqlite3`` and every later execution is checked against what the journal
 had already recorded as succeeded: that must never run again.
+
+Then: two resumes of one interrupted run started at once (one runs it, the
+other is refused); hundreds of concurrent runs on a fresh engine (one
+journal for all); and a journal that runs out of room, as a file-size
+limit and as a full 2 MiB tmpfs (the run fails saying so, the journal stays
+intact, and it resumes once there is room).  The long versions are marked
+``slow``: ``python -m pytest -m slow tests/test_crash.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +65,7 @@ if run.status == "succeeded":
 print("RESULT", run.id, run.status, f"{type(run.error).__name__}: {run.error}", flush=True)
 sys.exit(1)
 """
-#: ``shoal resume`` (as installed: ``python -m``-free, through the console entry point).
+#: ``shoal`` itself (the console script's entry point), run by this interpreter.
 CLI = "import sys; sys.argv[0] = 'shoal'; from engine._cli import main; main()"
 
 
@@ -82,13 +89,13 @@ MIN_LINES = 2 * SHARDS * WIDTH + 3 * SHARDS + SHARDS // 10 + 1 + 25
 # -- what ran, and what the journal says -------------------------------------------
 
 
-def _lines(log: Path, start: int = 0, end: int | None = None) -> list[dict[str, Any]]:
-    """The executions recorded in ``log`` between two byte offsets."""
+def _lines(log: Path, start: int = 0) -> list[dict[str, Any]]:
+    """The executions recorded in ``log`` from byte ``start`` on."""
     if not log.exists():
         return []
     with log.open("rb") as fh:
         fh.seek(start)
-        data = fh.read() if end is None else fh.read(end - start)
+        data = fh.read()
     return [json.loads(line) for line in data.splitlines()]
 
 
@@ -109,7 +116,11 @@ class Recorded:
     #: Keys of the cross-run cache.
     cache: frozenset[str]
     integrity: str
-    by_task: dict[str, int] = field(default_factory=dict)
+    #: How many distinct succeeded actions and traces, by task or trace name.
+    by_task: dict[str, int]
+
+
+NOTHING = Recorded(None, None, frozenset(), frozenset(), frozenset(), "ok", {})
 
 
 def _recorded(db_path: Path) -> Recorded:
@@ -272,12 +283,12 @@ def _crash_and_resume(folder: Path, rng: random.Random, kills: int, cli_first: b
     landed = 0
     step = 0
     while True:
-        cli = (step % 2 == 1) == cli_first
+        cli = run_id is not None and (step % 2 == 1) == cli_first
+        start = _size(log)  # what this child writes comes after this
         if run_id is None:
             child = _start(folder, [str(FLOW), str(SHARDS), str(WIDTH)], env, "run")
         else:
             child = _start(folder, _resume_args(run_id, cli), env, f"resume-{step}")
-        start = _size(log)
         if step < kills:
             left = max(1, MIN_LINES - len(history[-1].actions) - len(history[-1].traces)) if history else MIN_LINES
             killed = _kill_at(child, log, start, rng.randint(1, left), rng.uniform(0, 0.003))
@@ -285,11 +296,10 @@ def _crash_and_resume(folder: Path, rng: random.Random, kills: int, cli_first: b
         else:
             killed, rc = False, _reap(child)
         ran = _lines(log, start)
-        if history:
-            _check_ran_after(history[-1], ran, f"{child.name} (after {landed} kills)")
+        _check_ran_after(history[-1] if history else NOTHING, ran, f"{child.name} (after {landed} kills)")
         if not killed:
             recorded = _recorded(db_path)
-            _check_finished(child, rc, recorded.run_id or "", cli and run_id is not None)
+            _check_finished(child, rc, recorded.run_id or "", cli)
             break
         assert rc == -signal.SIGKILL, child.output()[-2000:]
         landed += 1
@@ -341,6 +351,11 @@ def test_killed_at_twenty_random_moments_then_resumed(tmp_path: Path) -> None:
 
 
 def test_two_resumes_at_once_run_it_once(tmp_path: Path) -> None:
+    """Two resumes of one interrupted run (a supervisor and a person, two cron jobs) start together.
+
+    Exactly one claims the run and runs it; the other is refused with an
+    error naming the run, and a non-zero exit; nothing runs twice.
+    """
     home, log = tmp_path / ".shoal", tmp_path / "executions.log"
     db_path = home / "shoal.db"
     # Slow leaves, so that the resumes overlap whatever their start-up costs.
@@ -352,16 +367,24 @@ def test_two_resumes_at_once_run_it_once(tmp_path: Path) -> None:
     run_id = before.run_id
     boundary = _size(log)
 
+    # Both import shoal first and then wait at a start line, so that
+    # their resumes begin within a millisecond of each other.
     go = tmp_path / "go"
     racers = [_start(tmp_path, ["-c", RESUME, run_id, str(go)], env, f"resume-{i}") for i in range(2)]
-    deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("go.ready-*"))) < 2:
-        assert time.monotonic() < deadline and all(r.proc.poll() is None for r in racers), [
-            r.output() for r in racers
-        ]
-        time.sleep(0.002)
-    go.touch()
-    codes = [_reap(r) for r in racers]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("go.ready-*"))) < 2:
+            assert time.monotonic() < deadline and all(r.proc.poll() is None for r in racers), [
+                r.output() for r in racers
+            ]
+            time.sleep(0.002)
+        go.touch()
+        codes = [_reap(r) for r in racers]
+    finally:
+        for r in racers:
+            if r.proc.poll() is None:
+                os.kill(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
     outputs = [r.output() for r in racers]
 
     winners = [i for i, rc in enumerate(codes) if rc == 0]
