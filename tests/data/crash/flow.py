@@ -5,7 +5,7 @@ items (a sync task for every fifth item, an async one otherwise), folds the
 leaves' values in a sync task, stamps the total with an async trace, and
 every tenth shard also makes an output big enough for the blob store.
 Each leaf calls a sync trace and a cached task.  SHARDS=40, WIDTH=50 makes
-4,086 actions and 2,040 trace calls.
+4,085 actions and 2,040 trace calls.
 
 Every execution of an action body or a trace appends one JSON line to the
 file named by ``$CRASH_LOG``: the process id, what ran, and its identity
