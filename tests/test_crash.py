@@ -541,10 +541,12 @@ def unshare() -> Iterator[str]:
 
 #: Runs in a private mount namespace: mount a 2 MiB tmpfs on argv[1], run
 #: the command after "--" there, then give the tmpfs room (as freeing space
-#: would) and run the command after the second "--".  Everything in the
-#: namespace is gone when it exits; the files stay in argv[2] (copied out).
+#: would) and run the command after the second "--".  Prints what each
+#: printed and how it exited, and where $CRASH_LOG ended after the first,
+#: as JSON.  Everything in the namespace is gone when it exits; the files
+#: stay in argv[2], copied out after each command.
 FULL_DISK = """\
-import shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 mnt, keep = sys.argv[1], sys.argv[2]
 rest = sys.argv[3:]
 cut = rest.index("--", 1)
@@ -552,13 +554,17 @@ first, second = rest[1:cut], rest[cut + 1:]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", mnt], check=True)
 try:
     a = subprocess.run(first, capture_output=True, text=True, timeout=120)
+    log_at_full = os.path.getsize(os.environ["CRASH_LOG"])
     shutil.copytree(mnt, keep + "/full", symlinks=True)
     subprocess.run(["mount", "-o", "remount,size=64m", mnt], check=True)
     b = subprocess.run(second, capture_output=True, text=True, timeout=120)
     shutil.copytree(mnt, keep + "/freed", symlinks=True)
-    sys.stdout.write(f"{a.returncode}\\n{a.stdout}{a.stderr}\\f{b.returncode}\\n{b.stdout}{b.stderr}")
 finally:
     subprocess.run(["umount", mnt], check=True)
+json.dump({
+    "full": [a.returncode, a.stdout, a.stderr], "log_at_full": log_at_full,
+    "freed": [b.returncode, b.stdout, b.stderr],
+}, sys.stdout)
 """
 
 
@@ -584,19 +590,19 @@ def test_journal_on_a_full_disk(tmp_path: Path, unshare: str) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    full, freed = proc.stdout.split("\f")
-    rc, out = full.split("\n", 1)
-    assert rc == "1", full
+    report = json.loads(proc.stdout)
+    rc, out, err = report["full"]
+    assert rc == 1, out + err
     run_id = _failed_for_space(out, db_path)
     # The journal as the full disk left it: intact, and what it holds never runs again.
     at_full = _recorded(keep / "full" / ".shoal" / "shoal.db")
     assert at_full.integrity == "ok" and at_full.run_id == run_id and at_full.actions
-    boundary = len(_lines(log))
+    assert 0 < report["log_at_full"] < _size(log)
 
-    rc, out = freed.split("\n", 1)
-    assert "INTEGRITY ok" in out, out
-    assert rc == "0" and f"RESULT {run_id} succeeded {EXPECTED}" in out, freed
-    _check_ran_after(at_full, _lines(log)[boundary:], "the resume once there was room")
+    rc, out, err = report["freed"]
+    assert "INTEGRITY ok" in out, out + err
+    assert rc == 0 and f"RESULT {run_id} succeeded {EXPECTED}" in out, out + err
+    _check_ran_after(at_full, _lines(log, report["log_at_full"]), "the resume once there was room")
     final = _recorded(keep / "freed" / ".shoal" / "shoal.db")
     assert final.integrity == "ok" and final.status == "succeeded"
     assert not mnt.is_mount() and not any(mnt.iterdir()), "the tmpfs was private to the child"
