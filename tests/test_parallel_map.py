@@ -137,6 +137,33 @@ async def test_chunk_size_adapts_to_item_cost(pool: WorkerPool) -> None:
     assert len(set(pids)) == pool.max_workers  # spread over every worker
 
 
+@pytest.mark.parametrize("sized", [True, False])
+async def test_as_many_long_items_as_workers_run_one_per_worker(
+    tmp_path: Path, sized: bool
+) -> None:
+    """N items that each wait for all N to arrive finish only if each has a worker of its own."""
+    n = 3  # workers, whatever this machine's CPU count
+    async with engine.Engine(store="memory", cpus=n) as eng:
+
+        @engine.task
+        async def main() -> list[list[tuple[int, bool]]]:
+            calls = []
+            for call in range(2):  # the pool cold, then warm
+                folder = tmp_path / f"call{call}"
+                folder.mkdir()
+                items = [(str(folder), i, n) for i in range(n)]
+                calls.append(
+                    await engine.parallel_map(funcs.meet, items if sized else iter(items))
+                )
+            return calls
+
+        run = await eng.run(main)
+        assert eng.worker_pool().max_workers == n
+    for replies in run.result:
+        assert [met for _, met in replies] == [True] * n, replies
+        assert len({pid for pid, _ in replies}) == n, replies
+
+
 # -- functions from scripts, lambdas, closures --------------------------------------------------
 
 

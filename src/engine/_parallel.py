@@ -10,8 +10,13 @@ How a call runs:
   cannot be pickled raises :class:`~engine.InputError` right away.
 * Up to ``workers`` *lanes* run side by side.  A lane takes one of the
   engine's CPU slots, checks out a worker process from the engine's
-  :class:`~engine._pool.WorkerPool`, and feeds it chunks of items, keeping
-  at most two queued on it so the worker never waits for the parent.
+  :class:`~engine._pool.WorkerPool`, and feeds it chunks of items.  It
+  queues a second chunk behind the running one (so the worker does not wait
+  for the parent between chunks) only when the running one is measured to
+  be short: a chunk queued behind a long one, or behind one of unknown
+  cost, is work another worker could have started at once.  So N long
+  items on N workers run one per worker, while tiny items keep the worker
+  fed.
 * Chunk sizes adapt to the measured cost per item (see
   :class:`_ChunkSizer`) unless ``chunksize`` is given.
 * Items are taken from the input only as lanes need them, and at most
@@ -57,6 +62,12 @@ R = TypeVar("R")
 
 #: Chunks queued on one worker at once: one running, one waiting behind it.
 DEPTH: Final = 2
+#: A chunk is queued behind the running one only if that one is expected to
+#: take at most this long.  Queuing saves one round trip to the parent per
+#: chunk (well under a millisecond), which matters only for short chunks;
+#: behind a longer one the queued chunk would wait while another worker may
+#: be idle, and at the end of the input that wait is the tail of the call.
+QUEUE_BEHIND_SECONDS: Final = 0.05
 #: Chunks taken from the input and not yet handed to the consumer, per lane.
 WINDOW_PER_LANE: Final = 4
 
@@ -534,7 +545,7 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
         inflight: deque[_Chunk] = deque()
         try:
             while True:
-                while len(inflight) < DEPTH and self._can_take() and not self._pool.has_waiters:
+                while self._may_queue(inflight) and self._can_take() and not self._pool.has_waiters:
                     chunk = self._take()
                     if chunk is None:
                         break
@@ -570,6 +581,23 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
                 self._pool.checkin(worker)
             raise
         self._pool.checkin(worker)
+
+    def _may_queue(self, inflight: deque[_Chunk]) -> bool:
+        """Whether one more chunk may go to a worker that has ``inflight`` queued.
+
+        Always to an idle worker; behind a running chunk only when that one is
+        measured to end soon.  Before the first result the cost per item is
+        unknown (infinite), so each lane's first chunk goes alone: when the
+        input holds as many long items as there are workers, the first lane
+        must not take a second item that the next lane, a moment behind it,
+        would have run at once on its own worker.
+        """
+        if not inflight:
+            return True
+        if len(inflight) >= DEPTH:
+            return False
+        queued = sum(chunk.n for chunk in inflight)
+        return self._sizer.seconds_for(queued) <= QUEUE_BEHIND_SECONDS
 
     async def _submit(self, worker: Worker, chunk: _Chunk) -> None:
         try:
