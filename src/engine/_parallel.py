@@ -45,10 +45,11 @@ from abc import abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sized
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
 from ._context import current_action, current_engine, current_run
 from ._errors import ConfigError, InputError, RemoteError, WorkerCrashed
+from ._events import TaskCounts
 from ._pool import RemoteTraceback, WorkerLost, wait_exit
 
 if TYPE_CHECKING:
@@ -72,14 +73,19 @@ QUEUE_BEHIND_SECONDS: Final = 0.05
 WINDOW_PER_LANE: Final = 4
 
 
-class _Counters(Protocol):
-    """The progress counters of a run (``engine.TaskCounts``); items are counted."""
+class ItemCounts(TaskCounts):
+    """The items of the ``parallel_map`` calls of one function in one run, by state.
 
-    pending: int
-    running: int
-    succeeded: int
-    failed: int
-    cancelled: int
+    Items are not actions: no journal record, no key, no retry.  They show in
+    the progress display under ``parallel_map:<function>`` and are summed
+    apart from the actions (``Run.stats`` and the run summary count actions
+    only), so ``shoal run``'s summary and ``shoal show`` agree on the
+    number of actions.
+    """
+
+    __slots__ = ()
+
+    unit: ClassVar[str] = "items"
 
 
 # -- shipping the function --------------------------------------------------------------
@@ -414,7 +420,7 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
         self._next_out = 0
         self._ready: deque[R] = deque()
         # Items this call has added to the run's counters and not settled.
-        self._counters: _Counters | None = None
+        self._counters: TaskCounts | None = None
         self._c_pending = 0
         self._c_running = 0
 
@@ -497,7 +503,7 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
             action.lend()
         run = current_run()
         if run is not None:
-            self._counters = run.counters_for(f"parallel_map:{self._fn_name}")
+            self._counters = run.counters_for(f"parallel_map:{self._fn_name}", ItemCounts)
             if self._total is not None:
                 self._count(pending=self._total)
         self._pool = pool
