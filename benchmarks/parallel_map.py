@@ -14,7 +14,7 @@ full measurement takes over a minute).  Prints one table.
     ProcessPoolExecutor.map.
 
 ``--cases`` picks some of them (``--cases ad``).  Times are the best of
-three runs.  Both pools are started and warmed up before timing:
+three runs (five in (d)).  Both pools are started and warmed up before timing:
 parallel_map's pool is reused across calls by design, and the executor is
 kept for its sweep.
 """
@@ -44,6 +44,7 @@ IMAP_N = 10_000_000
 HEAVY_N = 200
 LONG_SECONDS = 1.0  # per item in (d)
 REPEAT = 3  # timings are the best of this many runs
+LONG_REPEAT = 5  # in (d), whose few long samples are noisier
 SWEEP = (1_000, 5_000, 20_000, 50_000, 125_000)
 
 
@@ -283,7 +284,7 @@ async def long_items(workers: int, loops: int) -> list[list[str]]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
         list(ex.map(noop, range(workers * 4)))  # start the executor's processes
-        for _ in range(REPEAT):
+        for _ in range(LONG_REPEAT):
             t, _, expect = timed(lambda: [heavy(it) for it in items])
             t_serial = min(t_serial, t)
             t, _, got = await atimed(lambda: engine.parallel_map(heavy_with_pid, items))
