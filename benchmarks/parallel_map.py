@@ -9,9 +9,14 @@ full measurement takes over a minute).  Prints one table.
     ProcessPoolExecutor.map at the best chunk size of a small sweep, and at
     chunksize=1.  Peak RSS counts this process and all its children.
 (c) parallel_imap over a 10,000,000-item generator: RSS at 1M and at 10M.
+(d) As many items as workers, each ~1 s of pure Python: serial vs
+    parallel_map (each item should get a worker of its own: ~Nx on N) and
+    ProcessPoolExecutor.map.
 
-Times are the best of three runs.  Both pools are started and warmed up before timing: parallel_map's pool is
-reused across calls by design, and the executor is kept for its sweep.
+``--cases`` picks some of them (``--cases ad``).  Times are the best of
+three runs (five in (d)).  Both pools are started and warmed up before timing:
+parallel_map's pool is reused across calls by design, and the executor is
+kept for its sweep.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ if TYPE_CHECKING:
 TINY_N = 1_000_000
 IMAP_N = 10_000_000
 HEAVY_N = 200
+LONG_SECONDS = 1.0  # per item in (d)
 REPEAT = 3  # timings are the best of this many runs
+LONG_REPEAT = 5  # in (d), whose few long samples are noisier
 SWEEP = (1_000, 5_000, 20_000, 50_000, 125_000)
 
 
@@ -126,18 +133,43 @@ async def atimed(fn: Callable[[], Any]) -> tuple[float, int, Any]:
     return took, rss.peak, out
 
 
+def clocked(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time without the RSS sampler, whose thread would take CPU from the workers."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+async def aclocked(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = await fn()
+    return time.perf_counter() - start, out
+
+
 def _executor_map(ex: ProcessPoolExecutor, chunksize: int) -> list[int]:
     return list(ex.map(square, range(TINY_N), chunksize=chunksize))
 
 
 @engine.task
-async def suite(quick: bool) -> list[list[str]]:
+async def suite(quick: bool, cases: str = "abcd") -> list[list[str]]:
     rows: list[list[str]] = []
     workers = engine.current_run().engine.worker_pool().max_workers  # type: ignore[union-attr]
     await engine.parallel_map(noop, range(workers * 4))  # start the pool
+    loops = calibrate() if "a" in cases or "d" in cases else 0
+    if "a" in cases:
+        rows += await heavy_items(workers, loops)
+    if "b" in cases:
+        rows += await tiny_items(workers, quick)
+    if "c" in cases:
+        rows += await imap_memory()
+    if "d" in cases:
+        rows += await long_items(workers, loops)
+    return rows
 
-    # (a) heavy items
-    loops = calibrate()
+
+async def heavy_items(workers: int, loops: int) -> list[list[str]]:
+    """(a) Many items of ~10 ms: parallel_map against serial and ProcessPoolExecutor."""
+    rows: list[list[str]] = []
     items = [(i, loops) for i in range(HEAVY_N)]
     # Best of REPEAT, alternating, so a noisy neighbour hurts both sides alike.
     t_serial = t_par = t_ex = float("inf")
@@ -170,8 +202,13 @@ async def suite(quick: bool) -> list[list[str]]:
             "",
         ]
     )
+    return rows
 
-    # (b) tiny items
+
+async def tiny_items(workers: int, quick: bool) -> list[list[str]]:
+    """(b) A million tiny items: automatic chunks against the best executor chunk size."""
+    rows: list[list[str]] = []
+    ctx = multiprocessing.get_context("spawn")
     expect = [x * x for x in range(TINY_N)]
     t_auto, rss_auto = float("inf"), 0
     for _ in range(REPEAT):
@@ -215,8 +252,13 @@ async def suite(quick: bool) -> list[list[str]]:
         else "(b) ProcessPoolExecutor.map chunksize=1"
     )
     rows.append([label, f"{t1_full:.1f} s", "", mib(rss1) + (f" (at {n1:,})" if quick else "")])
+    return rows
 
-    # (c) imap over a long generator
+
+async def imap_memory() -> list[list[str]]:
+    """(c) parallel_imap over a long generator: memory stays flat."""
+    rows: list[list[str]] = []
+
     def numbers() -> Iterator[int]:
         yield from range(IMAP_N)
 
@@ -242,9 +284,58 @@ async def suite(quick: bool) -> list[list[str]]:
     return rows
 
 
-async def amain(quick: bool) -> None:
+async def long_items(workers: int, loops: int) -> list[list[str]]:
+    """(d) Items = workers, long items: each should run on a worker of its own.
+
+    A lane that queued a second item behind its first (before the other
+    lanes asked) would run them one after the other on one worker: 1x.
+    """
+    # ``loops`` makes ~10 ms; scale it to LONG_SECONDS per item.
+    items = [(i, int(loops * LONG_SECONDS / 0.010)) for i in range(workers)]
+    t_serial = t_par = t_ex = float("inf")
+    pids = workers  # the fewest distinct worker processes one call used
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        list(ex.map(noop, range(workers * 4)))  # start the executor's processes
+        for _ in range(LONG_REPEAT):
+            t, expect = clocked(lambda: [heavy(it) for it in items])
+            t_serial = min(t_serial, t)
+            t, got = await aclocked(lambda: engine.parallel_map(heavy_with_pid, items))
+            t_par = min(t_par, t)
+            assert [value for value, _ in got] == expect
+            pids = min(pids, len({pid for _, pid in got}))
+            t, got = clocked(lambda: list(ex.map(heavy, items)))
+            t_ex = min(t_ex, t)
+            assert got == expect
+    return [
+        [
+            f"(d) {workers} items of ~{LONG_SECONDS:g} s (items = workers), serial",
+            f"{t_serial:.2f} s",
+            "",
+            "",
+        ],
+        [
+            f"(d) {workers} items of ~{LONG_SECONDS:g} s (items = workers), parallel_map",
+            f"{t_par:.2f} s",
+            f"speedup {t_serial / t_par:.2f}x on {workers} workers ({pids} pids)",
+            "",
+        ],
+        [
+            f"(d) {workers} items of ~{LONG_SECONDS:g} s, ProcessPoolExecutor.map (reference)",
+            f"{t_ex:.2f} s",
+            f"speedup {t_serial / t_ex:.2f}x",
+            "",
+        ],
+    ]
+
+
+def heavy_with_pid(item: tuple[int, int]) -> tuple[int, int]:
+    return heavy(item), os.getpid()
+
+
+async def amain(quick: bool, cases: str) -> None:
     async with engine.Engine(store="memory") as eng:
-        run = await eng.run(suite, quick)
+        run = await eng.run(suite, quick, cases)
         rows = run.result
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     header = ["case", "time", "comparison", "peak RSS (incl. children)"]
@@ -261,8 +352,16 @@ def main() -> None:
         action="store_true",
         help="measure ProcessPoolExecutor chunksize=1 on 20,000 items and extrapolate",
     )
+    parser.add_argument(
+        "--cases",
+        default="abcd",
+        help="which cases to run, by letter (default: abcd)",
+    )
     args = parser.parse_args()
-    asyncio.run(amain(args.quick))
+    unknown = set(args.cases) - set("abcd")
+    if unknown or not args.cases:
+        parser.error(f"--cases takes letters among a, b, c, d; got {args.cases!r}")
+    asyncio.run(amain(args.quick, args.cases))
 
 
 if __name__ == "__main__":

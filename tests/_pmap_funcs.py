@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
+
+#: How long ``meet`` waits for the others before giving up.
+MEET_SECONDS = 10.0
 
 
 def square(x: int) -> int:
@@ -18,6 +22,24 @@ def pid_of(_: object) -> int:
 def sleep_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def meet(item: tuple[str, int, int]) -> tuple[int, bool]:
+    """Wait at a barrier of ``n`` items in ``folder``: (pid, whether all ``n`` were there at once).
+
+    Each item marks its arrival with a file, then waits up to ``MEET_SECONDS``
+    for the files of the others.  Items that wait on one another cannot all
+    be there at once unless each runs on a worker of its own.
+    """
+    folder, index, n = item
+    here = Path(folder)
+    (here / f"{index}.arrived").touch()
+    deadline = time.monotonic() + MEET_SECONDS
+    while time.monotonic() < deadline:
+        if sum(1 for _ in here.glob("*.arrived")) >= n:
+            return os.getpid(), True
+        time.sleep(0.005)
+    return os.getpid(), False
 
 
 def sleep_then_return(item: tuple[int, float]) -> int:

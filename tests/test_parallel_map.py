@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import itertools
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,10 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner, Result
 
 import _pmap_funcs as funcs
 import engine
 from engine._api import default_engine
+from engine._cli import build_app
+from engine._cli._progress import Progress
+from engine._loader import load_file
 from engine._pool import RemoteTraceback, WorkerPool
 
 if TYPE_CHECKING:
@@ -135,6 +143,33 @@ async def test_chunk_size_adapts_to_item_cost(pool: WorkerPool) -> None:
     pids = await engine.parallel_map(funcs.sleep_then_pid, [0.15] * heavy)
     assert pool.chunks_sent - before == heavy  # one item per chunk
     assert len(set(pids)) == pool.max_workers  # spread over every worker
+
+
+@pytest.mark.parametrize("sized", [True, False])
+async def test_as_many_long_items_as_workers_run_one_per_worker(
+    tmp_path: Path, sized: bool
+) -> None:
+    """N items that each wait for all N to arrive finish only if each has a worker of its own."""
+    n = 3  # workers, whatever this machine's CPU count
+    async with engine.Engine(store="memory", cpus=n) as eng:
+
+        @engine.task
+        async def main() -> list[list[tuple[int, bool]]]:
+            calls = []
+            for call in range(2):  # the pool cold, then warm
+                folder = tmp_path / f"call{call}"
+                folder.mkdir()
+                items = [(str(folder), i, n) for i in range(n)]
+                calls.append(
+                    await engine.parallel_map(funcs.meet, items if sized else iter(items))
+                )
+            return calls
+
+        run = await eng.run(main)
+        assert eng.worker_pool().max_workers == n
+    for replies in run.result:
+        assert [met for _, met in replies] == [True] * n, replies
+        assert len({pid for pid, _ in replies}) == n, replies
 
 
 # -- functions from scripts, lambdas, closures --------------------------------------------------
@@ -393,3 +428,68 @@ async def test_failure_inside_a_run_is_counted() -> None:
         assert counts.failed == 1
         assert counts.pending == counts.running == 0
         assert counts.succeeded + counts.failed + counts.cancelled == 20
+        # The run's one action failed; its items are not among its actions.
+        assert (run.stats["failed"], run.stats["succeeded"], run.stats["cancelled"]) == (1, 0, 0)
+
+
+# -- items are counted as items, not actions ------------------------------------------------------
+
+COUNTED = str(DATA / "counted.py")  # 15 actions, and parallel_map over 5 items
+
+
+def shoal(*args: str) -> Result:
+    return CliRunner().invoke(build_app(), list(args), catch_exceptions=False)
+
+
+def summary_line(result: Result, run_id: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"run {run_id} ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_run_summary_counts_actions_as_shoal_show_does_and_items_apart() -> None:
+    result = shoal("run", COUNTED, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == sum(i * i for i in range(14)) + sum(i**3 for i in range(5))
+    runs = json.loads(shoal("runs", "--json").stdout)
+    run_id = runs[0]["id"]
+    show = json.loads(shoal("show", run_id, "--json").stdout)
+    assert runs[0]["actions"] == show["actions"] == 15
+    assert summary_line(result, run_id).endswith(
+        " (15 actions: 15 succeeded; 5 parallel_map items: 5 succeeded)"
+    )
+
+
+def test_failed_run_summary_counts_actions_and_items_apart() -> None:
+    result = shoal("run", COUNTED, "--bad")
+    assert result.exit_code == 1, result.output
+    run_id = json.loads(shoal("runs", "--json").stdout)[0]["id"]
+    assert json.loads(shoal("show", run_id, "--json").stdout)["actions"] == 15
+    found = re.search(
+        r" \(15 actions: 14 succeeded, 1 failed; 5 parallel_map items: (\d+) succeeded, "
+        r"1 failed(?:, (\d+) cancelled)?\)$",
+        summary_line(result, run_id),
+    )
+    assert found is not None, summary_line(result, run_id)
+    assert int(found[1]) + 1 + int(found[2] or 0) == 5
+
+
+async def test_run_stats_count_actions_and_items_apart(tmp_path: Path) -> None:
+    module = load_file(Path(COUNTED))
+    out = io.StringIO()
+    console = Console(file=out, width=150)
+    async with engine.Engine(store=tmp_path / "journal.db") as eng:
+        progress = Progress(eng, console, live=True)
+        run = await eng.run(module.main)
+        record = await eng.get_run(run.id)
+        console.print(progress.render(run))
+        progress.close()
+    assert run.status == "succeeded"
+    assert run.stats["succeeded"] == record.actions == 15
+    assert sum(run.stats[state] for state in ("pending", "running", "failed", "cancelled")) == 0
+    items = run.counters_for(f"parallel_map:{module.cube.__qualname__}")
+    assert (items.unit, items.succeeded, items.total) == ("items", 5, 5)
+    # The live display: the items have their row; the overall bar counts actions.
+    text = out.getvalue()
+    assert "15/15 actions" in text
+    assert re.search(r"parallel_map:cube\s+0\s+0\s+0\s+5\b", text), text  # pending running committing succeeded

@@ -9,7 +9,7 @@ want each state change subscribe with :meth:`Engine.events`.
 # annotations in the module named by __module__ ("engine").
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -54,6 +54,10 @@ class TaskCounts:
         "succeeded",
         "upcoming",
     )
+
+    #: What one count is: an action here; ``parallel_map`` counts its items
+    #: with a subclass that says "items", and ``Run.stats`` sums actions only.
+    unit: ClassVar[str] = "actions"
 
     def __init__(self, name: str, group: str | None = None) -> None:
         self.name = name

@@ -10,8 +10,13 @@ How a call runs:
   cannot be pickled raises :class:`~engine.InputError` right away.
 * Up to ``workers`` *lanes* run side by side.  A lane takes one of the
   engine's CPU slots, checks out a worker process from the engine's
-  :class:`~engine._pool.WorkerPool`, and feeds it chunks of items, keeping
-  at most two queued on it so the worker never waits for the parent.
+  :class:`~engine._pool.WorkerPool`, and feeds it chunks of items.  It
+  queues a second chunk behind the running one (so the worker does not wait
+  for the parent between chunks) only when the running one is measured to
+  be short: a chunk queued behind a long one, or behind one of unknown
+  cost, is work another worker could have started at once.  So N long
+  items on N workers run one per worker, while tiny items keep the worker
+  fed.
 * Chunk sizes adapt to the measured cost per item (see
   :class:`_ChunkSizer`) unless ``chunksize`` is given.
 * Items are taken from the input only as lanes need them, and at most
@@ -40,10 +45,11 @@ from abc import abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sized
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
 from ._context import current_action, current_engine, current_run
 from ._errors import ConfigError, InputError, RemoteError, WorkerCrashed
+from ._events import TaskCounts
 from ._pool import RemoteTraceback, WorkerLost, wait_exit
 
 if TYPE_CHECKING:
@@ -57,18 +63,29 @@ R = TypeVar("R")
 
 #: Chunks queued on one worker at once: one running, one waiting behind it.
 DEPTH: Final = 2
+#: A chunk is queued behind the running one only if that one is expected to
+#: take at most this long.  Queuing saves one round trip to the parent per
+#: chunk (well under a millisecond), which matters only for short chunks;
+#: behind a longer one the queued chunk would wait while another worker may
+#: be idle, and at the end of the input that wait is the tail of the call.
+QUEUE_BEHIND_SECONDS: Final = 0.05
 #: Chunks taken from the input and not yet handed to the consumer, per lane.
 WINDOW_PER_LANE: Final = 4
 
 
-class _Counters(Protocol):
-    """The progress counters of a run (``engine.TaskCounts``); items are counted."""
+class ItemCounts(TaskCounts):
+    """The items of the ``parallel_map`` calls of one function in one run, by state.
 
-    pending: int
-    running: int
-    succeeded: int
-    failed: int
-    cancelled: int
+    Items are not actions: no journal record, no key, no retry.  They show in
+    the progress display under ``parallel_map:<function>`` and are summed
+    apart from the actions (``Run.stats`` and the run summary count actions
+    only), so ``shoal run``'s summary and ``shoal show`` agree on the
+    number of actions.
+    """
+
+    __slots__ = ()
+
+    unit: ClassVar[str] = "items"
 
 
 # -- shipping the function --------------------------------------------------------------
@@ -403,7 +420,7 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
         self._next_out = 0
         self._ready: deque[R] = deque()
         # Items this call has added to the run's counters and not settled.
-        self._counters: _Counters | None = None
+        self._counters: TaskCounts | None = None
         self._c_pending = 0
         self._c_running = 0
 
@@ -486,7 +503,7 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
             action.lend()
         run = current_run()
         if run is not None:
-            self._counters = run.counters_for(f"parallel_map:{self._fn_name}")
+            self._counters = run.counters_for(f"parallel_map:{self._fn_name}", kind=ItemCounts)
             if self._total is not None:
                 self._count(pending=self._total)
         self._pool = pool
@@ -534,7 +551,7 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
         inflight: deque[_Chunk] = deque()
         try:
             while True:
-                while len(inflight) < DEPTH and self._can_take() and not self._pool.has_waiters:
+                while self._may_queue(inflight) and self._can_take() and not self._pool.has_waiters:
                     chunk = self._take()
                     if chunk is None:
                         break
@@ -570,6 +587,23 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
                 self._pool.checkin(worker)
             raise
         self._pool.checkin(worker)
+
+    def _may_queue(self, inflight: deque[_Chunk]) -> bool:
+        """Whether one more chunk may go to a worker that has ``inflight`` queued.
+
+        Always to an idle worker; behind a running chunk only when that one is
+        measured to end soon.  Before the first result the cost per item is
+        unknown (infinite), so each lane's first chunk goes alone: when the
+        input holds as many long items as there are workers, the first lane
+        must not take a second item that the next lane, a moment behind it,
+        would have run at once on its own worker.
+        """
+        if not inflight:
+            return True
+        if len(inflight) >= DEPTH:
+            return False
+        queued = sum(chunk.n for chunk in inflight)
+        return self._sizer.seconds_for(queued) <= QUEUE_BEHIND_SECONDS
 
     async def _submit(self, worker: Worker, chunk: _Chunk) -> None:
         try:

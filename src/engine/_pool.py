@@ -24,8 +24,9 @@ Wire format, both directions: a fixed header then raw payload bytes.
   :class:`_Failure`.
 
 A worker handles one chunk at a time, in the order received; the parent may
-queue a second chunk behind the running one so the worker never waits for
-the parent between chunks.
+queue a second chunk behind a running one that is expected to end soon, so
+the worker does not wait for the parent between short chunks (behind a long
+one it does not: another worker may be free; see ``engine._parallel``).
 """
 
 from __future__ import annotations

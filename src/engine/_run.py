@@ -119,19 +119,31 @@ class Run:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Actions of this run by state, summed over tasks."""
+        """Actions of this run by state, summed over tasks.
+
+        ``parallel_map`` items are not actions (the journal has no record of
+        them): they are counted in their own ``counters`` only.
+        """
         total: dict[str, int] = {}
         for counts in self.counters.values():
+            if counts.unit != "actions":
+                continue
             for state, n in counts.as_dict().items():
                 total[state] = total.get(state, 0) + n
         return total or TaskCounts("").as_dict()
 
-    def counters_for(self, name: str, group: str | None = None) -> TaskCounts:
-        """The counters of ``name`` (a task, or another unit of work such as a parallel_map) in ``group``."""
+    def counters_for(
+        self, name: str, group: str | None = None, kind: type[TaskCounts] = TaskCounts
+    ) -> TaskCounts:
+        """The counters of ``name`` (a task, or another unit of work such as a parallel_map) in ``group``.
+
+        ``kind`` makes them when ``name`` has none yet (a subclass counts
+        something other than actions, see ``TaskCounts.unit``).
+        """
         key = name if group is None else (group, name)
         counts = self.counters.get(key)
         if counts is None:
-            counts = self.counters[key] = TaskCounts(name, group)
+            counts = self.counters[key] = kind(name, group)
         return counts
 
     def cancel(self) -> None:

@@ -217,10 +217,11 @@ class Progress:
         total = done = failed = committing = 0
         group: str | None = None
         for counts, rate in self._sample(run, now):
-            total += counts.total + counts.upcoming
-            done += counts.finished
-            failed += counts.failed
-            committing += counts.committing
+            if counts.unit == "actions":  # parallel_map items have their own row only
+                total += counts.total + counts.upcoming
+                done += counts.finished
+                failed += counts.failed
+                committing += counts.committing
             if counts.group != group:
                 group = counts.group
                 table.add_row(f"[magenta]group {escape(group or '')}[/magenta]")
@@ -275,8 +276,25 @@ class Progress:
                 label = "retry" if key == "retries" and stats[key] == 1 else key
                 parts.append(f"{stats[key]:,} {label}")
         counts = f"{actions:,} action{'s' if actions != 1 else ''}: {', '.join(parts)}"
+        counts += _items(run)
         colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(run.status, "white")
         return f"[{colour}]run {run.id} {run.status}[/{colour}] in {took} ({counts})"
+
+
+def _items(run: Run) -> str:
+    """``; 5 parallel_map items: 5 succeeded``, or nothing (items are not actions)."""
+    by_state = {"succeeded": 0, "failed": 0, "cancelled": 0}
+    for counts in list(run.counters.values()):
+        if counts.unit == "items":
+            by_state["succeeded"] += counts.succeeded
+            by_state["failed"] += counts.failed
+            by_state["cancelled"] += counts.cancelled
+    n = sum(by_state.values())
+    if not n:
+        return ""
+    parts = [f"{by_state['succeeded']:,} succeeded"]
+    parts += [f"{by_state[k]:,} {k}" for k in ("failed", "cancelled") if by_state[k]]
+    return f"; {n:,} parallel_map item{'s' if n != 1 else ''}: {', '.join(parts)}"
 
 
 def failure_line(event: ActionEvent) -> str:
