@@ -76,18 +76,27 @@ def _sync(name: str, make: Any) -> Any:
             f"use 'await engine.a{name}(...)' instead"
         )
 
+    from ._signals import SigtermWatch
+
+    watch = SigtermWatch()
+
     async def main() -> Any:
         async with Engine() as eng:
-            return await make(eng)
+            return await watch.guard(make(eng))
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        watch.die_if_received()
 
 
 def run(task: Task[Any, Any], /, *args: Any, tags: Sequence[str] = (), cache: bool | None = None, **kwargs: Any) -> Run:
     """Run ``task`` and wait for it (blocking; for scripts and the CLI), journaled as configured.
 
     Returns the finished :class:`Run` whatever its status.  Ctrl-C cancels
-    the run, records it as cancelled, and raises :class:`KeyboardInterrupt`.
+    the run, records it as cancelled, and raises :class:`KeyboardInterrupt`;
+    SIGTERM does the same and then ends the process as SIGTERM does (from
+    the main thread, unless the application handles SIGTERM itself).
     """
     _check_root(task, "engine.run")
     return _sync("run", lambda eng: eng.run(task, *args, tags=tags, cache=cache, **kwargs))  # type: ignore[no-any-return]

@@ -5,7 +5,8 @@ first Ctrl-C into a cancellation of the main coroutine; here that cancels
 the run (every action is cancelled and recorded so, see
 :meth:`Engine.wait_run`), the journal is closed cleanly, and the outcome
 says ``interrupted`` so that the command can print how to resume and exit
-with 130.  A second Ctrl-C while that happens aborts at once.
+with 130.  A second Ctrl-C while that happens aborts at once.  SIGTERM
+does what the first Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from .._engine import Engine
+from .._signals import SigtermWatch
 from ._progress import Progress
 
 if TYPE_CHECKING:
@@ -55,7 +57,8 @@ async def _follow(
             already_done = True
             return Outcome(run, False, engine.durable, already_done=True)
         display = asyncio.create_task(progress.follow(run))
-        await finish(run)
+        # SIGTERM (a supervisor stopping the command) cancels like Ctrl-C.
+        await SigtermWatch().guard(finish(run))
     except asyncio.CancelledError:
         # Ctrl-C: the run is cancelled and recorded by now (wait_run does
         # that before re-raising); finish cleanly instead of unwinding.
