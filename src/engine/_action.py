@@ -27,7 +27,11 @@ if TYPE_CHECKING:
     from ._run import Run
     from ._task import Task
 
-__all__ = ["Action", "Done", "InFlight", "call_remembered", "execute", "named_execute"]
+#: What ``Run.replayed`` gives for a recorded output that cannot be read
+#: back (its blob is gone or damaged): the action runs as if never recorded.
+NOT_RECORDED: Any = object()
+
+__all__ = ["NOT_RECORDED", "Action", "Done", "InFlight", "call_remembered", "execute", "named_execute"]
 
 
 class Done(asyncio.Future[Any]):
@@ -159,7 +163,9 @@ async def execute(
         if run.replay is not None:
             found = run.replay.get(key)
             if found is not None:
-                return await run.replayed(action, found, counts)
+                value = await run.replayed(action, found, counts)
+                if value is not NOT_RECORDED:
+                    return value
         if task.cache_version is not None and run.use_cache:
             hit = await journal.cache_lookup(action, values, named)
             if hit is not None:

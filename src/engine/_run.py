@@ -9,10 +9,10 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._action import Action, Done, call_remembered
+from ._action import NOT_RECORDED, Action, Done, call_remembered
 from ._codec import INLINE_KINDS, decode_value, digest_bytes
 from ._context import group_var, task_of
-from ._errors import EngineError, RunFailed
+from ._errors import BlobError, EngineError, JournalCorrupt, RunFailed
 from ._events import TaskCounts
 
 if TYPE_CHECKING:
@@ -283,10 +283,32 @@ class Run:
         return decode_value(kind, data, type)
 
     async def replayed(self, action: Action, found: tuple[str, bytes], counts: TaskCounts) -> Any:
+        """The recorded output of a call that succeeded before, or ``NOT_RECORDED``.
+
+        An output kept in the blob store that can no longer be read (the
+        blob was deleted, damaged or replaced) counts as never recorded:
+        the action runs again, with a warning, rather than the run being
+        impossible to resume.
+        """
         kind, data = found
         if kind.startswith("blob-"):
             assert self.journal is not None
-            value = await self.journal.journal.decode(kind, data, action.task.signature.returns())
+            try:
+                value = await self.journal.journal.decode(
+                    kind, data, action.task.signature.returns(),
+                    what=f"the recorded output of action {action.key} of task {action.task.name!r}",
+                )
+            except (BlobError, JournalCorrupt) as exc:
+                import warnings
+
+                assert self.replay is not None
+                self.replay.pop(action.key, None)
+                warnings.warn(
+                    f"action {action.key} of task {action.task.name!r} runs again: its recorded "
+                    f"output cannot be read ({exc})",
+                    stacklevel=2,
+                )
+                return NOT_RECORDED
         else:
             value = action.task.signature.decode_output(kind, data)
         counts.pending -= 1
