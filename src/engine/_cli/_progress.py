@@ -267,8 +267,12 @@ class Progress:
     def summary(self, run: Run) -> str:
         """The closing line: status, time, and the actions by outcome."""
         stats = run.stats
-        finished = run.finished_at or run.started_at
-        took = duration((finished - run.started_at).total_seconds())
+        # This attempt's own time, up to its final commit; a resumed run
+        # also says how long it has taken since its first attempt began.
+        finished = run.finished_at or run.attempt_started_at
+        took = duration((finished - run.attempt_started_at).total_seconds())
+        if run.attempt_started_at != run.started_at:
+            took += f" (attempt {run.attempt}; {duration((finished - run.started_at).total_seconds())} since the first)"
         actions = stats["succeeded"] + stats["failed"] + stats["cancelled"]
         parts = [f"{stats['succeeded']:,} succeeded"]
         for key in ("failed", "cancelled", "cached", "replayed", "retries"):

@@ -177,7 +177,10 @@ def run_panel(run: RunSummary, recorded: Recorded | None = None) -> RenderableTy
     grid.add_row("attempt", str(run.attempt))
     grid.add_row("started", stamp(run.started))
     grid.add_row("finished", stamp(run.finished))
-    grid.add_row("duration", duration(run.duration))
+    if run.attempt > 1 and run.attempt_started is not None:
+        grid.add_row("duration", f"{duration(run.attempt_duration)} (attempt {run.attempt}; {duration(run.duration)} since the first)")
+    else:
+        grid.add_row("duration", duration(run.duration))
     grid.add_row("actions", f"{run.actions:,}")
     if run.tags:
         grid.add_row("tags", escape(", ".join(run.tags)))
@@ -321,6 +324,7 @@ def run_json(
     """A run as JSON: ``actions`` is always the run's number of actions (as in ``shoal runs``)."""
     data: dict[str, Any] = msgspec.to_builtins(run)
     data["duration"] = run.duration
+    data["attempt_duration"] = run.attempt_duration
     data.pop("action_records", None)
     if failed is not None:
         data["failed_actions"] = [_action_json(r) for r in failed]
