@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 import engine
 from engine._cli._progress import Progress
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 FAIL = {"on": True}
 
