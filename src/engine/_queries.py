@@ -33,10 +33,24 @@ RUN_COLUMNS = (
     "id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
     "tags, error, pid, host, pid_start, attempt_started"
 )
-#: The current row of each action of one run (bind the run id once).  The
-#: subquery reads only the (run_id, key) index: keys of actions and traces
-#: never collide, so the kind is checked on the rows it picks.
-LATEST = "rowid IN (SELECT max(rowid) FROM actions WHERE run_id=? GROUP BY key) AND kind='action'"
+#: The current row of each action of one run (bind the run id as ``:run``).
+#:
+#: A key's latest row (highest rowid) is its state.  Grouping a million
+#: rows by key to find it takes seconds, so the query leans on how rows
+#: come to be: a key gets a second row only when it runs again, and it
+#: runs again only after a row that did not succeed (a failure, a
+#: cancellation, a retried parent's failed child, a resume).  So the
+#: current rows are the succeeded rows of keys with no other row, plus the
+#: latest row of each of the few keys that have one (found through the
+#: ``actions_unsettled`` index).  One exception: an action whose recorded
+#: output could not be read back and ran again has two succeeded rows and
+#: is counted twice.
+CURRENT = (
+    "run_id=:run AND kind='action' AND ("
+    "(state='succeeded' AND key NOT IN (SELECT key FROM actions WHERE run_id=:run AND state!='succeeded'))"
+    " OR rowid IN (SELECT max(rowid) FROM actions WHERE run_id=:run AND key IN "
+    "(SELECT key FROM actions WHERE run_id=:run AND state!='succeeded') GROUP BY key))"
+)
 
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
 _tags_decoder = msgspec.json.Decoder(tuple[str, ...])
@@ -98,7 +112,7 @@ class JournalQueries:
                 params.append(tag)
             sql = (
                 f"SELECT {RUN_COLUMNS}, "
-                "(SELECT count(DISTINCT key) FROM actions a WHERE a.run_id=runs.id AND a.kind='action') "
+                "(SELECT count(*) FROM actions WHERE " + CURRENT.replace(":run", "runs.id") + ") "
                 "FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
                 + " ORDER BY started DESC LIMIT ?"
             )
@@ -115,9 +129,9 @@ class JournalQueries:
             count = 0
             for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
                 "SELECT task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
-                "sum(state='running'), sum(cached) FROM actions WHERE " + LATEST + " "
+                "sum(state='running'), sum(cached) FROM actions WHERE " + CURRENT + " "
                 "GROUP BY task, grp ORDER BY min(started)",
-                (run_id,),
+                {"run": run_id},
             ):
                 tasks.append(TaskSummary(task, grp, succeeded, failed, cancelled, running, cached))
                 count += succeeded + failed + cancelled + running
@@ -130,9 +144,9 @@ class JournalQueries:
                         (
                             action_record(r)
                             for r in db.execute(
-                                "SELECT * FROM actions WHERE " + LATEST + " "
-                                "ORDER BY started, key LIMIT ? OFFSET ?",
-                                (run_id, limit, offset),
+                                "SELECT * FROM actions WHERE " + CURRENT + " "
+                                "ORDER BY started, key LIMIT :limit OFFSET :offset",
+                                {"run": run_id, "limit": limit, "offset": offset},
                             )
                         ),
                     )
@@ -147,8 +161,8 @@ class JournalQueries:
     async def failed_actions(self, run_id: str, limit: int = 20) -> list[ActionRecord]:
         def go(db: sqlite3.Connection) -> list[ActionRecord]:
             rows = db.execute(
-                "SELECT * FROM actions WHERE " + LATEST + " AND state='failed' ORDER BY finished LIMIT ?",
-                (run_id, limit),
+                "SELECT * FROM actions WHERE " + CURRENT + " AND state='failed' ORDER BY finished LIMIT :limit",
+                {"run": run_id, "limit": limit},
             )
             return _with_origins(db, run_id, (action_record(r) for r in rows))
 
@@ -262,7 +276,7 @@ def _with_origins(db: sqlite3.Connection, run_id: str, records: Iterable[ActionR
         error = rec.error
         if error is not None and error.origin is not None and not error.traceback:
             row = db.execute(
-                "SELECT error FROM actions WHERE run_id=? AND key=? AND error IS NOT NULL "
+                "SELECT error FROM actions WHERE run_id=? AND key=? AND state!='succeeded' AND error IS NOT NULL "
                 "ORDER BY rowid DESC LIMIT 1",
                 (run_id, error.origin),
             ).fetchone()
