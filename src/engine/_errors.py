@@ -108,6 +108,14 @@ class JournalError(EngineError):
     """The journal could not be read or written."""
 
 
+class UnusableFolder(JournalError):
+    """Shoal's home (or the journal's folder) cannot be used as it is: a file, unwritable, or open to others.
+
+    A problem of the setup, not of a run (the command line reports it as a
+    usage error, exit code 2).  Not exported: catch :class:`JournalError`.
+    """
+
+
 class JournalCorrupt(JournalError):
     """The journal file is not a shoal journal, or it is truncated or damaged."""
 

@@ -51,6 +51,7 @@ from ._errors import (
     JournalVersionError,
     RunInUse,
     RunNotFound,
+    UnusableFolder,
 )
 from ._home import private_dir
 from ._owner import owner_alive
@@ -265,9 +266,9 @@ class Journal(JournalQueries):
 
     def _check_home(self) -> None:
         if self.path.parent == self.home:
-            private_dir(self.home, "shoal home", JournalError)
+            private_dir(self.home, "shoal home", UnusableFolder)
         elif not self.path.parent.is_dir():
-            private_dir(self.path.parent, "journal folder", JournalError)
+            private_dir(self.path.parent, "journal folder", UnusableFolder)
 
     def _writing(self) -> sqlite3.Connection:
         """On the journal thread: the writer's connection, opened on first use."""
@@ -327,8 +328,8 @@ class Journal(JournalQueries):
             return db
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
-        if self.path.parent == self.home and self.home.exists():
-            private_dir(self.home, "shoal home", JournalError)
+        if self.path.parent == self.home and _present(self.home):
+            private_dir(self.home, "shoal home", UnusableFolder)
         if not self.path.exists() or self.path.stat().st_size == 0:
             return None
         # Not ``mode=ro``: connections of one process share the file's
@@ -671,6 +672,21 @@ class Journal(JournalQueries):
         if kind == "pickle":
             data = self.signer.open(data, what)
         return decode_value(kind, data, type)
+
+
+def _present(path: Path) -> bool:
+    """Whether ``path`` exists, or cannot be looked at (a file where a folder should be).
+
+    ``Path.exists()`` says False for ``FILE/home`` too: reading would then
+    report "no runs yet" for a home that can never hold a journal.
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _consume(fut: asyncio.Future[None]) -> None:

@@ -21,7 +21,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from ._errors import JournalCorrupt, JournalError
+from ._errors import JournalCorrupt, JournalError, UnusableFolder
 from ._home import private_dir
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Signer:
     @classmethod
     def for_home(cls, home: Path) -> Signer:
         """The signer of ``home``, creating its secret file on first use (blocking)."""
-        path = private_dir(home, "shoal home", JournalError) / "secret"
+        path = private_dir(home, "shoal home", UnusableFolder) / "secret"
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:

@@ -2,13 +2,13 @@
 
 Exit codes: 0 when the run succeeded (or the query worked), 1 when the run
 failed or was cancelled (or the engine failed), 2 for a usage error (bad
-file, task, option or value, unknown run id), 130 when Ctrl-C stopped the
-run.  Progress, failures and summaries go to stderr; results and ``--json``
-documents go to stdout, so that ``shoal run flow.py --json > out.json``
-gives clean JSON.  What the tasks themselves print goes to stderr too (and
-to the journal) whenever stdout is not a terminal or ``--json`` is given,
-and a reader that goes away early (``shoal run flow.py | head``) fails
-neither the run nor its exit code.
+file, task, option or value, unknown run id, a SHOAL_HOME that cannot be
+used), 130 when Ctrl-C stopped the run.  Progress, failures and summaries
+go to stderr; results and ``--json`` documents go to stdout, so that
+``shoal run flow.py --json > out.json`` gives clean JSON.  What the tasks
+themselves print goes to stderr too (and to the journal) whenever stdout is
+not a terminal or ``--json`` is given, and a reader that goes away early
+(``shoal run flow.py | head``) fails neither the run nor its exit code.
 
 ``shoal run --json`` prints the result as JSON when the run succeeded, and
 otherwise a document ``{"run": ID, "status": "failed" | "cancelled",
@@ -38,7 +38,14 @@ from rich.text import Text
 
 from .._codec import MSGPACK, decode_value
 from .._engine import Engine
-from .._errors import ConfigError, EngineError, ImportFailed, InputError, RunNotFound
+from .._errors import (
+    ConfigError,
+    EngineError,
+    ImportFailed,
+    InputError,
+    RunNotFound,
+    UnusableFolder,
+)
 from . import _render as render
 from ._params import HelpRequested, UsageProblem, parse_task_args, pick_task, task_options
 from ._session import Outcome, resume_with_progress, run_with_progress
@@ -129,7 +136,7 @@ def _query(command: str, store: str | None, what: Callable[[Engine], Awaitable[T
 
     try:
         return asyncio.run(go())
-    except (RunNotFound, ConfigError, UsageProblem) as exc:
+    except (RunNotFound, ConfigError, UsageProblem, UnusableFolder) as exc:
         usage_error(str(exc), command)
     except EngineError as exc:
         if "keeps no journal" in str(exc):
@@ -147,15 +154,19 @@ def _journal_path(store: str | None) -> Path | None:
 
 async def _open(eng: Engine, run_id: str | None = None) -> Journal:
     """The engine's journal, without creating one where none exists."""
-    path = _journal_path(eng.store if eng.durable else "memory")
-    if path is not None and not path.exists():
+    # Opened first (reading only, nothing is created): it checks the home
+    # folder, so a home that cannot be used is reported as such, not as
+    # "no runs recorded yet".
+    journal = await eng.journal()
+    path = journal.path
+    if not path.exists():
         if run_id is not None:
             raise RunNotFound(
                 f"no run {run_id!r}: there is no journal at {path} yet; list runs with 'shoal runs' "
                 f"(or pass --store)"
             )
         raise _NoJournal(str(path))
-    return await eng.journal()
+    return journal
 
 
 class _NoJournal(Exception):
@@ -386,7 +397,7 @@ def build_app() -> typer.Typer:
                         max_concurrency=max_concurrency, console=console, live=console.is_terminal,
                     )
                 )
-        except (InputError, ConfigError, ImportFailed) as exc:
+        except (InputError, ConfigError, ImportFailed, UnusableFolder) as exc:
             usage_error(str(exc), "run")
         except KeyboardInterrupt:
             console.print("interrupted")
@@ -426,7 +437,7 @@ def build_app() -> typer.Typer:
                         live=console.is_terminal,
                     )
                 )
-        except (RunNotFound, InputError, ConfigError, ImportFailed) as exc:
+        except (RunNotFound, InputError, ConfigError, ImportFailed, UnusableFolder) as exc:
             usage_error(str(exc), "resume")
         except KeyboardInterrupt:
             console.print("interrupted")
