@@ -55,7 +55,7 @@ from ._errors import (
 )
 from ._home import private_dir
 from ._owner import owner_alive
-from ._queries import RUN_COLUMNS, JournalQueries
+from ._queries import RUN_COLUMNS, TASK_COUNTS, JournalQueries, current_rows
 from ._records import ActionRecord, ErrorInfo, RunRecord
 from ._schema import SCHEMA, SCHEMA_VERSION, migrate
 from ._signing import Signer
@@ -300,7 +300,10 @@ class Journal(JournalQueries):
                     if version is None:
                         # One statement at a time: executescript would
                         # commit the transaction that holds the lock.
-                        for statement in SCHEMA.split(";"):
+                        code = "\n".join(
+                            line for line in SCHEMA.splitlines() if not line.lstrip().startswith("--")
+                        )
+                        for statement in code.split(";"):
                             if statement.strip():
                                 db.execute(statement)
                         db.execute(
@@ -599,6 +602,7 @@ class Journal(JournalQueries):
             "pid_start=?, attempt_started=?, cancel_requested=0 WHERE id=?",
             (run.attempt, run.pid, run.host, run.pid_start, run.attempt_started, run.id),
         )
+        db.execute("DELETE FROM run_tasks WHERE run_id=?", (run.id,))  # counted again at its end
         return None
 
     def _end(self, db: sqlite3.Connection, run: RunRecord) -> None:
@@ -612,6 +616,13 @@ class Journal(JournalQueries):
                 run.id,
                 run.attempt,
             ),
+        )
+        # Counted once now, so that reading a finished run back is quick.
+        db.execute("DELETE FROM run_tasks WHERE run_id=?", (run.id,))
+        db.execute(
+            f"INSERT INTO run_tasks SELECT :run, {TASK_COUNTS} FROM actions WHERE "
+            f"{current_rows(db, run.id)} GROUP BY task, grp",
+            {"run": run.id},
         )
 
     def for_run(self) -> RunJournal:

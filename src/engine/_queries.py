@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from ._signing import Signer
 
-__all__ = ["RUN_COLUMNS", "JournalQueries", "utc"]
+__all__ = ["RUN_COLUMNS", "TASK_COUNTS", "JournalQueries", "current_rows", "utc"]
 
 RUN_COLUMNS = (
     "id, task, root, root_file, args, args_kind, status, attempt, started, finished, "
@@ -51,6 +51,24 @@ CURRENT = (
     " OR rowid IN (SELECT max(rowid) FROM actions WHERE run_id=:run AND key IN "
     "(SELECT key FROM actions WHERE run_id=:run AND state!='succeeded') GROUP BY key))"
 )
+#: The same when no row of the run failed or was cancelled (the usual case):
+#: every row is current, and no key needs looking up.
+ALL_SETTLED = "run_id=:run AND kind='action'"
+
+
+#: A run's current rows counted, per (task, grp): the columns of ``run_tasks``.
+TASK_COUNTS = (
+    "task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
+    "sum(state='running'), sum(cached), min(started)"
+)
+
+
+def current_rows(db: sqlite3.Connection, run_id: str) -> str:
+    """The condition for the run's current rows: :data:`CURRENT`, or the cheap one if it will do."""
+    unsettled = db.execute(
+        "SELECT 1 FROM actions WHERE run_id=? AND state!='succeeded' LIMIT 1", (run_id,)
+    ).fetchone()
+    return ALL_SETTLED if unsettled is None else CURRENT
 
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
 _tags_decoder = msgspec.json.Decoder(tuple[str, ...])
@@ -112,7 +130,9 @@ class JournalQueries:
                 params.append(tag)
             sql = (
                 f"SELECT {RUN_COLUMNS}, "
-                "(SELECT count(*) FROM actions WHERE " + CURRENT.replace(":run", "runs.id") + ") "
+                "coalesce((SELECT sum(succeeded + failed + cancelled + running) FROM run_tasks t "
+                "WHERE t.run_id=runs.id), "
+                "(SELECT count(*) FROM actions WHERE " + CURRENT.replace(":run", "runs.id") + ")) "
                 "FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
                 + " ORDER BY started DESC LIMIT ?"
             )
@@ -125,14 +145,21 @@ class JournalQueries:
     async def run_details(self, run_id: str, *, actions: bool, offset: int, limit: int) -> RunSummary:
         def go(db: sqlite3.Connection) -> RunSummary:
             row = self._run_row(db, run_id)
+            current = current_rows(db, run_id)
             tasks = []
             count = 0
-            for task, grp, succeeded, failed, cancelled, running, cached in db.execute(
-                "SELECT task, grp, sum(state='succeeded'), sum(state='failed'), sum(state='cancelled'), "
-                "sum(state='running'), sum(cached) FROM actions WHERE " + CURRENT + " "
-                "GROUP BY task, grp ORDER BY min(started)",
-                {"run": run_id},
-            ):
+            # A finished run was counted when it ended; a live one is counted now.
+            counted = db.execute(
+                "SELECT task, grp, succeeded, failed, cancelled, running, cached FROM run_tasks "
+                "WHERE run_id=? ORDER BY first",
+                (run_id,),
+            ).fetchall()
+            if not counted or row[6] == "running":
+                counted = db.execute(
+                    f"SELECT {TASK_COUNTS} FROM actions WHERE {current} GROUP BY task, grp ORDER BY min(started)",
+                    {"run": run_id},
+                ).fetchall()
+            for task, grp, succeeded, failed, cancelled, running, cached, *_ in counted:
                 tasks.append(TaskSummary(task, grp, succeeded, failed, cancelled, running, cached))
                 count += succeeded + failed + cancelled + running
             records: tuple[ActionRecord, ...] = ()
@@ -144,7 +171,7 @@ class JournalQueries:
                         (
                             action_record(r)
                             for r in db.execute(
-                                "SELECT * FROM actions WHERE " + CURRENT + " "
+                                "SELECT * FROM actions WHERE " + current + " "
                                 "ORDER BY started, key LIMIT :limit OFFSET :offset",
                                 {"run": run_id, "limit": limit, "offset": offset},
                             )
@@ -160,6 +187,8 @@ class JournalQueries:
 
     async def failed_actions(self, run_id: str, limit: int = 20) -> list[ActionRecord]:
         def go(db: sqlite3.Connection) -> list[ActionRecord]:
+            if current_rows(db, run_id) is ALL_SETTLED:
+                return []  # nothing failed
             rows = db.execute(
                 "SELECT * FROM actions WHERE " + CURRENT + " AND state='failed' ORDER BY finished LIMIT :limit",
                 {"run": run_id, "limit": limit},
