@@ -570,3 +570,45 @@ async def test_a_run_with_a_record_that_failed_to_commit_does_not_succeed(tmp_pa
     assert run.status == "failed"
     assert isinstance(run.error, engine.JournalBusy)
     assert run.counters["child"].failed == 1
+
+
+# -- counts of finished runs ------------------------------------------------------------
+
+COUNTED_FAIL = {"on": True}
+
+
+@engine.task(name="counted_leaf")
+async def counted_leaf(i: int) -> int:
+    if i == 3 and COUNTED_FAIL["on"]:
+        raise ValueError("three")
+    return i
+
+
+@engine.task(name="counted_root")
+async def counted_root(n: int) -> int:
+    return sum(await asyncio.gather(*(counted_leaf(i) for i in range(n))))
+
+
+async def test_counts_of_a_finished_run_follow_its_resume(tmp_path: Path) -> None:
+    COUNTED_FAIL["on"] = True
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        first = await eng.run(counted_root, 6)
+        assert first.status == "failed"
+        before = {t.task: (t.succeeded, t.failed, t.cancelled) for t in (await eng.get_run(first.id)).tasks}
+        COUNTED_FAIL["on"] = False
+        again = await eng.resume(first.id)
+        assert again.status == "succeeded"
+        record = await eng.get_run(first.id)
+        listed = {r.id: r.actions for r in await eng.runs()}
+    assert before["counted_root"] == (0, 1, 0)
+    assert before["counted_leaf"][1] == 1  # the failing leaf (its siblings may be cancelled)
+    after = {t.task: (t.succeeded, t.failed, t.cancelled) for t in record.tasks}
+    # The failed and cancelled rows were superseded by the resume's.
+    assert after == {"counted_root": (1, 0, 0), "counted_leaf": (6, 0, 0)}
+    assert record.actions == listed[first.id] == 7
+    db = _db(tmp_path / "j.db")
+    try:
+        stored = db.execute("SELECT task, succeeded FROM run_tasks WHERE run_id=? ORDER BY task", (first.id,)).fetchall()
+    finally:
+        db.close()
+    assert stored == [("counted_leaf", 6), ("counted_root", 1)]
