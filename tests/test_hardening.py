@@ -788,3 +788,13 @@ def test_cancel_reaches_a_busy_journaled_map(tmp_path: Path) -> None:
     assert child.returncode == 1, err
     [summary] = [s for s in engine.runs() if s.id == run_id]
     assert summary.status == "cancelled", "the run went on after shoal cancel"
+
+
+def test_a_store_path_under_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine._cli", "runs", "--store", str(tmp_path / "f" / "j.db")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "is not a folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -333,6 +333,11 @@ class Journal(JournalQueries):
             raise JournalError(f"journal {self.path} is closed")
         if self.path.parent == self.home and _present(self.home):
             private_dir(self.home, "shoal home", UnusableFolder)
+        elif self.path.parent != self.home and _present(self.path.parent) and not self.path.parent.is_dir():
+            raise UnusableFolder(
+                f"journal {self.path} cannot exist: {self.path.parent} is not a folder; "
+                f"give a store path in a folder of your own"
+            )
         if not self.path.exists() or self.path.stat().st_size == 0:
             return None
         # Not ``mode=ro``: connections of one process share the file's
