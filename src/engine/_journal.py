@@ -150,8 +150,21 @@ class LogRows:
         self.rows = rows
 
 
-def describe(exc: BaseException, origin: str | None = None) -> ErrorInfo:
-    """An exception as an :class:`ErrorInfo`; with ``origin``, without its traceback text."""
+#: Formatted stacks kept by :func:`describe`, at most this many.
+STACKS_KEPT = 512
+
+
+def describe(
+    exc: BaseException, origin: str | None = None, stacks: dict[Any, str] | None = None
+) -> ErrorInfo:
+    """An exception as an :class:`ErrorInfo`; with ``origin``, without its traceback text.
+
+    ``stacks`` keeps formatted stacks by where they ran (code object,
+    line, instruction of each frame): a fan-out whose children fail the
+    same way formats one stack, not thousands (formatting one costs tens
+    to hundreds of microseconds, walking it a few).  Exceptions with a
+    cause, a context or notes are formatted whole.
+    """
     cls = type(exc)
     module = cls.__module__
     name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
@@ -161,7 +174,30 @@ def describe(exc: BaseException, origin: str | None = None) -> ErrorInfo:
         message = f"<{cls.__qualname__} whose str() raised>"
     if origin is not None:
         return ErrorInfo(name, message, "", origin)
-    return ErrorInfo(name, message, "".join(traceback.format_exception(exc)))
+    tb = exc.__traceback__
+    simple = (
+        stacks is not None
+        and tb is not None
+        and exc.__cause__ is None
+        and (exc.__context__ is None or exc.__suppress_context__)
+        and not getattr(exc, "__notes__", None)
+    )
+    if not simple:
+        return ErrorInfo(name, message, "".join(traceback.format_exception(exc)))
+    assert stacks is not None
+    where = []
+    walk = tb
+    while walk is not None:
+        where.append((walk.tb_frame.f_code, walk.tb_lineno, walk.tb_lasti))
+        walk = walk.tb_next
+    key = tuple(where)
+    stack = stacks.get(key)
+    if stack is None:
+        if len(stacks) >= STACKS_KEPT:
+            stacks.clear()
+        stack = stacks[key] = "".join(traceback.extract_tb(tb).format())
+    text = "Traceback (most recent call last):\n" + stack + "".join(traceback.format_exception_only(exc))
+    return ErrorInfo(name, message, text)
 
 
 class Journal(JournalQueries):
@@ -187,6 +223,9 @@ class Journal(JournalQueries):
         self._db: sqlite3.Connection | None = None
         self._rdb: sqlite3.Connection | None = None
         self._signer: Signer | None = None
+        # Formatted stacks by where they ran (see ``describe``); used only
+        # on the journal thread.
+        self._stacks: dict[Any, str] = {}
         self._closed = False
         self._loop = asyncio.get_running_loop()
         # Shared between the event loop (which appends) and the journal
@@ -538,7 +577,7 @@ class Journal(JournalQueries):
                 if rec.cache_key is not None and rec.output is not None and not rec.cached:
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
             elif kind is Failure:
-                info = None if rec.error is None else describe(rec.error, rec.origin)
+                info = None if rec.error is None else describe(rec.error, rec.origin, self._stacks)
                 actions.append(_action_row(msgspec.structs.replace(rec.record, error=info)))
             elif kind is LogRows:
                 logs.extend(rec.rows)
