@@ -159,6 +159,11 @@ async def execute(
     action = Action(run, task, parent, group_var.get(), key)
     journal = run.journal
     if journal is not None:
+        if journal.journal.backlogged:
+            # Backpressure before the work, not after it: an action that
+            # waits here holds nothing yet, while one that finished would
+            # hold its record until there is room for it.
+            await journal.journal.room()
         # Replay and cache exist only for journaled runs.
         if run.replay is not None:
             found = run.replay.get(key)

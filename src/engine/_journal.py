@@ -245,9 +245,12 @@ class Journal(JournalQueries):
         self._draining = False
         # The newest commit future (resolved last: batches commit in order).
         self._last: Commit | None = None
-        # Invariant: ``_waiters`` are the futures of appenders waiting for
-        # room (see ``room``); each is woken once ``_pending`` has shrunk to
-        # LOW_WATER, or the journal failed or closed.
+        # Invariant: ``_writing_now`` counts the records the journal thread
+        # has taken and not yet committed (written by that thread only);
+        # ``_waiters`` are the futures of appenders waiting for room (see
+        # ``room``), each woken once the backlog is down to LOW_WATER or the
+        # drain ends.
+        self._writing_now = 0
         self._waiters: list[asyncio.Future[None]] = []
 
     # -- thread plumbing -----------------------------------------------------
@@ -453,15 +456,21 @@ class Journal(JournalQueries):
 
     @property
     def backlogged(self) -> bool:
-        """Whether so many records wait that whoever appends should first wait for room."""
-        return len(self._pending) > HIGH_WATER
+        """Whether so many records wait that whoever appends should first wait for room.
+
+        Read without the lock: two list and int reads, each atomic; being
+        off by a batch in either direction only moves the wait a little.
+        """
+        return len(self._pending) + self._writing_now > HIGH_WATER
 
     async def room(self) -> None:
         """Wait until the backlog of records has shrunk (returns at once if it is small)."""
+        if not self.backlogged:
+            return
+        waiter = self._loop.create_future()
         with self._lock:
-            if len(self._pending) <= HIGH_WATER or not self._draining:
+            if not self._draining:
                 return
-            waiter = self._loop.create_future()
             self._waiters.append(waiter)
         await waiter
 
@@ -470,10 +479,13 @@ class Journal(JournalQueries):
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
 
-    def _wake(self, waiters: list[asyncio.Future[None]]) -> None:
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    def _make_room(self, force: bool = False) -> None:
+        """From the journal thread: wake the appenders waiting for room, if there is room now."""
+        with self._lock:
+            if not self._waiters or (not force and len(self._pending) + self._writing_now > LOW_WATER):
+                return
+            waiters, self._waiters = self._waiters, []
+        self._soon(_wake, waiters)
 
     async def flush(self) -> None:
         """Wait until everything appended so far is committed (or failed to be)."""
@@ -482,42 +494,52 @@ class Journal(JournalQueries):
             await asyncio.wait([last])
 
     def _drain(self) -> None:
-        """On the journal thread: commit batches until nothing is pending."""
+        """On the journal thread: commit batches until nothing is pending.
+
+        Each turn takes everything appended so far (holding the lock only to
+        swap the lists) and commits it in transactions of at most
+        :data:`MAX_BATCH` records, in order; the turn's shared future is
+        resolved after its last one.
+        """
         while True:
             with self._lock:
                 records, settles, commit = self._pending, self._settles, self._commit
                 if not records:
                     self._draining = False
-                    waiters, self._waiters = self._waiters, []
-                    if waiters:
-                        self._soon(self._wake, waiters)
-                    return
-                if len(records) > MAX_BATCH:
-                    # Commit a prefix now and leave the rest (with the
-                    # shared future) for the next turn: records commit in
-                    # the order they were appended either way.
-                    self._pending = records[MAX_BATCH:]
-                    records = records[:MAX_BATCH]
-                    ours = sum(1 for r in records if type(r) is ActionRecord and r.kind == "action" and r.state == "succeeded")
-                    settles, self._settles = _split_settles(settles, records, ours)
-                    commit = None
+                    self._writing_now = 0
+                    waking = bool(self._waiters)
                 else:
                     self._pending, self._settles, self._commit = [], [], None
-                waiters = []
-                if self._waiters and len(self._pending) <= LOW_WATER:
-                    waiters, self._waiters = self._waiters, []
-            if waiters:
-                self._soon(self._wake, waiters)
-            error: Exception | None = None
-            claims: list[Claim] = []
-            try:
-                self._guard(self._write, (records, claims))
-            except Exception as exc:
-                error = exc
-            try:
-                self._loop.call_soon_threadsafe(self._committed, settles, commit, error, claims)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    self._writing_now = len(records)
+            if not records:
+                if waking:
+                    self._make_room(force=True)
                 return
+            for start in range(0, len(records), MAX_BATCH):
+                chunk = records[start : start + MAX_BATCH]
+                last = start + MAX_BATCH >= len(records)
+                if last:
+                    ours = settles
+                else:
+                    # The settles of this chunk's successes (see _split_settles).
+                    count = sum(
+                        1 for r in chunk if type(r) is ActionRecord and r.kind == "action" and r.state == "succeeded"
+                    )
+                    ours, settles = _split_settles(settles, chunk, count)
+                error: Exception | None = None
+                claims: list[Claim] = []
+                try:
+                    self._guard(self._write, (chunk, claims))
+                except Exception as exc:
+                    error = exc
+                self._writing_now -= len(chunk)
+                try:
+                    self._loop.call_soon_threadsafe(
+                        self._committed, ours, commit if last else None, error, claims
+                    )
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    return
+                self._make_room()
 
     def _committed(
         self,
@@ -742,6 +764,12 @@ def _present(path: Path) -> bool:
     except OSError:
         return True
     return True
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _consume(fut: asyncio.Future[None]) -> None:
