@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -406,10 +405,6 @@ async def test_capture_ignores_memory_runs() -> None:
         await capture.stop()
 
 
-@pytest.mark.skipif(
-    "OutputCapture" not in Path(inspect.getfile(OutputCapture)).with_name("_run.py").read_text(),
-    reason="Run._drive does not install OutputCapture yet",
-)
 def test_logs_of_a_cli_run() -> None:
     assert shoal("run", f"{FLOWS}:chatty").exit_code == 0
     out = shoal("logs", last_run()["id"]).stdout

@@ -35,7 +35,6 @@ import contextlib
 import os
 import sqlite3
 import threading
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,6 +43,7 @@ import msgspec
 from msgspec.structs import astuple
 
 from ._codec import decode_value
+from ._entries import Claim, Commit, Failure, LogRows, describe
 from ._errors import (
     JournalBusy,
     JournalCorrupt,
@@ -56,7 +56,7 @@ from ._errors import (
 from ._home import private_dir
 from ._owner import owner_alive
 from ._queries import RUN_COLUMNS, TASK_COUNTS, JournalQueries, current_rows
-from ._records import ActionRecord, ErrorInfo, RunRecord
+from ._records import ActionRecord, RunRecord
 from ._schema import SCHEMA, SCHEMA_VERSION, migrate
 from ._signing import Signer
 
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     #: (counters, run's journal, action or None): a success to count once committed.
     Settle = tuple[TaskCounts, RunJournal, Action | None]
 
-__all__ = ["Claim", "Commit", "Failure", "Journal", "LogRows"]
+__all__ = ["Journal"]
 
 T = TypeVar("T")
 
@@ -85,119 +85,6 @@ HIGH_WATER = 32768
 LOW_WATER = HIGH_WATER // 2
 
 _error_encoder = msgspec.msgpack.Encoder()
-
-
-class Commit(asyncio.Future[None]):
-    """The commit of one batch of records, awaited by every action in it.
-
-    One future for the whole batch, not one per action: a fan-out of
-    100,000 actions waiting for their records keeps 100,000 fewer objects
-    alive for the garbage collector to walk.  Cancelling one waiting action
-    must not cancel the commit that the others wait for, so ``cancel()`` is
-    refused here; the waiting action is still cancelled, at its next step,
-    which comes when the commit is done (a few milliseconds).
-    """
-
-    __slots__ = ()
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-class Claim:
-    """A run's first record of an attempt: written only if the run may start here.
-
-    ``previous`` is None for a new run (its id must not exist yet), else the
-    attempt number the resume read (it must still be the recorded one, and
-    the recorded owner must be gone).  ``outcome`` is resolved on the loop
-    with None or the error that refused the claim.
-    """
-
-    __slots__ = ("outcome", "previous", "record", "refused")
-
-    def __init__(self, record: RunRecord, previous: int | None, outcome: asyncio.Future[None]) -> None:
-        self.record = record
-        self.previous = previous
-        self.outcome = outcome
-        #: Set on the journal thread: why the claim was refused, if it was.
-        self.refused: Exception | None = None
-
-
-class Failure:
-    """An action that failed or was cancelled; its error is described on the journal thread.
-
-    Formatting a traceback takes a fraction of a millisecond, long enough
-    to stall the loop when thousands of actions fail at once, so the loop
-    only hands the exception over.  An exception that propagates unchanged
-    through several actions is described once, by the first (the deepest):
-    the others refer to it by key (:attr:`ErrorInfo.origin`).
-    """
-
-    __slots__ = ("error", "origin", "record")
-
-    def __init__(self, record: ActionRecord, error: BaseException | None, origin: str | None) -> None:
-        self.record = record
-        self.error = error
-        self.origin = origin
-
-
-class LogRows:
-    """Captured output of a run's actions, written with the next batch."""
-
-    __slots__ = ("rows",)
-
-    def __init__(self, rows: list[tuple[str, str, float, str, str]]) -> None:
-        self.rows = rows
-
-
-#: Formatted stacks kept by :func:`describe`, at most this many.
-STACKS_KEPT = 512
-
-
-def describe(
-    exc: BaseException, origin: str | None = None, stacks: dict[Any, str] | None = None
-) -> ErrorInfo:
-    """An exception as an :class:`ErrorInfo`; with ``origin``, without its traceback text.
-
-    ``stacks`` keeps formatted stacks by where they ran (code object,
-    line, instruction of each frame): a fan-out whose children fail the
-    same way formats one stack, not thousands (formatting one costs tens
-    to hundreds of microseconds, walking it a few).  Exceptions with a
-    cause, a context or notes are formatted whole.
-    """
-    cls = type(exc)
-    module = cls.__module__
-    name = cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:  # a broken __str__ must not break the journal
-        message = f"<{cls.__qualname__} whose str() raised>"
-    if origin is not None:
-        return ErrorInfo(name, message, "", origin)
-    tb = exc.__traceback__
-    simple = (
-        stacks is not None
-        and tb is not None
-        and exc.__cause__ is None
-        and (exc.__context__ is None or exc.__suppress_context__)
-        and not getattr(exc, "__notes__", None)
-    )
-    if not simple:
-        return ErrorInfo(name, message, "".join(traceback.format_exception(exc)))
-    assert stacks is not None
-    where = []
-    walk = tb
-    while walk is not None:
-        where.append((walk.tb_frame.f_code, walk.tb_lineno, walk.tb_lasti))
-        walk = walk.tb_next
-    key = tuple(where)
-    stack = stacks.get(key)
-    if stack is None:
-        if len(stacks) >= STACKS_KEPT:
-            stacks.clear()
-        stack = stacks[key] = "".join(traceback.extract_tb(tb).format())
-    text = "Traceback (most recent call last):\n" + stack + "".join(traceback.format_exception_only(exc))
-    return ErrorInfo(name, message, text)
 
 
 class Journal(JournalQueries):

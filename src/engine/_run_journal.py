@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ._codec import digest, encode_value
+from ._entries import Claim, Failure, describe
 from ._errors import BlobError, EncodeError, EngineError, JournalError, RunInUse
-from ._journal import Claim, Failure, describe
 from ._owner import owner_alive, this_process
 from ._queries import utc
 from ._records import ActionRecord, ErrorInfo, RunRecord
