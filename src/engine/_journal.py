@@ -110,6 +110,8 @@ class Journal(JournalQueries):
         self._db: sqlite3.Connection | None = None
         self._rdb: sqlite3.Connection | None = None
         self._signer: Signer | None = None
+        self._flags = Path(f"{path}-cancel")
+        self._roots: dict[Any, tuple[str, str | None]] = {}
         # Formatted stacks by where they ran (see ``describe``); used only
         # on the journal thread.
         self._stacks: dict[Any, str] = {}
@@ -626,7 +628,20 @@ class Journal(JournalQueries):
         and ``shoal cancel`` creates it without waiting for the write lock
         of a journal that a busy run keeps committing to.
         """
-        return Path(f"{self.path}-cancel") / run_id
+        return self._flags / run_id
+
+    def root_of(self, task: Any) -> tuple[str, str | None]:
+        """Where ``task`` is found again (see ``_loader.root_of``), worked out once per task.
+
+        It resolves the defining file's path, a few system calls that a
+        service starting many small runs would pay on each.
+        """
+        found = self._roots.get(task)
+        if found is None:
+            from ._loader import root_of
+
+            found = self._roots[task] = root_of(task)
+        return found
 
     async def decode(self, kind: str, data: bytes, type: Any, what: str = "a recorded value") -> Any:
         """A recorded value: fetched from the blob store if kept there, pickles verified."""

@@ -137,6 +137,10 @@ class RunJournal:
         self._recorded = False
         #: The first commit of this run's records that failed, if any.
         self.error: Exception | None = None
+        # Whether a cancel request (a flag file) was seen: only then is
+        # there a file to remove at the end.  A request that comes after
+        # the run ended is removed by the next resume.
+        self._flag_seen = False
 
     def _sealed(self, kind: str, data: bytes) -> bytes:
         """Pickled bytes signed for storage (see ``_signing``); msgpack as it is."""
@@ -144,10 +148,8 @@ class RunJournal:
 
     async def started(self, run: Run) -> None:
         """Claim the run for this process (its first record); raises if it may not run here."""
-        from ._loader import root_of
-
         self.run = run
-        self._root = root_of(run.task)
+        self._root = self.journal.root_of(run.task)
         kind, data = encode_value([run._values, run._named], what=f"arguments of run {run.id}")
         self._args = (kind, self._sealed(kind, data))
         outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -162,8 +164,9 @@ class RunJournal:
             raise
         self._recorded = True
         flag = self.journal.cancel_flag(run.id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(flag)  # a request for an earlier attempt
+        if self.previous is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(flag)  # a request for an earlier attempt
         self._poller = asyncio.get_running_loop().create_task(self._poll_cancel(run, flag))
 
     def _run_record(self, run: Run, status: Any, finished: float | None) -> RunRecord:
@@ -213,8 +216,9 @@ class RunJournal:
             if run.status == "succeeded":
                 run.status = "failed"
                 run.error = exc
-        with contextlib.suppress(OSError):
-            os.unlink(self.journal.cancel_flag(run.id))
+        if self._flag_seen:
+            with contextlib.suppress(OSError):
+                os.unlink(self.journal.cancel_flag(run.id))
 
     async def _poll_cancel(self, run: Run, flag: Any) -> None:
         # One stat per poll, on the loop: no journal read, so a busy
@@ -223,6 +227,7 @@ class RunJournal:
             await asyncio.sleep(CANCEL_POLL)
             # A stat of a local file: cheaper than a hop to a thread.
             if os.path.exists(flag):  # noqa: ASYNC240
+                self._flag_seen = True
                 run.cancel()
                 return
 
