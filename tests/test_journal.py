@@ -199,6 +199,8 @@ async def test_action_succeeds_only_once_committed(tmp_path: Path) -> None:
             blocker.execute("BEGIN EXCLUSIVE")
             gate.set()
             await returned.wait()
+            loop = asyncio.get_running_loop()
+            at_return = loop.time()
             await asyncio.sleep(0.3)
             # The function returned, but its record cannot be committed yet.
             counts = run.counters["gated"]
@@ -208,8 +210,12 @@ async def test_action_succeeds_only_once_committed(tmp_path: Path) -> None:
             blocker.execute("COMMIT")
             blocker.close()
         await run.wait()
+        waited = loop.time() - at_return
         assert run.result == 42
         assert run.counters["gated"].succeeded == 1
+    # The run was not over when its function returned: its commit is part of its time.
+    assert run.finished_at is not None
+    assert (run.finished_at - run.started_at).total_seconds() >= waited - 0.05
 
 
 # -- what is recorded ---------------------------------------------------------------
