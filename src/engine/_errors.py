@@ -23,7 +23,13 @@ The tree::
     │   ├── BlobNotFound (also LookupError)
     │   └── BlobCorrupt                    a blob's content does not match its digest
     └── OffloadError                       a remote backend failed
-        └── RemoteError                    the remote task raised; carries its traceback
+        ├── RemoteError                    the remote task raised; carries its traceback
+        └── (infrastructure, exported by ``offload``; retried by the target's
+            own ``retries=``, not the task's)
+            ├── WorkerLost                 the worker process running an attempt died
+            ├── HostLost                   the host running an attempt went away
+            ├── Reclaimed                  a spot instance was reclaimed under a job
+            └── SubmitFailed               the backend could not start the attempt
 
 Every message says what happened, to what (task, action, file, host), and
 what to do next.  Third-party errors are mapped to these at the boundary
@@ -40,6 +46,7 @@ __all__ = [
     "ConfigError",
     "EncodeError",
     "EngineError",
+    "HostLost",
     "ImportFailed",
     "InputError",
     "JournalBusy",
@@ -48,12 +55,15 @@ __all__ = [
     "JournalVersionError",
     "MissingDependency",
     "OffloadError",
+    "Reclaimed",
     "RemoteError",
     "ResourceError",
     "RunFailed",
     "RunInUse",
     "RunNotFound",
+    "SubmitFailed",
     "WorkerCrashed",
+    "WorkerLost",
 ]
 
 
@@ -166,3 +176,28 @@ class RemoteError(OffloadError):
             (str(self),),
             {"remote_type": self.remote_type, "remote_traceback": self.remote_traceback},
         )
+
+
+class InfrastructureError(OffloadError):
+    """An attempt failed for a reason that is not the task's own (see the tree above).
+
+    Retried within the target's ``retries=`` budget, with backoff, without
+    using up the task's ``retries``.  Not exported: catch the subclasses,
+    or :class:`OffloadError`.
+    """
+
+
+class WorkerLost(InfrastructureError):
+    """The worker process running an attempt died (killed, out of memory, crashed)."""
+
+
+class HostLost(InfrastructureError):
+    """The host running an attempt went away (connection lost, keepalives unanswered)."""
+
+
+class Reclaimed(InfrastructureError):
+    """The spot instance running a job was reclaimed."""
+
+
+class SubmitFailed(InfrastructureError):
+    """The backend could not start the attempt (no worker could start, submission refused)."""

@@ -22,7 +22,9 @@ from ._task import Task
 if TYPE_CHECKING:
     from types import ModuleType
 
-__all__ = ["load_file", "locate", "root_of"]
+    from ._wire import FunctionRef
+
+__all__ = ["load_file", "load_function", "locate", "root_of"]
 
 
 def load_file(path: str | Path) -> ModuleType:
@@ -134,3 +136,43 @@ def load_root(root: str, root_file: str | None) -> Task[Any, Any]:
             )
         module = load_file(root_file)
     return locate(module, qualname)
+
+
+def load_function(ref: FunctionRef, root: Path | None = None) -> Any:
+    """The task (or function) that ``ref`` names, imported in this process (a worker).
+
+    A ref with a ``path`` is a script inside the code bundle unpacked at
+    ``root``: it is imported from there under ``ref.module``, never as
+    ``__main__``, so its ``if __name__ == "__main__":`` block does not run.
+    Otherwise ``ref.module`` is imported by name (from the bundle, which
+    is first on ``sys.path``, or from what is installed).
+    """
+    if ref.path is not None:
+        if root is None:
+            raise ImportFailed(f"{ref} is in a script, and no code bundle was sent with it")
+        file = (root / ref.path).resolve()
+        if not file.is_file():
+            raise ImportFailed(f"{ref}: the code bundle has no file {ref.path}")
+        module = sys.modules.get(ref.module)
+        if module is None or not _same(getattr(module, "__file__", None), file):
+            if str(file.parent) not in sys.path:
+                sys.path.insert(0, str(file.parent))
+            module = _exec(ref.module, file)
+    else:
+        try:
+            module = importlib.import_module(ref.module)
+        except ImportError as exc:
+            raise ImportFailed(
+                f"cannot import {ref.module} to run {ref}: {exc}; install it where the "
+                f"worker runs, or keep it inside the project folder that is bundled"
+            ) from exc
+        except BaseException as exc:
+            raise ImportFailed(f"importing {ref.module} failed: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in ref.qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    if obj is None or not callable(obj):
+        raise ImportFailed(f"{ref.module} has no function {ref.qualname!r} (looking for {ref})")
+    return obj

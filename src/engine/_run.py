@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ._run_journal import RunJournal
     from ._task import Task
 
-__all__ = ["Run"]
+__all__ = ["Run", "trace_key"]
 
 Status = Literal["running", "succeeded", "failed", "cancelled"]
 
@@ -268,13 +268,10 @@ class Run:
 
     def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The key of one trace call inside ``action`` (see :func:`engine.trace`)."""
-        inputs = digest_bytes("trace", name, args, kwargs)
         table = action.occurrences
         if table is None:
             table = action.occurrences = {}
-        occurrence = table.get(inputs, 0)
-        table[inputs] = occurrence + 1
-        return _chain(action.key, inputs, occurrence)
+        return trace_key(action.key, table, name, args, kwargs)
 
     def replay_value(self, key: str, type: Any = Any) -> Any:
         """The recorded output of a trace call (traces are always stored inline)."""
@@ -423,6 +420,22 @@ def _chain(parent_key: str, inputs: bytes, occurrence: int) -> str:
     return hashlib.blake2b(
         parent_key.encode() + inputs + occurrence.to_bytes(8, "little"), digest_size=12
     ).hexdigest()
+
+
+def trace_key(
+    parent_key: str, occurrences: dict[bytes, int], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """The key of a trace call named ``name`` inside the action keyed ``parent_key``.
+
+    ``occurrences`` counts the calls made so far in the action's attempt,
+    by inputs; it is updated.  Workers of offloaded attempts derive keys
+    with this same function, so a trace recorded remotely is found again
+    locally and the other way round.
+    """
+    inputs = digest_bytes("trace", name, args, kwargs)
+    occurrence = occurrences.get(inputs, 0)
+    occurrences[inputs] = occurrence + 1
+    return _chain(parent_key, inputs, occurrence)
 
 
 def new_run_id() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar
 
 from ._action import InFlight
@@ -15,7 +16,28 @@ if typing.TYPE_CHECKING:
 
     from ._action import Action
 
-__all__ = ["trace"]
+__all__ = ["TraceSink", "trace", "trace_sink_var"]
+
+
+class TraceSink(typing.Protocol):
+    """Where traces go inside an offloaded attempt (on the worker's side).
+
+    There is no action there (task calls are plain calls), so a worker sets
+    :data:`trace_sink_var` for the attempt it runs, and traces ask the sink:
+    ``key`` derives the same key the engine would (see ``Run.trace_key``),
+    ``recorded`` gives an earlier attempt's result or :data:`MISSING`, and
+    ``record`` sends a new result back to be journaled.
+    """
+
+    def key(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str: ...
+
+    def recorded(self, key: str, returns: Any) -> Any: ...
+
+    def record(self, key: str, name: str, result: Any) -> None: ...
+
+
+#: The trace sink of the offloaded attempt running here, or None.
+trace_sink_var: ContextVar[TraceSink | None] = ContextVar("shoal.trace_sink", default=None)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,11 +66,22 @@ def trace(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         async def traced_async(*args: Any, **kwargs: Any) -> Any:
             action = action_var.get()
-            if action is None or (action.run.journal is None and action.memo is None):
+            if action is None:
+                sink = trace_sink_var.get()
+                if sink is None:
+                    return await fn(*args, **kwargs)
+                key = sink.key(name, args, kwargs)
+                found = sink.recorded(key, returns)
+                if found is not MISSING:
+                    return found
+                result = await fn(*args, **kwargs)
+                sink.record(key, name, result)
+                return result
+            if action.run.journal is None and action.memo is None:
                 return await fn(*args, **kwargs)
             key = action.run.trace_key(action, name, args, kwargs)
             found = _recorded(action, key, returns)
-            if found is not _MISSING:
+            if found is not MISSING:
                 return found
             result = await fn(*args, **kwargs)
             _record(action, key, name, result)
@@ -59,11 +92,22 @@ def trace(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Any:
         action = action_var.get()
-        if action is None or (action.run.journal is None and action.memo is None):
+        if action is None:
+            sink = trace_sink_var.get()
+            if sink is None:
+                return fn(*args, **kwargs)
+            key = sink.key(name, args, kwargs)
+            found = sink.recorded(key, returns)
+            if found is not MISSING:
+                return found
+            result = fn(*args, **kwargs)
+            sink.record(key, name, result)
+            return result
+        if action.run.journal is None and action.memo is None:
             return fn(*args, **kwargs)
         key = action.run.trace_key(action, name, args, kwargs)
         found = _recorded(action, key, returns)
-        if found is not _MISSING:
+        if found is not MISSING:
             return found
         result = fn(*args, **kwargs)
         _record(action, key, name, result)
@@ -73,15 +117,15 @@ def trace(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 #: Stands for "no recorded result" (a trace may return None).
-_MISSING: Any = object()
+MISSING: Any = object()
 
 
 def _recorded(action: Action, key: str, returns: Any) -> Any:
     """The result of an earlier call with this key: this attempt's memo, then the journal's replay."""
     memo = action.memo
     if memo is not None:
-        value = memo.get(key, _MISSING)
-        if value is not _MISSING and type(value) is not InFlight:
+        value = memo.get(key, MISSING)
+        if value is not MISSING and type(value) is not InFlight:
             return value
     run = action.run
     if run.replay is not None and key in run.replay:
@@ -89,7 +133,7 @@ def _recorded(action: Action, key: str, returns: Any) -> Any:
         if memo is not None:
             memo[key] = value
         return value
-    return _MISSING
+    return MISSING
 
 
 def _record(action: Action, key: str, name: str, result: Any) -> None:

@@ -1,0 +1,228 @@
+"""What crosses a process boundary between the engine and a worker.
+
+Every backend (``offload.Local``, SSH hosts, AWS Batch) speaks this one
+protocol; only the transport differs (pipes, an SSH channel, objects in
+S3).  Messages are tagged msgspec Structs, msgpack-encoded, each sent as
+one *frame*: a 4-byte big-endian length, then the body.
+
+A conversation::
+
+    worker -> Hello                       versions, CPUs, GPUs, host, pid
+    engine -> Start(id, payload)          many, possibly several at once
+    worker -> NeedBundle(digest)          only when the code bundle is not cached
+    engine -> BundleData(digest, data)
+    worker -> Log / Trace / TraceAsk      while the attempt runs
+    engine -> TraceAnswer                 (to a TraceAsk)
+    engine -> Cancel(id)                  optional
+    worker -> Done(id, outcome)           exactly one per Start
+    engine -> Shutdown                    or the transport closes
+
+Values travel encoded by :func:`engine._codec.encode_value` (msgpack, or
+pickle for what msgspec cannot encode, marked by ``kind``); ``File``,
+``Dir`` and ``DataFrame`` are references and travel as such.
+"""
+
+# No `from __future__ import annotations`: msgspec reads these annotations.
+import struct
+from typing import Any, Final
+
+import msgspec
+
+from ._records import ErrorInfo
+
+__all__ = [
+    "MAX_FRAME",
+    "BundleData",
+    "Cancel",
+    "Done",
+    "FunctionRef",
+    "Hello",
+    "Log",
+    "Message",
+    "NeedBundle",
+    "Outcome",
+    "Payload",
+    "Shutdown",
+    "Start",
+    "Trace",
+    "TraceAnswer",
+    "TraceAsk",
+    "decode_message",
+    "encode_frame",
+    "frame_length",
+]
+
+#: Version of this protocol; a worker speaking another one is refused at hello.
+PROTOCOL: Final = 1
+#: Largest frame either side accepts (a bigger value goes through the blob store).
+MAX_FRAME: Final = 1 << 30
+HEADER: Final = struct.Struct(">I")
+
+
+class FunctionRef(msgspec.Struct, frozen=True):
+    """How a worker finds a task's function: by import path, from the code bundle.
+
+    ``module`` is the module to import and ``qualname`` the task inside it.
+    For a task defined in a script (``python flow.py``, ``shoal run
+    flow.py``), ``path`` is the script's path inside the bundle (POSIX
+    separators), imported under ``module`` (never as ``__main__``).
+    """
+
+    module: str
+    qualname: str
+    path: str | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        return f"{self.module}:{self.qualname}{where}"
+
+
+class Payload(msgspec.Struct, frozen=True):
+    """One attempt of one action, as a worker needs it."""
+
+    run_id: str
+    key: str
+    attempt: int
+    task: str
+    fn: FunctionRef
+    #: ``(values, named)`` of the call, encoded with ``encode_value``.
+    args_kind: str
+    args: bytes
+    timeout: float | None = None
+    env: dict[str, str] = {}
+    cpu: float = 0.0
+    memory: int = 0
+    gpu: int = 0
+    #: SHA-256 of the code bundle to put first on ``sys.path`` (None: none).
+    bundle: str | None = None
+    #: URI of the blob store that ``File``/``Dir`` made by the attempt go to.
+    blob_store: str | None = None
+    #: Trace results this action recorded in earlier attempts, by trace key:
+    #: the worker returns them instead of running those traces again.
+    traces: dict[str, tuple[str, bytes]] = {}
+    #: Whether the worker should ask (``TraceAsk``) for a trace key it does
+    #: not find in ``traces`` (a resumed run: the journal may hold it).
+    ask_traces: bool = False
+    #: The action's key, which trace keys are chained from.
+    trace_parent: str = ""
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """How an attempt ended on the worker: a value or an error."""
+
+    ok: bool
+    value_kind: str = ""
+    value: bytes = b""
+    error: ErrorInfo | None = None
+    #: The exception itself, pickled, when it could be: rebuilt as its own
+    #: type on the engine's side if that side can import it.
+    error_pickle: bytes | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    #: Where it ran: ``host:pid``, or a job id.
+    where: str = ""
+    #: The task's own exception (``"user"``) or the worker's (``"system"``:
+    #: the function could not be imported, the arguments not decoded).
+    error_kind: str = "user"
+
+
+# -- messages -------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello"):
+    python: str
+    shoal: str
+    cpus: int
+    gpus: int
+    hostname: str
+    pid: int
+    protocol: int = PROTOCOL
+    #: The interpreter running the worker (``sys.executable``).
+    executable: str = ""
+
+
+class Start(msgspec.Struct, frozen=True, tag="start"):
+    id: int
+    payload: Payload
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    id: int
+
+
+class NeedBundle(msgspec.Struct, frozen=True, tag="need-bundle"):
+    digest: str
+
+
+class BundleData(msgspec.Struct, frozen=True, tag="bundle"):
+    digest: str
+    data: bytes
+
+
+class Log(msgspec.Struct, frozen=True, tag="log"):
+    id: int
+    stream: str
+    text: str
+    at: float = 0.0
+
+
+class Trace(msgspec.Struct, frozen=True, tag="trace"):
+    """A trace call inside attempt ``id`` succeeded: journal its result."""
+
+    id: int
+    key: str
+    name: str
+    kind: str
+    data: bytes
+
+
+class TraceAsk(msgspec.Struct, frozen=True, tag="trace-ask"):
+    id: int
+    key: str
+
+
+class TraceAnswer(msgspec.Struct, frozen=True, tag="trace-answer"):
+    id: int
+    key: str
+    found: bool
+    kind: str = ""
+    data: bytes = b""
+
+
+class Done(msgspec.Struct, frozen=True, tag="done"):
+    id: int
+    outcome: Outcome
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    pass
+
+
+Message = (
+    Hello | Start | Cancel | NeedBundle | BundleData | Log | Trace | TraceAsk | TraceAnswer | Done | Shutdown
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
+
+
+def encode_frame(message: Any) -> bytes:
+    """One message as a frame: its length, then its msgpack body."""
+    body = _encoder.encode(message)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"a {type(message).__name__} message of {len(body)} bytes is over the frame limit")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length announced by a frame's 4-byte header."""
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length} bytes is over the limit: not a shoal worker stream")
+    return int(length)
+
+
+def decode_message(body: bytes) -> Message:
+    """A frame's body back as its message (``msgspec.DecodeError`` if it is not one)."""
+    message: Message = _decoder.decode(body)
+    return message

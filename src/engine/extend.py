@@ -1,0 +1,114 @@
+"""The surface that backends, blob stores and workers build on.
+
+``offload`` (and any third-party backend) imports from here, never from an
+``engine._*`` module: what is listed in ``__all__`` is kept stable for them.
+Users of shoal do not need it.
+
+- the backend protocol: :class:`Backend`, :class:`BackendContext`,
+  :class:`Handle`, :class:`AttemptHooks`;
+- the wire: :class:`Payload`, :class:`Outcome`, :class:`FunctionRef` and
+  the messages and framing of the worker protocol;
+- values and errors across a process boundary: :func:`encode_value`,
+  :func:`decode_value`, :func:`describe`, :class:`ErrorInfo`;
+- the worker's side of traces: :class:`TraceSink`, :data:`trace_sink_var`,
+  :func:`trace_key`, :data:`MISSING`;
+- the infrastructure errors that backends raise;
+- facts about this machine: :func:`usable_cpus`, :func:`detect_gpus`,
+  :data:`VERSION`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from ._backend import AttemptHooks as AttemptHooks
+from ._backend import Backend as Backend
+from ._backend import BackendContext as BackendContext
+from ._backend import Handle as Handle
+from ._codec import decode_value as decode_value
+from ._codec import encode_value as encode_value
+from ._engine import detect_gpus as detect_gpus
+from ._engine import usable_cpus as usable_cpus
+from ._entries import describe as describe
+from ._errors import HostLost as HostLost
+from ._errors import InfrastructureError as InfrastructureError
+from ._errors import Reclaimed as Reclaimed
+from ._errors import SubmitFailed as SubmitFailed
+from ._errors import WorkerLost as WorkerLost
+from ._loader import load_function as load_function
+from ._records import ErrorInfo as ErrorInfo
+from ._run import trace_key as trace_key
+from ._trace import MISSING as MISSING
+from ._trace import TraceSink as TraceSink
+from ._trace import trace_sink_var as trace_sink_var
+from ._wire import MAX_FRAME as MAX_FRAME
+from ._wire import PROTOCOL as PROTOCOL
+from ._wire import BundleData as BundleData
+from ._wire import Cancel as Cancel
+from ._wire import Done as Done
+from ._wire import FunctionRef as FunctionRef
+from ._wire import Hello as Hello
+from ._wire import Log as Log
+from ._wire import Message as Message
+from ._wire import NeedBundle as NeedBundle
+from ._wire import Outcome as Outcome
+from ._wire import Payload as Payload
+from ._wire import Shutdown as Shutdown
+from ._wire import Start as Start
+from ._wire import Trace as Trace
+from ._wire import TraceAnswer as TraceAnswer
+from ._wire import TraceAsk as TraceAsk
+from ._wire import decode_message as decode_message
+from ._wire import encode_frame as encode_frame
+from ._wire import frame_length as frame_length
+
+try:
+    #: The installed shoal's version; workers must run the same one.
+    VERSION: str = _version("shoal")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0+unknown"
+
+__all__ = [
+    "MAX_FRAME",
+    "MISSING",
+    "PROTOCOL",
+    "VERSION",
+    "AttemptHooks",
+    "Backend",
+    "BackendContext",
+    "BundleData",
+    "Cancel",
+    "Done",
+    "ErrorInfo",
+    "FunctionRef",
+    "Handle",
+    "Hello",
+    "HostLost",
+    "InfrastructureError",
+    "Log",
+    "Message",
+    "NeedBundle",
+    "Outcome",
+    "Payload",
+    "Reclaimed",
+    "Shutdown",
+    "Start",
+    "SubmitFailed",
+    "Trace",
+    "TraceAnswer",
+    "TraceAsk",
+    "TraceSink",
+    "WorkerLost",
+    "decode_message",
+    "decode_value",
+    "describe",
+    "detect_gpus",
+    "encode_frame",
+    "encode_value",
+    "frame_length",
+    "load_function",
+    "trace_key",
+    "trace_sink_var",
+    "usable_cpus",
+]
