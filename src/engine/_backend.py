@@ -58,9 +58,6 @@ class AttemptHooks(Protocol):
     def trace(self, key: str, name: str, kind: str, data: bytes) -> None:
         """A trace call inside the attempt succeeded; its result is encoded as ``kind``."""
 
-    async def recorded(self, key: str) -> tuple[str, bytes] | None:
-        """The result recorded for a trace key, if any (asked for by a worker on resume)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class BackendContext:

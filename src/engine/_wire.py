@@ -11,8 +11,7 @@ A conversation::
     engine -> Start(id, payload)          many, possibly several at once
     worker -> NeedBundle(digest)          only when the code bundle is not cached
     engine -> BundleData(digest, data)
-    worker -> Log / Trace / TraceAsk      while the attempt runs
-    engine -> TraceAnswer                 (to a TraceAsk)
+    worker -> Log / Trace                 while the attempt runs
     engine -> Cancel(id)                  optional
     worker -> Done(id, outcome)           exactly one per Start
     engine -> Shutdown                    or the transport closes
@@ -45,8 +44,6 @@ __all__ = [
     "Shutdown",
     "Start",
     "Trace",
-    "TraceAnswer",
-    "TraceAsk",
     "decode_message",
     "encode_frame",
     "frame_length",
@@ -97,14 +94,10 @@ class Payload(msgspec.Struct, frozen=True):
     bundle: str | None = None
     #: URI of the blob store that ``File``/``Dir`` made by the attempt go to.
     blob_store: str | None = None
-    #: Trace results this action recorded in earlier attempts, by trace key:
-    #: the worker returns them instead of running those traces again.
+    #: Trace results this action recorded before (in earlier attempts, or
+    #: earlier runs of a resumed run), by trace key: the worker returns
+    #: them instead of running those traces again.
     traces: dict[str, tuple[str, bytes]] = {}
-    #: Whether the worker should ask (``TraceAsk``) for a trace key it does
-    #: not find in ``traces`` (a resumed run: the journal may hold it).
-    ask_traces: bool = False
-    #: The action's key, which trace keys are chained from.
-    trace_parent: str = ""
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -176,19 +169,6 @@ class Trace(msgspec.Struct, frozen=True, tag="trace"):
     data: bytes
 
 
-class TraceAsk(msgspec.Struct, frozen=True, tag="trace-ask"):
-    id: int
-    key: str
-
-
-class TraceAnswer(msgspec.Struct, frozen=True, tag="trace-answer"):
-    id: int
-    key: str
-    found: bool
-    kind: str = ""
-    data: bytes = b""
-
-
 class Done(msgspec.Struct, frozen=True, tag="done"):
     id: int
     outcome: Outcome
@@ -199,7 +179,7 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
 
 
 Message = (
-    Hello | Start | Cancel | NeedBundle | BundleData | Log | Trace | TraceAsk | TraceAnswer | Done | Shutdown
+    Hello | Start | Cancel | NeedBundle | BundleData | Log | Trace | Done | Shutdown
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -57,8 +57,6 @@ from ._wire import Payload as Payload
 from ._wire import Shutdown as Shutdown
 from ._wire import Start as Start
 from ._wire import Trace as Trace
-from ._wire import TraceAnswer as TraceAnswer
-from ._wire import TraceAsk as TraceAsk
 from ._wire import decode_message as decode_message
 from ._wire import encode_frame as encode_frame
 from ._wire import frame_length as frame_length
@@ -96,8 +94,6 @@ __all__ = [
     "Start",
     "SubmitFailed",
     "Trace",
-    "TraceAnswer",
-    "TraceAsk",
     "TraceSink",
     "WorkerLost",
     "decode_message",
