@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 import engine
+from engine._schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -567,7 +568,7 @@ async def test_an_empty_database_is_made_a_journal(tmp_path: Path, kind: str) ->
         run = await eng.run(_squares, 3)
         assert (run.status, run.result) == ("succeeded", 5)
         assert [s.id for s in await eng.runs()] == [run.id]
-    assert rows(path, "SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+    assert rows(path, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
 # -- 13. a SHOAL_HOME that cannot be a folder ---------------------------------------------------
@@ -739,8 +740,28 @@ async def test_an_older_journal_is_migrated_in_place(tmp_path: Path, version: in
         assert (resumed.status, resumed.result) == ("succeeded", 14)
     # Succeeded actions were replayed, the pickled one included; only the failed one ran again.
     assert (ran("leaf"), ran("noisy"), ran("flaky")) == (3, 1, 2)
-    assert rows(home / "shoal.db", "SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+    assert rows(home / "shoal.db", "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     assert rows(home / "shoal.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_version_3_journal_gains_the_offload_tables(tmp_path: Path) -> None:
+    home = private(tmp_path / "home")
+    async with engine.Engine(home=home) as eng:
+        done = await eng.run(_squares, 3)
+    db = sqlite3.connect(home / "shoal.db")
+    with db:
+        db.execute("DROP TABLE attempts")
+        db.execute("DROP TABLE run_bundles")
+        db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    db.close()
+    async with engine.Engine(home=home) as eng:
+        shown = await eng.get_run(done.id, actions=True)
+        assert (shown.status, shown.actions) == ("succeeded", 4)
+        again = await eng.resume(done.id)
+        assert (again.status, again.result) == ("succeeded", 5)
+    tables = {name for (name,) in rows(home / "shoal.db", "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"attempts", "run_bundles"} <= tables
+    assert rows(home / "shoal.db", "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
 async def test_a_journal_of_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ async def test_sync_tasks_do_not_block_the_loop(eng: engine.Engine) -> None:
     assert ticks >= 5  # the loop kept turning while the sync task slept
 
 
-async def test_offloaded_task_is_refused_rather_than_run_locally(eng: engine.Engine) -> None:
+async def test_a_task_sent_to_an_unknown_target_fails_rather_than_run_locally(eng: engine.Engine) -> None:
     @engine.task(offload="gpu-hosts")
     async def train() -> str:
         return "ran locally"
@@ -175,7 +175,8 @@ async def test_offloaded_task_is_refused_rather_than_run_locally(eng: engine.Eng
     run = await eng.run(main)
     assert run.status == "failed"
     assert isinstance(run.error, engine.ConfigError)
-    assert "'gpu-hosts'" in str(run.error) and "remove offload=" in str(run.error)
+    message = str(run.error)
+    assert "'gpu-hosts'" in message and "not defined" in message and "'local'" in message
 
 
 async def test_many_sync_tasks_calling_sync_tasks_do_not_deadlock(eng: engine.Engine) -> None:

@@ -765,8 +765,6 @@ async def test_config_offload_targets_are_read(tmp_path: Path) -> None:
 
     async with engine.Engine(store="memory") as eng:
         assert eng.config.offload == {"gpu": {"backend": "ssh", "hosts": ["gpu1"]}}
-        run = await eng.run(calls_gpu)
-    assert isinstance(run.error, engine.ConfigError) and "configured targets: gpu" in str(run.error)
 
 
 @pytest.mark.parametrize(

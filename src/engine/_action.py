@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._events import TaskCounts
     from ._limits import Slots
     from ._options import Retry
+    from ._placement import Remote
     from ._run import Run
     from ._task import Task
 
@@ -177,6 +178,8 @@ async def execute(
                 return await run.cached(action, hit.value, counts)
 
     engine = run.engine
+    remote = run.remote
+    place = None if remote is None else remote.get(task)
     current = task_of(run.loop)
     live = run.live
     owner = current not in live
@@ -196,9 +199,9 @@ async def execute(
         raise asyncio.CancelledError(f"run {run.id} has ended")
     if parent is not None and parent.held is not None:
         parent.lend()
-    if task.admitted or engine.limited:
+    if task.admitted or engine.limited or place is not None:
         try:
-            action.held = await engine.admit(task)
+            action.held = await engine.admit(task, place)
         except BaseException as exc:
             counts.pending -= 1
             if owner:
@@ -220,12 +223,12 @@ async def execute(
     if wanted and "started" in wanted:
         engine.emit("started", action)
     try:
-        if task.plain:
-            # No retry, no timeout, async: the common case, without the
-            # attempt loop's frame.
+        if task.plain and place is None:
+            # No retry, no timeout, async, here: the common case, without
+            # the attempt loop's frame.
             result = await (task.fn(*values, **named) if named else task.fn(*values))
         else:
-            result = await _attempts(action, task, values, named, counts)
+            result = await _attempts(action, task, values, named, counts, place)
     except asyncio.CancelledError:
         counts.running -= 1
         counts.cancelled += 1
@@ -289,20 +292,27 @@ async def execute(
 
 
 async def _attempts(
-    action: Action, task: Task[Any, Any], values: Sequence[Any], named: Mapping[str, Any], counts: TaskCounts
+    action: Action,
+    task: Task[Any, Any],
+    values: Sequence[Any],
+    named: Mapping[str, Any],
+    counts: TaskCounts,
+    place: Remote | None,
 ) -> Any:
     retry = task.retry
     run = action.run
-    remembers = retry.attempts > 0
+    remembers = retry.attempts > 0 and place is None
     if remembers:
         action.memo = {}
         run.remembering(1)
     try:
-        return await _attempt_loop(action, task, values, named, counts, retry)
+        return await _attempt_loop(action, task, values, named, counts, retry, place)
     finally:
         if remembers:
             action.memo = None
             run.remembering(-1)
+        if place is not None:
+            run.forget_traces(action)
 
 
 async def _attempt_loop(
@@ -312,6 +322,7 @@ async def _attempt_loop(
     named: Mapping[str, Any],
     counts: TaskCounts,
     retry: Retry,
+    place: Remote | None,
 ) -> Any:
     timeout = task.timeout
     run = action.run
@@ -325,11 +336,18 @@ async def _attempt_loop(
             # of attempt 1's, and find what those left in ``memo`` (or, on
             # resume, in the journal).
             action.occurrences = None
-            if action.held is None and (task.admitted or engine.limited):
+            if action.held is None and (task.admitted or engine.limited or place is not None):
                 # The previous attempt's thread kept its slots (see below).
-                action.held = await engine.admit(task)
+                action.held = await engine.admit(task, place)
         thread: asyncio.Future[Any] | None = None
         try:
+            if place is not None:
+                # Elsewhere: the attempt's own task is this one, so the
+                # timeout's cancellation reaches the backend (its cancel).
+                if timeout is None:
+                    return await place.attempt(action, values, named)
+                async with asyncio.timeout(timeout) as scope:
+                    return await place.attempt(action, values, named)
             if task.is_async:
                 if timeout is None:
                     return await task.fn(*values, **named)

@@ -53,12 +53,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     blob_store: str | None = None
     cache: bool = True
     offload: dict[str, dict[str, Any]] = {}
+    #: Patterns (gitignore syntax) of project files left out of code bundles.
+    bundle_exclude: tuple[str, ...] = ()
     #: The file these settings came from, if any.
     source: str | None = None
 
 
 #: The keys a config file may set.
-KEYS = ("home", "store", "max_concurrency", "blob_store", "cache", "offload")
+KEYS = ("home", "store", "max_concurrency", "blob_store", "cache", "offload", "bundle_exclude")
 
 
 def _find(start: Path) -> tuple[Path, Any] | None:

@@ -7,6 +7,7 @@ import contextvars
 import functools
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,13 @@ from ._task import Task
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
     from concurrent.futures import ThreadPoolExecutor
 
     from ._action import Action
     from ._blobs import BlobStore
     from ._journal import Journal
+    from ._placement import Remote
     from ._pool import WorkerPool
 
 __all__ = ["Engine"]
@@ -75,6 +77,15 @@ class Engine:
     ``journal_timeout``: seconds a journal write waits for another process
     holding the file's lock before it fails with :class:`JournalBusy`.
 
+    ``targets``: offload targets by name (backend objects such as
+    ``offload.Local()``), found before the config file's
+    ``[tool.shoal.offload.NAME]`` tables.  ``offload``: where tasks run, by
+    task name, whatever their own ``offload=`` says: a target name or
+    object, or ``"local"`` for this process (``shoal run --offload
+    TASK=TARGET`` fills it).  A backend is opened when a run first needs it
+    and closed by ``aclose()``, after the runs are cancelled and before the
+    journal closes.
+
     ``sleep`` and ``rng`` drive retry backoff; tests inject them so that
     they never sleep.
 
@@ -96,8 +107,12 @@ class Engine:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
+        targets: Mapping[str, Any] | None = None,
+        offload: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
+        self.targets = _check_targets(targets)
+        self.offload = _check_offload(offload)
         if max_concurrency is None:
             max_concurrency = self.config.max_concurrency
         if max_concurrency is not None and (
@@ -161,6 +176,14 @@ class Engine:
         # pool, blocked parents could take every thread from their children.
         self._threads: ThreadPoolExecutor | None = None
         self._nested_threads: ThreadPoolExecutor | None = None
+        # Invariant: ``_built`` holds the backends made here from config
+        # tables, by name (one object per name); ``_opened`` every backend
+        # this engine opened (or is opening: the task doing it, awaited by
+        # every caller), with its slots; both are closed by ``aclose()``.
+        self._built: dict[str, Any] = {}
+        self._opened: dict[int, tuple[Any, asyncio.Task[Slots]]] = {}
+        #: Code bundles made by this engine's runs: digest -> tar.gz path.
+        self.bundles: dict[str, Path] = {}
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -189,6 +212,7 @@ class Engine:
         if opening is not None and not opening.done():
             await asyncio.wait([opening])
         try:
+            await self._close_backends()
             if self._pool is not None:
                 await self._pool.aclose()
         finally:
@@ -207,6 +231,21 @@ class Engine:
                         import shutil
 
                         await asyncio.to_thread(shutil.rmtree, self._scratch, ignore_errors=True)
+
+    async def _close_backends(self) -> None:
+        """Close every backend this engine opened, all of them even when one fails."""
+        opened, self._opened = self._opened, {}
+        errors: list[BaseException] = []
+        for backend, opening in opened.values():
+            if not opening.done():
+                opening.cancel()
+            await asyncio.wait([opening])
+            try:
+                await backend.aclose()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     @property
     def durable(self) -> bool:
@@ -424,10 +463,13 @@ class Engine:
     # -- admission -----------------------------------------------------------
 
     def check_resources(self, task: Task[Any, Any]) -> None:
-        """Refuse at call time what could never be admitted (instead of waiting forever)."""
+        """Refuse at call time what could never be admitted here (instead of waiting forever).
+
+        Only for tasks that run in this process; an offloaded task's
+        resources are checked against its target when the target opens.
+        """
         res = task.resources
-        assert res is not None
-        if task.offload is not None:
+        if res is None:
             return
         if res.cpu > self.cpu_slots.capacity:
             raise ResourceError(
@@ -443,28 +485,13 @@ class Engine:
                 f"to a host with GPUs (offload=...) or set Engine(gpus=...)"
             )
 
-    def offload_unavailable(self, task: Task[Any, Any]) -> ConfigError:
-        """The error for a call of an offloaded task: no remote backend ships yet.
-
-        Running such a task locally instead would silently ignore where the
-        user asked it to run (a GPU host, a bigger machine), so the call is
-        refused; remove ``offload=`` to run
-        it here.
-        """
-        target = task.offload
-        name = target if isinstance(target, str) else type(target).__qualname__
-        configured = ", ".join(sorted(self.config.offload)) or "none"
-        return ConfigError(
-            f"task {task.name!r} is set to offload to {name!r}, but this version of shoal has "
-            f"no remote backends (configured targets: {configured}); remove offload= to run "
-            f"it in this process"
-        )
-
-    async def admit(self, task: Task[Any, Any]) -> list[tuple[Slots, float]]:
+    async def admit(self, task: Task[Any, Any], place: Remote | None = None) -> list[tuple[Slots, float]]:
         """Take the slots one action of ``task`` needs; return what to give back.
 
-        Always in the same order (task, cpu, gpu, engine), so two actions
-        never wait for each other's slots in a cycle.
+        Always in the same order (task, cpu, gpu or offload target, engine),
+        so two actions never wait for each other's slots in a cycle.  An
+        offloaded action (``place``) takes a slot of its target instead of
+        local CPU and GPU slots.
         """
         held: list[tuple[Slots, float]] = []
         try:
@@ -475,7 +502,11 @@ class Engine:
                 await slots.acquire(1)
                 held.append((slots, 1))
             res = task.resources
-            if res is not None and task.offload is None:
+            if place is not None:
+                target = await place.slots()
+                await target.acquire(1)
+                held.append((target, 1))
+            elif res is not None:
                 if res.cpu:
                     await self.cpu_slots.acquire(res.cpu)
                     held.append((self.cpu_slots, res.cpu))
@@ -490,6 +521,99 @@ class Engine:
                 slots.release(amount)
             raise
         return held
+
+    # -- offload ------------------------------------------------------------
+
+    def placement(self, task: Task[Any, Any]) -> Remote | None:
+        """Where actions of ``task`` run: None for this process, else its :class:`Remote`.
+
+        The engine's ``offload`` map wins over the task's own ``offload=``;
+        ``"local"`` there means this process.  A closure, a lambda or a
+        function that cannot be imported by name is refused here, when the
+        task is first called, before anything is sent.
+        """
+        target = self.offload.get(task.name, task.offload)
+        if target is None or target == "local":
+            return None
+        name, backend = self._target(target, task)
+        from ._placement import Remote
+        from ._registry import bundler
+
+        ref, root = bundler().function_ref(task)
+        return Remote(self, task, name, backend, ref, root)
+
+    def _target(self, target: Any, task: Task[Any, Any]) -> tuple[str, Any]:
+        """(name, backend) of a target given by name or as an object."""
+        from ._backend import Backend
+
+        if not isinstance(target, str):
+            if not isinstance(target, Backend):
+                raise ConfigError(
+                    f"task {task.name!r}: offload= takes a target name or a backend object "
+                    f"(offload.Local(), offload.SSH(...), offload.Batch(...)), got {target!r}"
+                )
+            for name, known in self.targets.items():
+                if known is target:
+                    return name, target
+            return target.kind, target
+        found = self.targets.get(target)
+        if found is not None:
+            return target, found
+        built = self._built.get(target)
+        if built is not None:
+            return target, built
+        table = self.config.offload.get(target)
+        if table is None:
+            known_names = sorted({*self.targets, *self.config.offload})
+            raise ConfigError(
+                f"task {task.name!r} is sent to offload target {target!r}, which is not defined; "
+                f"known targets: {', '.join(known_names) or 'none'} (define it with "
+                f"Engine(targets={{{target!r}: ...}}) or a [tool.shoal.offload.{target}] table, "
+                f"or use 'local' to run the task in this process)"
+            )
+        from ._registry import build_target
+
+        built = self._built[target] = build_target(target, table, self.config)
+        return target, built
+
+    async def target_slots(self, name: str, backend: Any) -> Slots:
+        """The slots of an offload target (its capacity), opening its backend on first use."""
+        entry = self._opened.get(id(backend))
+        if entry is None:
+            if self._closed:
+                raise EngineError("this engine is closed; create a new Engine")
+            opening = asyncio.get_running_loop().create_task(self._open_backend(name, backend))
+            entry = self._opened[id(backend)] = (backend, opening)
+        opening = entry[1]
+        try:
+            return await asyncio.shield(opening)
+        finally:
+            failed = opening.done() and (opening.cancelled() or opening.exception() is not None)
+            if failed and self._opened.get(id(backend)) is entry:
+                del self._opened[id(backend)]  # the next use tries again
+
+    async def _open_backend(self, name: str, backend: Any) -> Slots:
+        from ._backend import BackendContext
+
+        context = BackendContext(
+            home=self.home / "offload" / name,
+            blob_store=self.blob_store.uri,
+            bundle_path=self._bundle_path,
+            sleep=self.sleep,
+            monotonic=time.monotonic,
+        )
+        try:
+            await backend.open(context)
+        except BaseException:
+            await backend.aclose()
+            raise
+        return Slots(backend.capacity(), f"offload target {name!r}")
+
+    def _bundle_path(self, digest: str) -> Path:
+        path = self.bundles.get(digest)
+        if path is None:
+            raise EngineError(f"no code bundle {digest[:12]} was made by this engine")
+        return path
 
     # -- events --------------------------------------------------------------
 
@@ -529,6 +653,42 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"<engine.Engine store={self.store!r} max_concurrency={self.max_concurrency}>"
+
+
+def _check_targets(targets: Mapping[str, Any] | None) -> dict[str, Any]:
+    from ._backend import Backend
+
+    if targets is None:
+        return {}
+    if not isinstance(targets, Mapping):
+        raise ConfigError(f"Engine targets= maps target names to backend objects, got {targets!r}")
+    for name, backend in targets.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"Engine targets=: a target name is a non-empty string, got {name!r}")
+        if name == "local":
+            raise ConfigError(
+                "Engine targets=: no target may be named 'local', which means 'run in this "
+                "process'; name it otherwise (the backend offload.Local keeps its own name)"
+            )
+        if not isinstance(backend, Backend):
+            raise ConfigError(
+                f"Engine targets={{{name!r}: ...}} takes a backend object (offload.Local(), "
+                f"offload.SSH(...), offload.Batch(...)), got {backend!r}"
+            )
+    return dict(targets)
+
+
+def _check_offload(offload: Mapping[str, Any] | None) -> dict[str, Any]:
+    if offload is None:
+        return {}
+    if not isinstance(offload, Mapping):
+        raise ConfigError(f"Engine offload= maps task names to targets, got {offload!r}")
+    for task, target in offload.items():
+        if not isinstance(task, str) or not task:
+            raise ConfigError(f"Engine offload=: a key is a task name, got {task!r}")
+        if isinstance(target, str) and not target:
+            raise ConfigError(f"Engine offload={{{task!r}: ''}}: give a target name, or 'local'")
+    return dict(offload)
 
 
 def _check_root(task: Any, where: str) -> None:

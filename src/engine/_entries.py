@@ -17,7 +17,7 @@ from ._records import ErrorInfo
 if TYPE_CHECKING:
     from ._records import ActionRecord, RunRecord
 
-__all__ = ["STACKS_KEPT", "Claim", "Commit", "Failure", "LogRows", "describe"]
+__all__ = ["STACKS_KEPT", "AttemptRow", "BundleRow", "Claim", "Commit", "Failure", "LogRows", "describe"]
 
 
 class Commit(asyncio.Future[None]):
@@ -72,6 +72,24 @@ class Failure:
         self.record = record
         self.error = error
         self.origin = origin
+
+
+class AttemptRow:
+    """Where one submission of an offloaded attempt ran, and how it stands (the ``attempts`` table)."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        self.row = row
+
+
+class BundleRow:
+    """The code bundle a run sent to its offload targets (the ``run_bundles`` table)."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, row: tuple[str, str, int, int, float]) -> None:
+        self.row = row
 
 
 class LogRows:

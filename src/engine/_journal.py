@@ -43,7 +43,7 @@ import msgspec
 from msgspec.structs import astuple
 
 from ._codec import decode_value
-from ._entries import Claim, Commit, Failure, LogRows, describe
+from ._entries import AttemptRow, BundleRow, Claim, Commit, Failure, LogRows, describe
 from ._errors import (
     JournalBusy,
     JournalCorrupt,
@@ -478,6 +478,8 @@ class Journal(JournalQueries):
         runs = []
         caches = []
         logs = []
+        attempts = []
+        bundles = []
         for rec in records:
             kind = type(rec)
             if kind is ActionRecord:
@@ -492,6 +494,10 @@ class Journal(JournalQueries):
                 actions.append(_action_row(msgspec.structs.replace(rec.record, error=info)))
             elif kind is LogRows:
                 logs.extend(rec.rows)
+            elif kind is AttemptRow:
+                attempts.append(rec.row)
+            elif kind is BundleRow:
+                bundles.append(rec.row)
             else:
                 if kind is Claim:
                     # Listed before the transaction starts, so that a
@@ -511,6 +517,10 @@ class Journal(JournalQueries):
                 db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?)", caches)
             if logs:
                 db.executemany("INSERT INTO logs VALUES (?,?,?,?,?)", logs)
+            if attempts:
+                db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
+            if bundles:
+                db.executemany("INSERT INTO run_bundles VALUES (?,?,?,?,?)", bundles)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

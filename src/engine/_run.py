@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from ._capture import OutputCapture
     from ._engine import Engine
+    from ._placement import Remote
     from ._run_journal import RunJournal
     from ._task import Task
 
@@ -92,6 +93,22 @@ class Run:
         self.loop = asyncio.get_running_loop()
         self._values = values
         self._named = named
+        # Placement (see ``_placement``): whether the engine's offload map
+        # may send any task elsewhere; ``places`` caches each task's
+        # resolution for this run; ``remote`` holds the tasks that run
+        # elsewhere (None while there are none, one read on the action path).
+        self.offloading = bool(engine.offload)
+        self.places: dict[Task[Any, Any], Remote | None] = {}
+        self.remote: dict[Task[Any, Any], Remote] | None = None
+        # Invariant: ``_remote_traces`` holds, for each offloaded action with
+        # attempts in flight, the traces its attempts recorded (key ->
+        # encoded result), sent with its next attempt; dropped when the
+        # action is done.  ``replay_traces`` lists a resumed run's recorded
+        # trace keys by the action they belong to.
+        self._remote_traces: dict[str, dict[str, tuple[str, bytes]]] = {}
+        self.replay_traces: dict[str, list[str]] | None = None
+        # The code bundle of each project folder sent by this run (its digest), built once.
+        self._bundles: dict[Any, asyncio.Task[str]] = {}
         self._result: Any = None
         self._main: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
@@ -190,10 +207,8 @@ class Run:
     def call(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
         """Create the action for one call of ``task`` under ``parent``."""
         values, named = task.signature.bind(args, kwargs)
-        if task.placed:
-            if task.offload is not None:
-                raise self.engine.offload_unavailable(task)
-            self.engine.check_resources(task)
+        if task.placed or self.offloading:
+            self.placement(task)
         # Progress counts a call under the group it is made in; the journal
         # labels the action with the group it starts in (see engine.group).
         # The two differ only for a coroutine made outside a group and
@@ -217,6 +232,61 @@ class Run:
                         return self._replay_now(task, parent, key, found, counts)
         counts.pending += 1
         return task._execute(self, task, parent, key, values, named, counts)
+
+    def placement(self, task: Task[Any, Any]) -> Remote | None:
+        """Where this run's actions of ``task`` run (resolved once per run; see ``_placement``)."""
+        try:
+            return self.places[task]
+        except KeyError:
+            pass
+        place = self.engine.placement(task)
+        if place is None:
+            self.engine.check_resources(task)
+        else:
+            if self.remote is None:
+                self.remote = {}
+            self.remote[task] = place
+        self.places[task] = place
+        return place
+
+    async def bundle(self, root: Any) -> str:
+        """The digest of the code bundle of the project folder ``root``, packed once per run."""
+        building = self._bundles.get(root)
+        if building is None:
+            building = self._bundles[root] = self.loop.create_task(self._build_bundle(root))
+        return await asyncio.shield(building)
+
+    async def _build_bundle(self, root: Any) -> str:
+        from ._registry import bundler
+
+        engine = self.engine
+        bundle = await bundler().abuild_bundle(
+            root, exclude=engine.config.bundle_exclude, dest=engine.home / "bundles"
+        )
+        engine.bundles[bundle.digest] = bundle.path
+        if self.journal is not None:
+            self.journal.bundled(bundle.digest, bundle.size, bundle.files)
+        return str(bundle.digest)
+
+    def recorded_traces(self, action: Action) -> dict[str, tuple[str, bytes]]:
+        """The traces an offloaded action recorded before, to send with its next attempt."""
+        found = self._remote_traces.get(action.key)
+        traces = dict(found) if found else {}
+        if self.replay_traces is not None and self.replay is not None:
+            for key in self.replay_traces.get(action.key, ()):
+                recorded = self.replay.get(key)
+                if recorded is not None:
+                    traces.setdefault(key, recorded)
+        return traces
+
+    def remote_traced(self, action: Action, key: str, name: str, kind: str, data: bytes) -> None:
+        """A trace call inside an offloaded attempt succeeded: journal it, remember it."""
+        self._remote_traces.setdefault(action.key, {})[key] = (kind, data)
+        if self.journal is not None:
+            self.journal.traced_encoded(action, key, name, kind, data)
+
+    def forget_traces(self, action: Action) -> None:
+        self._remote_traces.pop(action.key, None)
 
     def remembering(self, delta: int) -> None:
         """An action with retries starts (``1``) or ends (``-1``) its attempts (see ``keyed``)."""
@@ -349,6 +419,8 @@ class Run:
         capture: OutputCapture | None = None
         try:
             key = ""
+            if self.task.placed or self.offloading:
+                self.placement(self.task)
             if self.journal is not None:
                 from ._capture import OutputCapture
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ._codec import digest, encode_value
-from ._entries import Claim, Failure, describe
+from ._entries import AttemptRow, BundleRow, Claim, Failure, describe
 from ._errors import BlobError, EncodeError, EngineError, JournalError, RunInUse
 from ._owner import owner_alive, this_process
 from ._queries import utc
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping, Sequence
 
     from ._action import Action
+    from ._backend import Handle
     from ._events import TaskCounts
     from ._journal import Journal, Settle
     from ._run import Run
@@ -339,6 +340,43 @@ class RunJournal:
             # A trace called from a sync task's worker thread: the journal's
             # queue belongs to the event loop.
             self.journal._loop.call_soon_threadsafe(self.journal.append, record)
+
+    def traced_encoded(self, action: Action, key: str, name: str, kind: str, data: bytes) -> None:
+        """Record a trace result that arrived encoded (from an offloaded attempt's worker)."""
+        now = time.time()
+        run = action.run
+        record = ActionRecord(
+            run.id, key, action.key, name, "succeeded", 1, run.attempt, now, now,
+            action.group, self._sealed(kind, data), kind, None, "trace",  # type: ignore[arg-type]
+        )
+        self.journal.append(record)
+
+    def attempt(
+        self,
+        action: Action,
+        target: str,
+        handle: Handle,
+        state: str,
+        started: float,
+        finished: float | None,
+        error: str | None = None,
+    ) -> asyncio.Future[None]:
+        """Record where a submission of an offloaded attempt runs, or how it ended.
+
+        The future resolves once the row is committed: a backend whose
+        attempts outlive this process is waited for (see ``Remote``).
+        """
+        run = action.run
+        row = (
+            run.id, action.key, action.attempt, run.attempt, state, target, handle.backend,
+            handle.id, handle.where, started, finished, error,
+        )
+        return self.journal.append(AttemptRow(row))
+
+    def bundled(self, digest: str, size: int, files: int) -> None:
+        """Record the code bundle this run sends to its offload targets."""
+        assert self.run is not None
+        self.journal.append(BundleRow((self.run.id, digest, size, files, time.time())))
 
     async def cache_lookup(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> Any:
         task = action.task

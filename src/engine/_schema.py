@@ -15,6 +15,9 @@ History:
    an index of the rows that did not succeed, so that a run's current
    actions are found without sorting the whole run; a finished run's counts
    by task (``run_tasks``); pickled values signed.
+4. where each attempt of an offloaded action ran (``attempts``: submitted,
+   then how it ended, append-only like ``actions``), and the code bundle
+   each run sent (``run_bundles``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,25 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "migrate"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+#: Tables added by version 4 (also the last part of :data:`SCHEMA`).
+ATTEMPTS = """
+-- One row when an attempt is submitted (state 'running'), one when it ends;
+-- an attempt's latest row (highest rowid) for its handle is its state.
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, attempt INTEGER NOT NULL,
+    run_attempt INTEGER NOT NULL, state TEXT NOT NULL, target TEXT NOT NULL,
+    backend TEXT NOT NULL, handle TEXT NOT NULL, place TEXT NOT NULL,
+    started REAL, finished REAL, error TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, key);
+CREATE TABLE IF NOT EXISTS run_bundles (
+    run_id TEXT NOT NULL, digest TEXT NOT NULL, size INTEGER NOT NULL,
+    files INTEGER NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_bundles_run ON run_bundles (run_id);
+"""
 
 #: Statements separated by ";" (``--`` comment lines are dropped first).
 SCHEMA = """
@@ -73,7 +94,8 @@ CREATE TABLE IF NOT EXISTS logs (
     stream TEXT NOT NULL, text TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, action);
-"""
+""" + ATTEMPTS
+
 
 
 def _v1_to_v2(db: sqlite3.Connection, signer: Signer) -> None:
@@ -125,8 +147,15 @@ def _v2_to_v3(db: sqlite3.Connection, signer: Signer) -> None:
         )
 
 
+def _v3_to_v4(db: sqlite3.Connection, signer: Signer) -> None:
+    for statement in ATTEMPTS.split(";"):
+        lines = [line for line in statement.splitlines() if not line.lstrip().startswith("--")]
+        if "".join(lines).strip():
+            db.execute("\n".join(lines))
+
+
 #: Step ``i`` brings version ``i + 1`` to ``i + 2``.
-_STEPS: tuple[Callable[[sqlite3.Connection, Signer], None], ...] = (_v1_to_v2, _v2_to_v3)
+_STEPS: tuple[Callable[[sqlite3.Connection, Signer], None], ...] = (_v1_to_v2, _v2_to_v3, _v3_to_v4)
 assert len(_STEPS) == SCHEMA_VERSION - 1
 
 

@@ -1,0 +1,291 @@
+"""Where an action runs: in this process, or on an offload target.
+
+A run resolves each task's placement once, when the task is first called
+in it (:meth:`Run.placement`): the engine's ``offload=`` map (which
+``shoal run --offload TASK=TARGET`` fills) wins over the task's own
+``offload=``, and the value ``"local"`` there means "in this process".
+Tasks that run here need nothing from this module; the action path only
+checks ``place is None``.
+
+An offloaded action keeps everything else of an action (key, validation,
+replay, cache, admission, the task's retries and timeout, cancellation,
+its journal record, events): :func:`~engine._action.execute` runs it as
+usual and calls :meth:`Remote.attempt` for each attempt, inside the
+task's timeout.  One attempt of the task may take several *submissions*:
+an infrastructure failure (``WorkerLost``, ``HostLost``, ``Reclaimed``,
+``SubmitFailed``) is retried here, within the target's own ``retries``,
+with backoff, without using up the task's retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._codec import encode_value
+from ._context import action_var
+from ._errors import (
+    EngineError,
+    ImportFailed,
+    InfrastructureError,
+    InputError,
+    OffloadError,
+    RemoteError,
+    ResourceError,
+)
+from ._options import Retry
+from ._wire import Payload
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from ._action import Action
+    from ._backend import Backend, Handle
+    from ._limits import Slots
+    from ._task import Task
+    from ._wire import FunctionRef, Outcome
+
+__all__ = ["CANCEL_GRACE", "Remote", "RemoteTraceback", "rebuild_error"]
+
+#: Seconds a cancelled attempt waits for its backend to confirm the cancel.
+CANCEL_GRACE = 10.0
+#: Backoff between infrastructure retries: 0.2 s, 0.4 s, ... up to 30 s.
+INFRA_BACKOFF = 0.2
+INFRA_MAX_DELAY = 30.0
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, chained as its ``__cause__``.
+
+    An offloaded task's exception is raised here as its own type when it
+    can be rebuilt; this cause carries where and how it was raised there,
+    so that tracebacks (and the journal) show the remote frames.
+    """
+
+    def __init__(self, where: str, text: str) -> None:
+        super().__init__(where, text)
+        self.where = where
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"raised on {self.where}:\n\n{self.text.rstrip()}"
+
+
+class Remote:
+    """The placement of one task on one offload target, within one engine.
+
+    ``ref`` is how workers import the task's function; ``slots`` bound the
+    attempts running on the target at once (its capacity), shared by every
+    task sent there.  Made by :meth:`Engine.placement`.
+    """
+
+    __slots__ = ("_retry", "backend", "engine", "ref", "root", "target", "task")
+
+    def __init__(self, engine: Any, task: Task[Any, Any], target: str, backend: Backend, ref: FunctionRef, root: Any) -> None:
+        self.engine = engine
+        self.task = task
+        #: The target's name (for a backend object given directly: its kind).
+        self.target = target
+        self.backend = backend
+        self.ref = ref
+        #: The project folder bundled for the workers (None: nothing to bundle).
+        self.root = root
+        self._retry = Retry(backend.retries, backoff=INFRA_BACKOFF, max_delay=INFRA_MAX_DELAY)
+
+    def __repr__(self) -> str:
+        return f"<Remote {self.task.name} -> {self.target}>"
+
+    async def slots(self) -> Slots:
+        """The target's slots, opening its backend first (checks what it can ever run)."""
+        slots: Slots = await self.engine.target_slots(self.target, self.backend)
+        res = self.task.resources
+        if res is not None and (res.cpu or res.gpu):
+            why = self.backend.unfit(res.cpu, res.gpu)
+            if why is not None:
+                raise ResourceError(
+                    f"task {self.task.name!r} asks for cpu={res.cpu:g}, gpu={res.gpu}, which no "
+                    f"worker of target {self.target!r} can ever give: {why}; lower its Resources "
+                    f"or send it to another target"
+                )
+        return slots
+
+    async def attempt(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> Any:
+        """One attempt of ``action`` on the target: its value, or the task's exception."""
+        run = action.run
+        task = self.task
+        engine = self.engine
+        try:
+            args_kind, args = encode_value(
+                (list(values), dict(named)), what=f"arguments of task {task.name!r} (offloaded)"
+            )
+        except EngineError as exc:
+            raise InputError(str(exc)) from None
+        bundle = await run.bundle(self.root) if self.root is not None else None
+        res = task.resources
+        payload = Payload(
+            run_id=run.id,
+            key=action.key or action.label,
+            attempt=action.attempt,
+            task=task.name,
+            fn=self.ref,
+            args_kind=args_kind,
+            args=args,
+            timeout=task.timeout,
+            cpu=0.0 if res is None else res.cpu,
+            memory=(res.memory_bytes or 0) if res is not None else 0,
+            gpu=0 if res is None else res.gpu,
+            bundle=bundle,
+            blob_store=engine.blob_store.uri,
+            traces=run.recorded_traces(action),
+        )
+        hooks = _Hooks(action)
+        lost = 0
+        while True:
+            outcome = await self._submission(action, payload, hooks)
+            if isinstance(outcome, InfrastructureError):
+                lost += 1
+                if lost > self._retry.attempts:
+                    raise outcome
+                action.run.retrying(action, outcome)
+                action.run.counters_for(task.name, action.group).retries += 1
+                await engine.sleep(self._retry.delay(lost, engine.rng))
+                continue
+            if outcome.ok:
+                return task.signature.decode_output(outcome.value_kind, outcome.value)
+            raise rebuild_error(task, outcome)
+
+    async def _submission(self, action: Action, payload: Payload, hooks: _Hooks) -> Outcome | InfrastructureError:
+        """Submit once and wait; an infrastructure failure is returned, to be retried."""
+        backend = self.backend
+        journal = action.run.journal
+        started = time.time()
+        try:
+            handle = await backend.submit(payload, hooks)
+        except InfrastructureError as exc:
+            return exc
+        try:
+            if journal is not None:
+                recorded = journal.attempt(action, self.target, handle, "running", started, None)
+                if backend.reattachable:
+                    # Durable before the wait: a crash from here on finds
+                    # this attempt again by its handle, never submits twice.
+                    await recorded
+            outcome = await backend.wait(handle)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wait_for(backend.cancel(handle), CANCEL_GRACE))
+            if journal is not None:
+                journal.attempt(action, self.target, handle, "cancelled", started, time.time())
+            raise
+        except InfrastructureError as exc:
+            if journal is not None:
+                journal.attempt(action, self.target, handle, "lost", started, time.time(), str(exc))
+            return exc
+        except BaseException as exc:
+            if journal is not None:
+                journal.attempt(action, self.target, handle, "failed", started, time.time(), str(exc))
+            raise
+        if journal is not None:
+            journal.attempt(
+                action,
+                self.target,
+                _placed(handle, outcome),
+                "succeeded" if outcome.ok else "failed",
+                outcome.started_at or started,
+                outcome.finished_at or time.time(),
+            )
+        return outcome
+
+
+def _placed(handle: Handle, outcome: Outcome) -> Handle:
+    """The handle, with where the worker said it ran when the backend did not know."""
+    if handle.where or not outcome.where:
+        return handle
+    import msgspec
+
+    return msgspec.structs.replace(handle, where=outcome.where)
+
+
+def rebuild_error(task: Task[Any, Any], outcome: Outcome) -> BaseException:
+    """The exception an attempt ended with, as its own type when possible.
+
+    The original exception is unpickled (workers are this engine's own
+    processes, started by it) and given the remote traceback as its cause;
+    one that cannot be rebuilt here (its class is not importable in this
+    process) becomes :class:`RemoteError` with the remote type, message
+    and traceback.  A failure of the worker to import the task or decode
+    its arguments is :class:`ImportFailed`.
+    """
+    info = outcome.error
+    where = outcome.where or "a worker"
+    if info is None:
+        return OffloadError(f"an attempt of task {task.name!r} on {where} failed without an error")
+    if outcome.error_kind == "system":
+        return ImportFailed(f"on {where}: {info.message}")
+    if outcome.error_pickle is not None:
+        import pickle
+
+        try:
+            exc = pickle.loads(outcome.error_pickle)
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            exc.__cause__ = RemoteTraceback(where, info.traceback)
+            return exc
+    return RemoteError(
+        f"task {task.name!r} raised {info.type}: {info.message} (on {where})",
+        remote_type=info.type,
+        remote_traceback=info.traceback,
+    )
+
+
+class _Hooks:
+    """What a worker reports while an attempt runs, delivered as if the action itself ran here.
+
+    Output is written to this process's ``sys.stdout``/``sys.stderr`` with
+    the action as the current one, so the journal's capture records it
+    under the action (and the CLI's rules for task output apply) exactly
+    as for a local action; log records are captured as ``log`` lines.
+    Traces are journaled as the action's, and remembered for its later
+    attempts.
+    """
+
+    __slots__ = ("action",)
+
+    def __init__(self, action: Action) -> None:
+        self.action = action
+
+    def log(self, stream: str, text: str) -> None:
+        token = action_var.set(self.action)
+        try:
+            if stream == "log":
+                _log_line(self.action, text)
+            else:
+                out = sys.stdout if stream == "stdout" else sys.stderr
+                out.write(text)
+        finally:
+            action_var.reset(token)
+
+    def trace(self, key: str, name: str, kind: str, data: bytes) -> None:
+        action = self.action
+        action.run.remote_traced(action, key, name, kind, data)
+
+
+def _log_line(action: Action, text: str) -> None:
+    """A log record from a worker: captured as the action's ``log`` line, and shown on stderr.
+
+    Written to the real stderr, under the capture's proxy, so that it is
+    saved once (as ``log``), not a second time as a line of stderr.
+    """
+    hub = getattr(sys.stdout, "hub", None)
+    captures = getattr(hub, "captures", None)
+    capture = captures.get(action.run.id) if captures else None
+    line = text.rstrip("\n")
+    if capture is not None:
+        capture.add_line(action.label, "log", line, time.time())
+    real = getattr(sys.stderr, "real", sys.stderr)
+    with contextlib.suppress(BrokenPipeError):
+        real.write(line + "\n")
