@@ -486,7 +486,7 @@ class Journal(JournalQueries):
                 # astuple (in C) gives the columns in table order; only an
                 # error needs encoding.  This thread holds the GIL while it
                 # builds rows, and the event loop wants it back.
-                actions.append(astuple(rec))
+                actions.append(astuple(rec)[:ACTION_COLUMNS])
                 if rec.cache_key is not None and rec.output is not None and not rec.cached:
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
             elif kind is Failure:
@@ -518,7 +518,7 @@ class Journal(JournalQueries):
             if logs:
                 db.executemany("INSERT INTO logs VALUES (?,?,?,?,?)", logs)
             if attempts:
-                db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
+                db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
             if bundles:
                 db.executemany("INSERT INTO run_bundles VALUES (?,?,?,?,?)", bundles)
             db.execute("COMMIT")
@@ -758,6 +758,10 @@ def _split_settles(settles: list[Settle], records: list[Any], count: int) -> tup
     state "succeeded"), in the same order as the records.
     """
     return settles[:count], settles[count:]
+
+
+#: Columns of the ``actions`` table: the fields of ActionRecord before ``attempts``.
+ACTION_COLUMNS = 16
 
 
 def _action_row(rec: ActionRecord) -> tuple[Any, ...]:

@@ -160,12 +160,20 @@ class Remote:
     async def _submission(self, action: Action, payload: Payload, hooks: _Hooks) -> Outcome | InfrastructureError:
         """Submit once and wait; an infrastructure failure is returned, to be retried."""
         backend = self.backend
-        journal = action.run.journal
+        run = action.run
+        journal = run.journal
         started = time.time()
-        try:
-            handle = await backend.submit(payload, hooks)
-        except InfrastructureError as exc:
-            return exc
+        handle = None
+        earlier = run.in_flight.pop(action.key, None) if run.in_flight else None
+        if earlier is not None and backend.reattachable and earlier.backend == backend.kind:
+            # Submitted before this process died: waited for again, not
+            # submitted twice (a job that is gone comes back as None).
+            handle = await backend.reattach(earlier)
+        if handle is None:
+            try:
+                handle = await backend.submit(payload, hooks)
+            except InfrastructureError as exc:
+                return exc
         try:
             if journal is not None:
                 recorded = journal.attempt(action, self.target, handle, "running", started, None)

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ._backend import Handle
 from ._errors import JournalError, RunNotFound
 from ._owner import owner_alive
-from ._records import ActionRecord, ErrorInfo, RunRecord, RunSummary, TaskSummary
+from ._records import ActionRecord, AttemptInfo, ErrorInfo, RunRecord, RunSummary, TaskSummary
 
 if TYPE_CHECKING:
     import sqlite3
@@ -163,23 +164,38 @@ class JournalQueries:
                 tasks.append(TaskSummary(task, grp, succeeded, failed, cancelled, running, cached))
                 count += succeeded + failed + cancelled + running
             records: tuple[ActionRecord, ...] = ()
+            attempts = _attempts(db, run_id)
             if actions:
-                records = tuple(
-                    _with_origins(
-                        db,
-                        run_id,
-                        (
-                            action_record(r)
-                            for r in db.execute(
-                                "SELECT * FROM actions WHERE " + current + " "
-                                "ORDER BY started, key LIMIT :limit OFFSET :offset",
-                                {"run": run_id, "limit": limit, "offset": offset},
-                            )
-                        ),
-                    )
+                found = _with_origins(
+                    db,
+                    run_id,
+                    (
+                        action_record(r)
+                        for r in db.execute(
+                            "SELECT * FROM actions WHERE " + current + " "
+                            "ORDER BY started, key LIMIT :limit OFFSET :offset",
+                            {"run": run_id, "limit": limit, "offset": offset},
+                        )
+                    ),
                 )
+                records = _placed(found, attempts, run_record(row))
+            if row[6] == "running" and attempts:
+                # Offloaded actions in flight have attempt rows and no action row yet.
+                live = _in_flight(db, run_id, attempts)
+                if live:
+                    count += len(live)
+                    tasks = _count_running(tasks, live)
+                    if actions and offset == 0:
+                        records = (*records, *live[: max(0, limit - len(records))])
+            bundle = db.execute(
+                "SELECT digest, size FROM run_bundles WHERE run_id=? ORDER BY rowid DESC LIMIT 1", (run_id,)
+            ).fetchone()
             return msgspec.structs.replace(
-                summary(run_record(row), count), tasks=tuple(tasks), action_records=records
+                summary(run_record(row), count),
+                tasks=tuple(tasks),
+                action_records=records,
+                bundle=None if bundle is None else bundle[0],
+                bundle_size=None if bundle is None else bundle[1],
             )
 
         result: RunSummary = await self.read(go)
@@ -262,8 +278,8 @@ class JournalQueries:
         result: dict[str, str] = await self.read(go)
         return result
 
-    async def replay_table(self, run_id: str) -> dict[str, tuple[str, bytes]]:
-        """key -> (kind, bytes) of every action and trace that succeeded in the run.
+    async def replay_table(self, run_id: str) -> Replay:
+        """What a resume of the run finds recorded (see :class:`Replay`).
 
         Pickled values are checked here, once, and given without their
         signature; one that does not verify is left out (its action runs
@@ -271,11 +287,13 @@ class JournalQueries:
         """
         signer = self.signer
 
-        def go(db: sqlite3.Connection) -> tuple[dict[str, tuple[str, bytes]], list[str]]:
-            table: dict[str, tuple[str, bytes]] = {}
+        def go(db: sqlite3.Connection) -> tuple[Replay, list[str]]:
+            replay = Replay()
+            table = replay.outputs
+            traces = replay.traces
             refused: list[str] = []
-            for key, kind, output in db.execute(
-                "SELECT key, output_kind, output FROM actions WHERE run_id=? AND state='succeeded'",
+            for key, kind, output, what, parent in db.execute(
+                "SELECT key, output_kind, output, kind, parent FROM actions WHERE run_id=? AND state='succeeded'",
                 (run_id,),
             ):
                 if kind == "pickle":
@@ -285,9 +303,19 @@ class JournalQueries:
                         refused.append(str(exc))
                         continue
                 table[key] = (kind, output)
-            return table, refused
+                if what == "trace":
+                    traces.setdefault(parent, []).append(key)
+            for key, backend, handle, place in db.execute(
+                "SELECT key, backend, handle, place FROM attempts WHERE rowid IN (SELECT max(rowid) "
+                "FROM attempts WHERE run_id=? GROUP BY key, handle) AND state='running'",
+                (run_id,),
+            ):
+                if key not in table:
+                    replay.in_flight[key] = Handle(backend, handle, place)
+            return replay, refused
 
-        table, refused = await self.read(go, lambda: ({}, []))
+        found: tuple[Replay, list[str]] = await self.read(go, lambda: (Replay(), []))
+        replay, refused = found
         if refused:
             import warnings
 
@@ -295,7 +323,7 @@ class JournalQueries:
                 f"{len(refused)} recorded output(s) of run {run_id} will run again: {refused[0]}",
                 stacklevel=2,
             )
-        return table  # type: ignore[no-any-return]
+        return replay
 
 
 def _with_origins(db: sqlite3.Connection, run_id: str, records: Iterable[ActionRecord]) -> list[ActionRecord]:
@@ -320,6 +348,103 @@ def utc(ts: float) -> Any:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC)
+
+
+#: Latest row of each submission (handle) of a run's offloaded attempts.
+_ATTEMPTS = (
+    "SELECT key, attempt, state, target, backend, place, started, finished, task FROM attempts "
+    "WHERE rowid IN (SELECT max(rowid) FROM attempts WHERE run_id=? GROUP BY key, handle) ORDER BY rowid"
+)
+
+
+def _attempts(db: sqlite3.Connection, run_id: str) -> dict[str, tuple[str, list[AttemptInfo]]]:
+    """key -> (task, where each of its offloaded attempts ran, in order)."""
+    found: dict[str, tuple[str, list[AttemptInfo]]] = {}
+    for key, attempt, state, target, backend, place, started, finished, task in db.execute(_ATTEMPTS, (run_id,)):
+        entry = found.get(key)
+        if entry is None:
+            entry = found[key] = (task, [])
+        entry[1].append(AttemptInfo(attempt, state, target, backend, place, started, finished))
+    return found
+
+
+def _placed(
+    records: Iterable[ActionRecord], attempts: dict[str, tuple[str, list[AttemptInfo]]], run: RunRecord
+) -> tuple[ActionRecord, ...]:
+    """The records with their attempts: recorded ones, or the run's own process for local actions."""
+    here = f"{run.host}:{run.pid}" if run.host and run.pid else ""
+    placed = []
+    for rec in records:
+        if rec.kind != "action":
+            placed.append(rec)
+            continue
+        entry = attempts.get(rec.key)
+        if entry is None:
+            where = here if rec.run_attempt == run.attempt else ""
+            tried = [AttemptInfo(rec.attempt, rec.state, "local", "in-process", where, rec.started, rec.finished)]
+        else:
+            tried = entry[1]
+        placed.append(msgspec.structs.replace(rec, attempts=tuple(tried)))
+    return tuple(placed)
+
+
+def _in_flight(
+    db: sqlite3.Connection, run_id: str, attempts: dict[str, tuple[str, list[AttemptInfo]]]
+) -> list[ActionRecord]:
+    """Offloaded actions of a live run whose latest attempt is still running (no action row yet)."""
+    keys = [key for key, (_, tried) in attempts.items() if tried[-1].state == "running"]
+    if not keys:
+        return []
+    marks = ",".join("?" * len(keys))
+    recorded = {
+        key for (key,) in db.execute(
+            f"SELECT DISTINCT key FROM actions WHERE run_id=? AND key IN ({marks})", (run_id, *keys)
+        )
+    }
+    live = []
+    for key in keys:
+        if key in recorded:
+            continue
+        task, tried = attempts[key]
+        last = tried[-1]
+        live.append(
+            ActionRecord(
+                run_id, key, None, task, "running", last.attempt, 0, last.started_at, None,
+                attempts=tuple(tried),
+            )
+        )
+    return live
+
+
+def _count_running(tasks: list[TaskSummary], live: list[ActionRecord]) -> list[TaskSummary]:
+    by_task: dict[str, int] = {}
+    for rec in live:
+        by_task[rec.task] = by_task.get(rec.task, 0) + 1
+    counted = []
+    for summary_ in tasks:
+        extra = by_task.pop(summary_.task, 0) if summary_.group is None else 0
+        counted.append(msgspec.structs.replace(summary_, running=summary_.running + extra) if extra else summary_)
+    counted.extend(TaskSummary(task, None, running=n) for task, n in by_task.items())
+    return counted
+
+
+class Replay:
+    """What a resumed run finds in the journal.
+
+    ``outputs``: key -> (kind, bytes) of every action and trace that
+    succeeded; ``traces``: the keys of the traces recorded inside each
+    action, by the action's key (sent with an offloaded attempt); and
+    ``in_flight``: the handle of each offloaded attempt that was submitted
+    and never seen to end (re-attached, where its backend can, instead of
+    submitted again).
+    """
+
+    __slots__ = ("in_flight", "outputs", "traces")
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, tuple[str, bytes]] = {}
+        self.traces: dict[str, list[str]] = {}
+        self.in_flight: dict[str, Handle] = {}
 
 
 def action_record(row: tuple[Any, ...]) -> ActionRecord:

@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["ActionRecord", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
+__all__ = ["ActionRecord", "AttemptInfo", "ErrorInfo", "RunRecord", "RunSummary", "TaskSummary"]
 
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 
@@ -61,6 +61,26 @@ class RunRecord(msgspec.Struct, frozen=True, tag="run"):
     attempt_started: float | None = None
 
 
+class AttemptInfo(msgspec.Struct, frozen=True):
+    """Where one attempt of an action ran, as ``engine.get_run(..., actions=True)`` gives it.
+
+    ``target`` is the offload target's name (``"local"``: in the run's own
+    process), ``backend`` its kind (``"local"``, ``"ssh"``, ``"batch"``;
+    ``"in-process"`` for the run's process), ``where`` the host and pid or
+    the Batch job id.  An attempt lost to an infrastructure failure (a
+    worker or host gone) has ``state="lost"`` and is followed by another
+    with the same ``attempt`` number.
+    """
+
+    attempt: int
+    state: str
+    target: str
+    backend: str
+    where: str
+    started_at: float | None
+    finished_at: float | None
+
+
 class ActionRecord(msgspec.Struct, frozen=True, tag="action", gc=False):
     """One action (or trace call, ``kind="trace"``) in its last recorded state."""
 
@@ -81,6 +101,9 @@ class ActionRecord(msgspec.Struct, frozen=True, tag="action", gc=False):
     cache_key: str | None = None
     #: Served from the cross-run cache instead of running.
     cached: bool = False
+    #: Where each attempt ran (filled in by ``get_run(..., actions=True)``;
+    #: not a column of the journal's ``actions`` table).
+    attempts: tuple[AttemptInfo, ...] = ()
 
 
 class TaskSummary(msgspec.Struct, frozen=True):
@@ -113,6 +136,9 @@ class RunSummary(msgspec.Struct, frozen=True):
     action_records: tuple[ActionRecord, ...] = ()
     #: When the latest attempt started (a resumed run's ``started`` is its first).
     attempt_started: float | None = None
+    #: SHA-256 and size in bytes of the code bundle the run sent to offload targets.
+    bundle: str | None = None
+    bundle_size: int | None = None
 
     @property
     def duration(self) -> float | None:

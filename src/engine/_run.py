@@ -18,6 +18,7 @@ from ._events import TaskCounts
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Mapping, Sequence
 
+    from ._backend import Handle
     from ._capture import OutputCapture
     from ._engine import Engine
     from ._placement import Remote
@@ -107,6 +108,10 @@ class Run:
         # trace keys by the action they belong to.
         self._remote_traces: dict[str, dict[str, tuple[str, bytes]]] = {}
         self.replay_traces: dict[str, list[str]] | None = None
+        #: A resumed run's offloaded attempts that were submitted and never
+        #: seen to end, by action key (see ``Remote``): each is re-attached
+        #: once, by the first attempt of its action.
+        self.in_flight: dict[str, Handle] = {}
         # The code bundle of each project folder sent by this run (its digest), built once.
         self._bundles: dict[Any, asyncio.Task[str]] = {}
         self._result: Any = None

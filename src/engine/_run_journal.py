@@ -97,6 +97,7 @@ async def prepare_resume(
                 f"run {run_id} is still running in process {record.pid}; cancel it first "
                 f"('shoal cancel {run_id}') or wait for it"
             )
+    replay = None if succeeded else await journal.replay_table(run_id)
     run = Run(
         journal.engine,
         task,
@@ -106,9 +107,12 @@ async def prepare_resume(
         tags=record.tags,
         attempt=record.attempt + (0 if succeeded else 1),
         journal=RunJournal(journal, previous=record.attempt),
-        replay=None if succeeded else await journal.replay_table(run_id),
+        replay=None if replay is None else replay.outputs,
         use_cache=use_cache,
     )
+    if replay is not None:
+        run.replay_traces = replay.traces
+        run.in_flight = replay.in_flight
     run.started_at = utc(record.started)
     if succeeded:
         run.status = "succeeded"
@@ -368,7 +372,7 @@ class RunJournal:
         """
         run = action.run
         row = (
-            run.id, action.key, action.attempt, run.attempt, state, target, handle.backend,
+            run.id, action.key, action.task.name, action.attempt, run.attempt, state, target, handle.backend,
             handle.id, handle.where, started, finished, error,
         )
         return self.journal.append(AttemptRow(row))

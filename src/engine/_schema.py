@@ -39,7 +39,7 @@ ATTEMPTS = """
 -- One row when an attempt is submitted (state 'running'), one when it ends;
 -- an attempt's latest row (highest rowid) for its handle is its state.
 CREATE TABLE IF NOT EXISTS attempts (
-    run_id TEXT NOT NULL, key TEXT NOT NULL, attempt INTEGER NOT NULL,
+    run_id TEXT NOT NULL, key TEXT NOT NULL, task TEXT NOT NULL, attempt INTEGER NOT NULL,
     run_attempt INTEGER NOT NULL, state TEXT NOT NULL, target TEXT NOT NULL,
     backend TEXT NOT NULL, handle TEXT NOT NULL, place TEXT NOT NULL,
     started REAL, finished REAL, error TEXT
