@@ -1,0 +1,14 @@
+"""The task the offload benchmark sends to workers (importable by name there)."""
+
+from __future__ import annotations
+
+import engine
+
+
+def echo_plain(x: int) -> int:
+    return x
+
+
+@engine.task(offload="box")
+async def echo(x: int) -> int:
+    return x
