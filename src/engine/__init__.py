@@ -58,6 +58,7 @@ from ._map import map as map
 from ._options import Resources as Resources
 from ._options import Retry as Retry
 from ._records import ActionRecord as ActionRecord
+from ._records import AttemptInfo as AttemptInfo
 from ._records import ErrorInfo as ErrorInfo
 from ._records import RunSummary as RunSummary
 from ._records import TaskSummary as TaskSummary
@@ -69,6 +70,7 @@ from ._trace import trace as trace
 __all__ = [
     "ActionEvent",
     "ActionRecord",
+    "AttemptInfo",
     "ActionTimeout",
     "BlobCorrupt",
     "BlobError",

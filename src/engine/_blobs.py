@@ -712,16 +712,13 @@ def open_blob_store(
     """
     if spec is None or spec == "":
         return LocalBlobStore(home / "blobs")
-    if isinstance(spec, str) and spec.startswith("s3://"):
-        # Imported here: engine must not import offload or botocore at import time.
-        from offload._s3 import S3BlobStore
-
-        return S3BlobStore(spec)
     if isinstance(spec, str) and "://" in spec and not spec.startswith("file://"):
-        raise ConfigError(
-            f"blob store {spec!r} has an unknown scheme; use s3://bucket/prefix, "
-            "a file:// URI or a directory path"
-        )
+        # Other schemes are implemented elsewhere (s3:// in offload), found
+        # by name: engine must not import offload or botocore at import time.
+        from ._registry import blob_store_class
+
+        store: BlobStore = blob_store_class(spec)(spec)
+        return store
     if isinstance(spec, str | os.PathLike):
         return LocalBlobStore(_local_root(os.fspath(spec)))
     if isinstance(spec, BlobStore):

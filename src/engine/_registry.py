@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from ._config import Config
 
-__all__ = ["BACKENDS", "backend_class", "build_target", "bundler"]
+__all__ = ["BACKENDS", "BLOB_STORES", "backend_class", "blob_store_class", "build_target", "bundler"]
 
 #: Backend kinds (the ``backend`` key of an offload table) -> ``module:class``.
 BACKENDS = {
@@ -26,6 +26,9 @@ BACKENDS = {
     "ssh": "offload._ssh:SSH",
     "batch": "offload._batch:Batch",
 }
+
+#: Blob store URI schemes -> ``module:class`` (local folders and ``file://`` are built in).
+BLOB_STORES = {"s3": "offload._s3:S3BlobStore"}
 
 
 def _load(path: str, what: str) -> Any:
@@ -46,6 +49,18 @@ def backend_class(kind: str) -> Any:
     if path is None:
         raise ConfigError(f"unknown offload backend {kind!r}; backends are {', '.join(BACKENDS)}")
     return _load(path, f"the {kind!r} offload backend")
+
+
+def blob_store_class(uri: str) -> Any:
+    """The blob store class for a URI's scheme (``s3://bucket/prefix``)."""
+    scheme = uri.partition("://")[0]
+    path = BLOB_STORES.get(scheme)
+    if path is None:
+        raise ConfigError(
+            f"blob store {uri!r} has an unknown scheme; use s3://bucket/prefix, "
+            "a file:// URI or a directory path"
+        )
+    return _load(path, f"the {scheme}:// blob store")
 
 
 def build_target(name: str, table: Any, config: Config) -> Any:

@@ -13,6 +13,10 @@ Users of shoal do not need it.
 - the worker's side of traces: :class:`TraceSink`, :data:`trace_sink_var`,
   :func:`trace_key`, :data:`MISSING`;
 - the infrastructure errors that backends raise;
+- blob stores: :class:`BlobStore`, :class:`BlobReader`, :class:`ClosingStore`
+  and the helpers a store needs (:func:`check_digest`, :func:`corrupt_blob`,
+  :func:`hash_file`, :func:`run_bounded`, :func:`unwritable_destination`,
+  :data:`CHUNK`);
 - facts about this machine: :func:`usable_cpus`, :func:`detect_gpus`,
   :data:`VERSION`.
 """
@@ -26,6 +30,15 @@ from ._backend import AttemptHooks as AttemptHooks
 from ._backend import Backend as Backend
 from ._backend import BackendContext as BackendContext
 from ._backend import Handle as Handle
+from ._blobs import CHUNK as CHUNK
+from ._blobs import BlobReader as BlobReader
+from ._blobs import BlobStore as BlobStore
+from ._blobs import ClosingStore as ClosingStore
+from ._blobs import check_digest as check_digest
+from ._blobs import corrupt_blob as corrupt_blob
+from ._blobs import hash_file as hash_file
+from ._blobs import run_bounded as run_bounded
+from ._blobs import unwritable_destination as unwritable_destination
 from ._codec import decode_value as decode_value
 from ._codec import encode_value as encode_value
 from ._engine import detect_gpus as detect_gpus
@@ -68,6 +81,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     VERSION = "0+unknown"
 
 __all__ = [
+    "CHUNK",
     "MAX_FRAME",
     "MISSING",
     "PROTOCOL",
@@ -75,8 +89,11 @@ __all__ = [
     "AttemptHooks",
     "Backend",
     "BackendContext",
+    "BlobReader",
+    "BlobStore",
     "BundleData",
     "Cancel",
+    "ClosingStore",
     "Done",
     "ErrorInfo",
     "FunctionRef",
@@ -96,6 +113,8 @@ __all__ = [
     "Trace",
     "TraceSink",
     "WorkerLost",
+    "check_digest",
+    "corrupt_blob",
     "decode_message",
     "decode_value",
     "describe",
@@ -103,8 +122,11 @@ __all__ = [
     "encode_frame",
     "encode_value",
     "frame_length",
+    "hash_file",
     "load_function",
+    "run_bounded",
     "trace_key",
     "trace_sink_var",
+    "unwritable_destination",
     "usable_cpus",
 ]

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from engine._errors import BlobError, BlobNotFound
+from engine import BlobError, BlobNotFound
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -22,7 +22,8 @@ import tempfile
 import zlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine._blobs import (
+from engine import BlobCorrupt, BlobError, BlobNotFound, ConfigError
+from engine.extend import (
     CHUNK,
     BlobReader,
     ClosingStore,
@@ -32,7 +33,6 @@ from engine._blobs import (
     run_bounded,
     unwritable_destination,
 )
-from engine._errors import BlobCorrupt, BlobError, BlobNotFound, ConfigError
 
 from ._errors_map import error_code, is_retryable, map_s3_error, map_s3_errors
 
