@@ -588,6 +588,7 @@ def _values() -> dict[str, Any]:
     values: dict[str, Any] = {
         "ActionEvent": engine.ActionEvent("started", "r1", "k", "leaf", 1, 1.0, "g"),
         "ActionRecord": record,
+        "AttemptInfo": engine.AttemptInfo(1, "succeeded", "box", "local", "host:12", 1.0, 2.0),
         "Config": engine.Config(max_concurrency=4, cache=False),
         "DataFrame": engine.DataFrame(file, 2, ("x",)),
         "Dir": engine.Dir("file:///blobs", _DIGEST, 3, (entry,)),
