@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import _offload_tasks as tasks  # noqa: E402
+import _offload_tasks as tasks
 
-import engine  # noqa: E402
-import offload  # noqa: E402
+import engine
+import offload
 
 
 @engine.task

@@ -70,8 +70,8 @@ from ._trace import trace as trace
 __all__ = [
     "ActionEvent",
     "ActionRecord",
-    "AttemptInfo",
     "ActionTimeout",
+    "AttemptInfo",
     "BlobCorrupt",
     "BlobError",
     "BlobNotFound",

@@ -14,6 +14,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any
 
+from . import _lifecycle as lifecycle
 from ._codec import INLINE_KINDS
 from ._context import action_var, group_var, task_of
 from ._errors import ActionTimeout, EncodeError
@@ -191,9 +192,7 @@ async def execute(
         # Started after its run ended (an abandoned call): never runs.  Once
         # the run has counted its never-started calls as cancelled
         # (``Run._settle_never_started``), this one is counted already.
-        if counts.pending > 0:
-            counts.pending -= 1
-            counts.cancelled += 1
+        lifecycle.ended_before_start(counts)
         if owner:
             live.discard(current)
         raise asyncio.CancelledError(f"run {run.id} has ended")
@@ -203,25 +202,18 @@ async def execute(
         try:
             action.held = await engine.admit(task, place)
         except BaseException as exc:
-            counts.pending -= 1
             if owner:
                 live.discard(current)
             if isinstance(exc, asyncio.CancelledError):
-                counts.cancelled += 1
-                run.finished(action, "cancelled", None)
+                lifecycle.ended(action, counts, "cancelled", None, was="pending")
             else:
-                counts.failed += 1
-                run.finished(action, "failed", exc)
+                lifecycle.ended(action, counts, "failed", exc, was="pending")
             raise
 
     token = action_var.set(action)
-    counts.pending -= 1
-    counts.running += 1
     if journal is not None:
         action.started_at = time.time()
-    wanted = engine.wanted
-    if wanted and "started" in wanted:
-        engine.emit("started", action)
+    lifecycle.started(action, counts)
     try:
         if task.plain and place is None:
             # No retry, no timeout, async, here: the common case, without
@@ -230,22 +222,16 @@ async def execute(
         else:
             result = await _attempts(action, task, values, named, counts, place)
     except asyncio.CancelledError:
-        counts.running -= 1
-        counts.cancelled += 1
-        run.finished(action, "cancelled", None)
+        lifecycle.ended(action, counts, "cancelled", None)
         raise
     except (KeyboardInterrupt, SystemExit) as exc:
         # Not a failure of the task: the program is asked to stop.  The run
         # is cancelled, however this action was awaited, and the exception
         # comes out of engine.run / arun (so sys.exit(3) exits with 3).
-        counts.running -= 1
-        counts.cancelled += 1
-        run.finished(action, "cancelled", None)
+        lifecycle.ended(action, counts, "cancelled", None)
         raise run.interrupted(exc) from exc
     except BaseException as exc:
-        counts.running -= 1
-        counts.failed += 1
-        run.finished(action, "failed", exc)
+        lifecycle.ended(action, counts, "failed", exc)
         raise
     finally:
         action_var.reset(token)
@@ -262,32 +248,22 @@ async def execute(
             if upload is not None:
                 await upload
         except asyncio.CancelledError:
-            counts.running -= 1
-            counts.cancelled += 1
-            run.finished(action, "cancelled", None)
+            lifecycle.ended(action, counts, "cancelled", None)
             raise
         except BaseException as exc:
-            counts.running -= 1
-            counts.failed += 1
             # A forgotten await cannot be encoded: checked only then, so
             # that a success costs nothing more.
             error = _unawaited(task, result) if type(result) in _UNAWAITED else exc
-            run.finished(action, "failed", error)
+            lifecycle.ended(action, counts, "failed", error)
             if error is exc:
                 raise
             raise error from None
         return result
     if type(result) in _UNAWAITED:
-        counts.running -= 1
-        counts.failed += 1
         error = _unawaited(task, result)
-        run.finished(action, "failed", error)
+        lifecycle.ended(action, counts, "failed", error)
         raise error
-    counts.running -= 1
-    counts.succeeded += 1
-    wanted = engine.wanted
-    if wanted and "succeeded" in wanted:
-        engine.emit("succeeded", action)
+    lifecycle.succeeded(action, counts)
     return result
 
 
@@ -345,9 +321,9 @@ async def _attempt_loop(
                 # Elsewhere: the attempt's own task is this one, so the
                 # timeout's cancellation reaches the backend (its cancel).
                 if timeout is None:
-                    return await place.attempt(action, values, named)
+                    return await place.attempt(action, values, named, counts)
                 async with asyncio.timeout(timeout) as scope:
-                    return await place.attempt(action, values, named)
+                    return await place.attempt(action, values, named, counts)
             if task.is_async:
                 if timeout is None:
                     return await task.fn(*values, **named)
@@ -377,8 +353,7 @@ async def _attempt_loop(
                 if error is exc:
                     raise
                 raise error from None
-            counts.retries += 1
-            run.retrying(action, error)
+            lifecycle.retrying(action, counts, error)
             await engine.sleep(retry.delay(attempt, engine.rng))
 
 
@@ -477,10 +452,7 @@ _NOTHING: Any = object()
 
 
 def _recalled(run: Run, task: Task[Any, Any], parent: Action, key: str, counts: TaskCounts) -> None:
-    counts.replayed += 1
-    wanted = run.engine.wanted
-    if wanted and "replayed" in wanted:
-        run.engine.emit("replayed", Action(run, task, parent, group_var.get(), key))
+    lifecycle.recalled(run, counts, lambda: Action(run, task, parent, group_var.get(), key))
 
 
 def _start_remembered(
@@ -493,7 +465,7 @@ def _start_remembered(
     counts: TaskCounts,
     memo: dict[str, Any],
 ) -> Coroutine[Any, Any, Any]:
-    counts.pending += 1
+    lifecycle.called(counts)
     call = _remember(memo, key, task._execute(run, task, parent, key, values, named, counts))
     call.__qualname__ = task.name  # type: ignore[attr-defined]  # a coroutine object's name
     return call

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from msgspec.structs import astuple
 
+from . import _lifecycle as lifecycle
 from ._codec import decode_value
 from ._entries import AttemptRow, BundleRow, Claim, Commit, Failure, LogRows, describe
 from ._errors import (
@@ -453,23 +454,15 @@ class Journal(JournalQueries):
             else:
                 commit.set_exception(error)
     def _settle(self, settles: list[Settle], error: Exception | None) -> None:
-        """Count the successes of a committed batch (or, if it failed, their failure)."""
-        engine = self.engine
-        wanted = engine.wanted
+        """The successes of a committed batch are durable now (or, if it failed, lost)."""
         for counts, owner, action in settles:
-            counts.committing -= 1
             if error is not None:
                 # Sticky for the run: it must not report success with a
                 # record missing (later batches may still commit).
                 owner.error = error
-            if error is None:
-                counts.succeeded += 1
-                if action is not None and "succeeded" in wanted:
-                    engine.emit("succeeded", action)
-            else:
-                counts.failed += 1
-                if action is not None and "failed" in wanted:
-                    engine.emit("failed", action, error)
+            run = owner.run
+            assert run is not None
+            lifecycle.settled(run, counts, action, error)
 
     def _write(self, records: list[Any], claims: list[Claim]) -> None:
         """Write one batch in one transaction; the claims found in it are put in ``claims``."""

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import _lifecycle as lifecycle
 from ._codec import encode_value
 from ._context import action_var
 from ._errors import (
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from ._action import Action
     from ._backend import Backend, Handle
+    from ._events import TaskCounts
     from ._limits import Slots
     from ._task import Task
     from ._wire import FunctionRef, Outcome
@@ -112,7 +114,9 @@ class Remote:
                 )
         return slots
 
-    async def attempt(self, action: Action, values: Sequence[Any], named: Mapping[str, Any]) -> Any:
+    async def attempt(
+        self, action: Action, values: Sequence[Any], named: Mapping[str, Any], counts: TaskCounts
+    ) -> Any:
         """One attempt of ``action`` on the target: its value, or the task's exception."""
         run = action.run
         task = self.task
@@ -149,8 +153,7 @@ class Remote:
                 lost += 1
                 if lost > self._retry.attempts:
                     raise outcome
-                action.run.retrying(action, outcome)
-                action.run.counters_for(task.name, action.group).retries += 1
+                lifecycle.retrying(action, counts, outcome)
                 await engine.sleep(self._retry.delay(lost, engine.rng))
                 continue
             if outcome.ok:

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _lifecycle as lifecycle
 from ._action import NOT_RECORDED, Action, Done, call_remembered
 from ._codec import INLINE_KINDS, decode_value, digest_bytes
 from ._context import group_var, task_of
@@ -235,7 +236,7 @@ class Run:
                     found = self.replay.get(key)
                     if found is not None and found[0] in INLINE_KINDS:
                         return self._replay_now(task, parent, key, found, counts)
-        counts.pending += 1
+        lifecycle.called(counts)
         return task._execute(self, task, parent, key, values, named, counts)
 
     def placement(self, task: Task[Any, Any]) -> Remote | None:
@@ -308,11 +309,7 @@ class Run:
         (Outputs kept in the blob store are fetched by :func:`~engine._action.execute`.)
         """
         value = task.signature.decode_output(*found)
-        counts.succeeded += 1
-        counts.replayed += 1
-        wanted = self.engine.wanted
-        if wanted and "replayed" in wanted:
-            self.engine.emit("replayed", Action(self, task, parent, group_var.get(), key))
+        lifecycle.replayed(self, counts, lambda: Action(self, task, parent, group_var.get(), key), pending=False)
         done = Done(loop=self.loop)
         done.set_result(value)
         return done
@@ -383,35 +380,16 @@ class Run:
                 return NOT_RECORDED
         else:
             value = action.task.signature.decode_output(kind, data)
-        counts.pending -= 1
-        counts.succeeded += 1
-        counts.replayed += 1
-        if "replayed" in self.engine.wanted:
-            self.engine.emit("replayed", action)
+        lifecycle.replayed(self, counts, action, pending=True)
         return value
 
     async def cached(self, action: Action, value: Any, counts: TaskCounts) -> Any:
         assert self.journal is not None  # the cache lives in the journal
-        counts.pending -= 1
-        counts.running += 1  # until the record of the hit is committed
-        counts.cached += 1
+        lifecycle.cached(action, counts)
         upload = self.journal.succeeded(action, value, counts, cached=True)
         if upload is not None:
             await upload
-        if "cached" in self.engine.wanted:
-            self.engine.emit("cached", action)
         return value
-
-    def retrying(self, action: Action, error: BaseException) -> None:
-        if "retrying" in self.engine.wanted:
-            self.engine.emit("retrying", action, error)
-
-    def finished(self, action: Action, state: Literal["failed", "cancelled"], error: BaseException | None) -> None:
-        """Record an action that failed or was cancelled."""
-        if self.journal is not None:
-            self.journal.ended(action, state, error)
-        if state in self.engine.wanted:
-            self.engine.emit(state, action, error)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -420,7 +398,7 @@ class Run:
 
     async def _drive(self) -> None:
         counts = self.counters_for(self.task.name)
-        counts.pending += 1
+        lifecycle.called(counts)
         capture: OutputCapture | None = None
         try:
             key = ""
@@ -443,12 +421,9 @@ class Run:
             self.status = "failed"
             self.error = exc
         finally:
-            if counts.pending:
-                # The root never started (its first record could not be
-                # written, or the run was cancelled before it ran).
-                counts.pending -= 1
-                counts.cancelled += self.status == "cancelled"
-                counts.failed += self.status == "failed"
+            # The root may never have started (its first record could not
+            # be written, or the run was cancelled before it ran).
+            lifecycle.abandoned(counts, self.status)
             await self._cancel_leftovers()
             self._settle_never_started()
             if capture is not None:
@@ -478,8 +453,7 @@ class Run:
         """
         for counts in self.counters.values():
             if counts.pending > 0:
-                counts.cancelled += counts.pending
-                counts.pending = 0
+                lifecycle.abandoned(counts)
 
     async def _cancel_leftovers(self) -> None:
         self.closing = True

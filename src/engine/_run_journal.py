@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from . import _lifecycle as lifecycle
 from ._codec import digest, encode_value
 from ._entries import AttemptRow, BundleRow, Claim, Failure, describe
 from ._errors import BlobError, EncodeError, EngineError, JournalError, RunInUse
@@ -279,11 +280,10 @@ class RunJournal:
             cached,
         )
         journal = self.journal
-        settle = (counts, self, action if journal.engine.wanted else None)
+        settle = (counts, self, action if run.engine.wanted else None)
         if len(data) > INLINE_LIMIT or journal.backlogged:
             return self._later(record, settle, counts)
-        counts.running -= 1
-        counts.committing += 1
+        lifecycle.committing(counts)
         journal.append(record, settle)
         return None
 
@@ -294,8 +294,7 @@ class RunJournal:
             key = await journal.engine.blob_store.put_bytes(record.output)
             record = msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}")
         await journal.room()
-        counts.running -= 1
-        counts.committing += 1
+        lifecycle.committing(counts)
         journal.append(record, settle)
 
     def ended(self, action: Action, state: Any, error: BaseException | None) -> None:
