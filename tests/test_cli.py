@@ -792,3 +792,94 @@ def test_the_wheel_carries_license_metadata_and_the_command(tmp_path: Path) -> N
     assert {"msgspec", "rich", "typer"} <= {r.split(">")[0].split("=")[0] for r in requires}
     assert "shoal = engine._cli:main" in entry_points
     assert "engine/py.typed" in names and "offload/py.typed" in names
+
+
+# -- --offload TASK=TARGET ------------------------------------------------------------------
+
+PLACED = str(DATA / "placed.py")
+
+
+@pytest.mark.parametrize("value", ["where", "where=", "=box", " = ", "where:box"])
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_offload_must_be_task_equals_target(command: str, value: str) -> None:
+    result = shoal(command, PLACED if command == "run" else "somerun", "--offload", value)
+    assert result.exit_code == 2, result.output
+    assert "invalid value for --offload: expected TASK=TARGET" in result.stderr
+    assert f"got {value!r}" in result.stderr and "Traceback" not in result.output
+    assert not Path(".shoal").exists()  # refused before anything ran
+
+
+def test_offload_of_one_task_to_two_targets_is_refused() -> None:
+    result = shoal("run", PLACED, "--offload", "where=box", "--offload", "where=lab")
+    assert result.exit_code == 2, result.output
+    assert "--offload sends task 'where' to both 'box' and 'lab'; give one" in result.stderr
+
+
+def test_offload_of_a_task_the_file_lacks_names_the_tasks_there() -> None:
+    result = shoal("run", PLACED, "--offload", "wher=box")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"--offload wher=box: {PLACED} has no task 'wher'; did you mean 'where'? "
+        f"(tasks there: away, boxed, elsewhere, main, where, which)"
+    ) in result.stderr
+    assert not Path(".shoal").exists()
+
+
+def _box_target() -> Path:
+    path = Path("shoal.toml")
+    path.write_text('[offload.box]\nbackend = "local"\nworkers = 1\n')
+    return path.resolve()
+
+
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_offload_to_a_target_config_lacks_names_the_targets_there(command: str) -> None:
+    if command == "resume":
+        assert shoal("run", PLACED).exit_code == 0
+        args = ["resume", last_run()["id"]]
+    else:
+        args = ["run", PLACED]
+    result = shoal(*args, "--offload", "where=nowhere")
+    assert result.exit_code == 2, result.output
+    assert (
+        "--offload where=nowhere: there is no offload target 'nowhere' (no config file was found, "
+        "so no target is defined); define it in a [tool.shoal.offload.nowhere] table of pyproject.toml"
+    ) in result.stderr
+    config = _box_target()
+    result = shoal(*args, "--offload", "where=bx")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"there is no offload target 'bx'; did you mean 'box'? (targets defined in {config}: box); "
+        f"define it in a [offload.bx] table there, or give where=local to run the task in this process"
+    ) in result.stderr
+
+
+def test_resume_offload_of_a_task_the_run_lacks_names_the_tasks_there() -> None:
+    assert shoal("run", PLACED).exit_code == 0
+    result = shoal("resume", last_run()["id"], "--offload", "nope=local")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"--offload nope=local: {Path(PLACED).resolve()} has no task 'nope' "
+        f"(tasks there: away, boxed, elsewhere, main, where, which)"
+    ) in result.stderr
+
+
+def test_offload_sends_a_task_to_a_configured_target_and_local_keeps_it_here() -> None:
+    _box_target()
+    result = shoal_process("run", PLACED, "--n", "3", "--boxes", "--offload", "where=box",
+                           "--offload", "boxed=local", "--json")
+    assert result.returncode == 0, result.stderr
+    pids = json.loads(result.stdout)
+    (driver,) = pids["main"]
+    assert driver not in pids["where"] and len(set(pids["where"])) == 1  # one worker
+    assert pids["boxed"] == [driver] and pids["which"] == [driver]  # offload="box" in code, undone
+
+
+def test_resume_offload_places_the_actions_that_run_again() -> None:
+    _box_target()
+    failed = shoal_process("run", f"{PLACED}:away")
+    assert failed.returncode == 1 and "must not run in the process that drives the run" in failed.stderr
+    run_id = last_run()["id"]
+    resumed = shoal_process("resume", run_id, "--offload", "elsewhere=box", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert isinstance(json.loads(resumed.stdout), int)
+    assert last_run()["status"] == "succeeded"

@@ -195,15 +195,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: The file these settings came from, if any (the file of the targets too).
     source: str | None = None
 
-    def target_table(self, name: str) -> str:
+    def target_table(self, name: str, *, with_file: bool = True) -> str:
         """Where target ``name`` is (or would be) configured, for messages.
 
         ``[tool.shoal.offload.gpu] in /path/pyproject.toml``, or
-        ``[offload.gpu] in /path/shoal.toml``; without a file, the table alone.
+        ``[offload.gpu] in /path/shoal.toml``; without a file (or
+        ``with_file=False``), the table alone.
         """
         if self.source is None:
             return _table(name, pyproject=False)
-        return f"{_table(name, pyproject=Path(self.source).name == 'pyproject.toml')} in {self.source}"
+        table = _table(name, pyproject=Path(self.source).name == "pyproject.toml")
+        return f"{table} in {self.source}" if with_file else table
 
 
 #: The keys a config file may set.
