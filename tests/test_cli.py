@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
@@ -863,17 +865,45 @@ def test_resume_offload_of_a_task_the_run_lacks_names_the_tasks_there() -> None:
     ) in result.stderr
 
 
-def test_offload_sends_a_task_to_a_configured_target_and_local_keeps_it_here() -> None:
+def test_offload_local_runs_a_task_in_this_process_whatever_its_code_says() -> None:
     _box_target()
-    result = shoal_process("run", PLACED, "--n", "3", "--boxes", "--offload", "where=box",
-                           "--offload", "boxed=local", "--json")
+    result = shoal_process("run", PLACED, "--boxes", "--offload", "boxed=local", "--json")
     assert result.returncode == 0, result.stderr
     pids = json.loads(result.stdout)
     (driver,) = pids["main"]
-    assert driver not in pids["where"] and len(set(pids["where"])) == 1  # one worker
-    assert pids["boxed"] == [driver] and pids["which"] == [driver]  # offload="box" in code, undone
+    assert pids["boxed"] == [driver]  # offload="box" in its code, undone
+    boxed = next(
+        r for r in json.loads(shoal("show", last_run()["id"], "--actions", "--json").stdout)["action_records"]
+        if r["task"] == "boxed"
+    )
+    assert [(a["target"], a["backend"]) for a in boxed["attempts"]] == [("local", "in-process")]
 
 
+#: offload.Local, the backend of ``backend = "local"`` tables, is a part of shoal of its own.
+needs_local_backend = pytest.mark.skipif(
+    importlib.util.find_spec("offload._local") is None and os.environ.get("CI") != "true",
+    reason="offload.Local is not in this tree",
+)
+
+
+@needs_local_backend
+def test_offload_sends_a_task_to_a_configured_target() -> None:
+    _box_target()
+    result = shoal_process("run", PLACED, "--n", "3", "--offload", "where=box", "--json")
+    assert result.returncode == 0, result.stderr
+    pids = json.loads(result.stdout)
+    (driver,) = pids["main"]
+    assert driver not in pids["where"] and len(set(pids["where"])) == 1  # workers = 1
+    assert pids["which"] == [driver]
+    records = json.loads(shoal("show", last_run()["id"], "--actions", "--json").stdout)["action_records"]
+    placed = [r["attempts"][-1] for r in records if r["task"] == "where"]
+    assert len(placed) == 3 and {(a["target"], a["backend"]) for a in placed} == {("box", "local")}
+    assert all(a["where"].endswith(f":{pids['where'][0]}") for a in placed)
+    listed = shoal("show", last_run()["id"], "--actions").stdout
+    assert f"box {placed[0]['where']}" in listed
+
+
+@needs_local_backend
 def test_resume_offload_places_the_actions_that_run_again() -> None:
     _box_target()
     failed = shoal_process("run", f"{PLACED}:away")
@@ -883,3 +913,42 @@ def test_resume_offload_places_the_actions_that_run_again() -> None:
     assert resumed.returncode == 0, resumed.stderr
     assert isinstance(json.loads(resumed.stdout), int)
     assert last_run()["status"] == "succeeded"
+
+
+# -- where attempts ran ----------------------------------------------------------------------
+
+
+def test_show_actions_says_where_each_action_ran() -> None:
+    import socket
+
+    assert shoal("run", FLOWS, "--n", "2").exit_code == 0
+    run_id = last_run()["id"]
+    here = f"{socket.gethostname()}:{os.getpid()}"  # CliRunner runs the command in this process
+    listed = shoal("show", run_id, "--actions").stdout
+    (header,) = [line for line in listed.splitlines() if " action " in line and " task " in line]
+    assert " attempt " in header and " where " in header
+    rows = [line for line in listed.splitlines() if "│ square " in line]
+    assert len(rows) == 2 and all(f"local {here}" in row for row in rows), listed
+    data = json.loads(shoal("show", run_id, "--actions", "--json").stdout)
+    for record in data["action_records"]:
+        (attempt,) = record["attempts"]
+        assert attempt == {
+            "attempt": 1, "state": "succeeded", "target": "local", "backend": "in-process", "where": here,
+            "started_at": record["started"], "finished_at": record["finished"],
+        }
+
+
+def test_where_names_the_last_attempt_and_counts_them() -> None:
+    from engine._cli._render import actions_table, where_text
+    from engine._records import ActionRecord, AttemptInfo
+
+    lost = AttemptInfo(1, "lost", "box", "local", "h1:100", 1.0, 2.0)
+    again = AttemptInfo(1, "succeeded", "box", "local", "h1:101", 2.5, 3.0)
+    rec = ActionRecord("r", "k1", None, "train", "succeeded", 1, 1, 1.0, 3.0, attempts=(lost, again))
+    assert where_text(rec) == "box h1:101 (2 attempts)"
+    earlier = AttemptInfo(1, "failed", "local", "in-process", "", 1.0, 2.0)  # an earlier process of the run
+    assert where_text(msgspec.structs.replace(rec, attempts=(earlier,))) == "local"
+    assert where_text(msgspec.structs.replace(rec, attempts=())) == ""
+    console = Console(width=200, file=io.StringIO())
+    console.print(actions_table([rec]))
+    assert "box h1:101 (2 attempts)" in console.file.getvalue()  # type: ignore[attr-defined]
