@@ -940,13 +940,12 @@ def test_show_actions_says_where_each_action_ran() -> None:
 
 def test_where_names_the_last_attempt_and_counts_them() -> None:
     from engine._cli._render import actions_table, where_text
-    from engine._records import ActionRecord, AttemptInfo
 
-    lost = AttemptInfo(1, "lost", "box", "local", "h1:100", 1.0, 2.0)
-    again = AttemptInfo(1, "succeeded", "box", "local", "h1:101", 2.5, 3.0)
-    rec = ActionRecord("r", "k1", None, "train", "succeeded", 1, 1, 1.0, 3.0, attempts=(lost, again))
+    lost = engine.AttemptInfo(1, "lost", "box", "local", "h1:100", 1.0, 2.0)
+    again = engine.AttemptInfo(1, "succeeded", "box", "local", "h1:101", 2.5, 3.0)
+    rec = engine.ActionRecord("r", "k1", None, "train", "succeeded", 1, 1, 1.0, 3.0, attempts=(lost, again))
     assert where_text(rec) == "box h1:101 (2 attempts)"
-    earlier = AttemptInfo(1, "failed", "local", "in-process", "", 1.0, 2.0)  # an earlier process of the run
+    earlier = engine.AttemptInfo(1, "failed", "local", "in-process", "", 1.0, 2.0)  # an earlier process of the run
     assert where_text(msgspec.structs.replace(rec, attempts=(earlier,))) == "local"
     assert where_text(msgspec.structs.replace(rec, attempts=())) == ""
     console = Console(width=200, file=io.StringIO())
