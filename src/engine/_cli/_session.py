@@ -89,8 +89,8 @@ async def run_with_progress(
 ) -> Outcome:
     """Run ``task`` with a progress display on ``console`` until it finishes or Ctrl-C.
 
-    ``offload`` is ``--offload``'s ``{TASK: TARGET}`` (an unknown target is
-    the engine's :class:`~engine.ConfigError`).
+    ``offload`` is ``--offload``'s ``{TASK: TARGET}``; a target that config
+    does not define is a :class:`~engine.ConfigError` before the run starts.
     """
     async with Engine(store, max_concurrency=max_concurrency, offload=offload or None) as eng:
         check_offload_targets(dict(offload), eng.config)
