@@ -94,8 +94,8 @@ OffloadOption = Annotated[
     typer.Option(
         "--offload",
         metavar="TASK=TARGET",
-        help="Run TASK's actions on TARGET, a target named in config ([tool.shoal.offload.NAME]), "
-        "or 'local' for this process (undoes an offload= in code); repeatable.",
+        help="Run TASK's actions on TARGET: an offload target named in config (a tool.shoal.offload.NAME "
+        "table), or 'local' for this process (undoes an offload= in code); repeatable.",
     ),
 ]
 
