@@ -203,3 +203,9 @@ def test_the_local_target_defaults_to_this_interpreter() -> None:
     assert LocalTarget().python == "" and "python" not in LocalTarget().options()
     assert LocalTarget(python=sys.executable).options() == {"python": sys.executable}
     assert re.fullmatch(r"\[offload\.gpu\]", engine.Config().target_table("gpu"))
+
+
+def test_a_config_made_in_code_cannot_name_a_target_local_either() -> None:
+    with pytest.raises(engine.ConfigError, match="Config offload=: no target may be named 'local'"):
+        engine.Config(offload={"local": LocalTarget()})
+    assert engine.Config(offload={"box": LocalTarget()}).offload == {"box": LocalTarget()}

@@ -195,6 +195,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: The file these settings came from, if any (the file of the targets too).
     source: str | None = None
 
+    def __post_init__(self) -> None:
+        # load_config refuses such a table, naming the file; this covers a
+        # Config made in code.
+        if IN_PROCESS in self.offload:
+            raise ConfigError(
+                f"Config offload=: no target may be named {IN_PROCESS!r}, which means \"run in this "
+                f"process\" in an offload map; name it otherwise"
+            )
+
     def target_table(self, name: str, *, with_file: bool = True) -> str:
         """Where target ``name`` is (or would be) configured, for messages.
 
