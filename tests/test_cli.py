@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
@@ -792,3 +794,160 @@ def test_the_wheel_carries_license_metadata_and_the_command(tmp_path: Path) -> N
     assert {"msgspec", "rich", "typer"} <= {r.split(">")[0].split("=")[0] for r in requires}
     assert "shoal = engine._cli:main" in entry_points
     assert "engine/py.typed" in names and "offload/py.typed" in names
+
+
+# -- --offload TASK=TARGET ------------------------------------------------------------------
+
+PLACED = str(DATA / "placed.py")
+
+
+@pytest.mark.parametrize("value", ["where", "where=", "=box", " = ", "where:box"])
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_offload_must_be_task_equals_target(command: str, value: str) -> None:
+    result = shoal(command, PLACED if command == "run" else "somerun", "--offload", value)
+    assert result.exit_code == 2, result.output
+    assert "invalid value for --offload: expected TASK=TARGET" in result.stderr
+    assert f"got {value!r}" in result.stderr and "Traceback" not in result.output
+    assert not Path(".shoal").exists()  # refused before anything ran
+
+
+def test_offload_of_one_task_to_two_targets_is_refused() -> None:
+    result = shoal("run", PLACED, "--offload", "where=box", "--offload", "where=lab")
+    assert result.exit_code == 2, result.output
+    assert "--offload sends task 'where' to both 'box' and 'lab'; give one" in result.stderr
+
+
+def test_offload_of_a_task_the_file_lacks_names_the_tasks_there() -> None:
+    result = shoal("run", PLACED, "--offload", "wher=box")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"--offload wher=box: {PLACED} has no task 'wher'; did you mean 'where'? "
+        f"(tasks there: away, boxed, elsewhere, main, where, which)"
+    ) in result.stderr
+    assert not Path(".shoal").exists()
+
+
+def _box_target() -> Path:
+    path = Path("shoal.toml")
+    path.write_text('[offload.box]\nbackend = "local"\nworkers = 1\n')
+    return path.resolve()
+
+
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_offload_to_a_target_config_lacks_names_the_targets_there(command: str) -> None:
+    if command == "resume":
+        assert shoal("run", PLACED).exit_code == 0
+        args = ["resume", last_run()["id"]]
+    else:
+        args = ["run", PLACED]
+    result = shoal(*args, "--offload", "where=nowhere")
+    assert result.exit_code == 2, result.output
+    assert (
+        "--offload where=nowhere: there is no offload target 'nowhere' (no config file was found, "
+        "so no target is defined); define it in a [tool.shoal.offload.nowhere] table of pyproject.toml"
+    ) in result.stderr
+    config = _box_target()
+    result = shoal(*args, "--offload", "where=bx")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"there is no offload target 'bx'; did you mean 'box'? (targets defined in {config}: box); "
+        f"define it in a [offload.bx] table there, or give where=local to run the task in this process"
+    ) in result.stderr
+
+
+def test_resume_offload_of_a_task_the_run_lacks_names_the_tasks_there() -> None:
+    assert shoal("run", PLACED).exit_code == 0
+    result = shoal("resume", last_run()["id"], "--offload", "nope=local")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"--offload nope=local: {Path(PLACED).resolve()} has no task 'nope' "
+        f"(tasks there: away, boxed, elsewhere, main, where, which)"
+    ) in result.stderr
+
+
+def test_offload_local_runs_a_task_in_this_process_whatever_its_code_says() -> None:
+    _box_target()
+    result = shoal_process("run", PLACED, "--boxes", "--offload", "boxed=local", "--json")
+    assert result.returncode == 0, result.stderr
+    pids = json.loads(result.stdout)
+    (driver,) = pids["main"]
+    assert pids["boxed"] == [driver]  # offload="box" in its code, undone
+    boxed = next(
+        r for r in json.loads(shoal("show", last_run()["id"], "--actions", "--json").stdout)["action_records"]
+        if r["task"] == "boxed"
+    )
+    assert [(a["target"], a["backend"]) for a in boxed["attempts"]] == [("local", "in-process")]
+
+
+#: offload.Local, the backend of ``backend = "local"`` tables, is a part of shoal of its own.
+needs_local_backend = pytest.mark.skipif(
+    importlib.util.find_spec("offload._local") is None and os.environ.get("CI") != "true",
+    reason="offload.Local is not in this tree",
+)
+
+
+@needs_local_backend
+def test_offload_sends_a_task_to_a_configured_target() -> None:
+    _box_target()
+    result = shoal_process("run", PLACED, "--n", "3", "--offload", "where=box", "--json")
+    assert result.returncode == 0, result.stderr
+    pids = json.loads(result.stdout)
+    (driver,) = pids["main"]
+    assert driver not in pids["where"] and len(set(pids["where"])) == 1  # workers = 1
+    assert pids["which"] == [driver]
+    records = json.loads(shoal("show", last_run()["id"], "--actions", "--json").stdout)["action_records"]
+    placed = [r["attempts"][-1] for r in records if r["task"] == "where"]
+    assert len(placed) == 3 and {(a["target"], a["backend"]) for a in placed} == {("box", "local")}
+    assert all(a["where"].endswith(f":{pids['where'][0]}") for a in placed)
+    listed = shoal("show", last_run()["id"], "--actions").stdout
+    assert f"box {placed[0]['where']}" in listed
+
+
+@needs_local_backend
+def test_resume_offload_places_the_actions_that_run_again() -> None:
+    _box_target()
+    failed = shoal_process("run", f"{PLACED}:away")
+    assert failed.returncode == 1 and "must not run in the process that drives the run" in failed.stderr
+    run_id = last_run()["id"]
+    resumed = shoal_process("resume", run_id, "--offload", "elsewhere=box", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert isinstance(json.loads(resumed.stdout), int)
+    assert last_run()["status"] == "succeeded"
+
+
+# -- where attempts ran ----------------------------------------------------------------------
+
+
+def test_show_actions_says_where_each_action_ran() -> None:
+    import socket
+
+    assert shoal("run", FLOWS, "--n", "2").exit_code == 0
+    run_id = last_run()["id"]
+    here = f"{socket.gethostname()}:{os.getpid()}"  # CliRunner runs the command in this process
+    listed = shoal("show", run_id, "--actions").stdout
+    (header,) = [line for line in listed.splitlines() if " action " in line and " task " in line]
+    assert " attempt " in header and " where " in header
+    rows = [line for line in listed.splitlines() if "│ square " in line]
+    assert len(rows) == 2 and all(f"local {here}" in row for row in rows), listed
+    data = json.loads(shoal("show", run_id, "--actions", "--json").stdout)
+    for record in data["action_records"]:
+        (attempt,) = record["attempts"]
+        assert attempt == {
+            "attempt": 1, "state": "succeeded", "target": "local", "backend": "in-process", "where": here,
+            "started_at": record["started"], "finished_at": record["finished"],
+        }
+
+
+def test_where_names_the_last_attempt_and_counts_them() -> None:
+    from engine._cli._render import actions_table, where_text
+
+    lost = engine.AttemptInfo(1, "lost", "box", "local", "h1:100", 1.0, 2.0)
+    again = engine.AttemptInfo(1, "succeeded", "box", "local", "h1:101", 2.5, 3.0)
+    rec = engine.ActionRecord("r", "k1", None, "train", "succeeded", 1, 1, 1.0, 3.0, attempts=(lost, again))
+    assert where_text(rec) == "box h1:101 (2 attempts)"
+    earlier = engine.AttemptInfo(1, "failed", "local", "in-process", "", 1.0, 2.0)  # an earlier process of the run
+    assert where_text(msgspec.structs.replace(rec, attempts=(earlier,))) == "local"
+    assert where_text(msgspec.structs.replace(rec, attempts=())) == ""
+    console = Console(width=200, file=io.StringIO())
+    console.print(actions_table([rec]))
+    assert "box h1:101 (2 attempts)" in console.file.getvalue()  # type: ignore[attr-defined]

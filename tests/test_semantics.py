@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import engine
+from engine._config import SSHTarget
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -765,7 +766,7 @@ async def test_config_offload_targets_are_read(tmp_path: Path) -> None:
         return value
 
     async with engine.Engine(store="memory") as eng:
-        assert eng.config.offload == {"gpu": {"backend": "ssh", "hosts": ["gpu1"]}}
+        assert eng.config.offload == {"gpu": SSHTarget(hosts=["gpu1"])}
 
 
 @pytest.mark.parametrize(

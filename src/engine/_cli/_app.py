@@ -47,7 +47,17 @@ from .._errors import (
     UnusableFolder,
 )
 from . import _render as render
-from ._params import HelpRequested, UsageProblem, parse_task_args, pick_task, task_options
+from ._params import (
+    HelpRequested,
+    UsageProblem,
+    check_offload_tasks,
+    file_tasks,
+    parse_offload,
+    parse_task_args,
+    pick_task,
+    split_target,
+    task_options,
+)
 from ._session import Outcome, resume_with_progress, run_with_progress
 
 if TYPE_CHECKING:
@@ -79,6 +89,15 @@ ResultJsonOption = Annotated[bool, typer.Option("--json", help="Print the result
 MaxConcurrencyOption = Annotated[
     int | None, typer.Option("--max-concurrency", min=1, help="Most actions running at once.")
 ]
+OffloadOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--offload",
+        metavar="TASK=TARGET",
+        help="Run TASK's actions on TARGET: an offload target named in config (a tool.shoal.offload.NAME "
+        "table), or 'local' for this process (undoes an offload= in code); repeatable.",
+    ),
+]
 
 RUN_HELP = """Run a task from a Python file: shoal run FILE[:TASK] [--PARAM VALUE ...].
 
@@ -100,7 +119,7 @@ USAGE = {
 
 RUN_EPILOG = (
     "Run options: --tag TEXT (repeatable), --max-concurrency N, --store PATH|memory, "
-    "--json (print the result as JSON); see 'shoal run --help'."
+    "--offload TASK=TARGET (repeatable), --json (print the result as JSON); see 'shoal run --help'."
 )
 
 
@@ -372,6 +391,7 @@ def build_app() -> typer.Typer:
         tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the run (repeatable).")] = None,
         max_concurrency: MaxConcurrencyOption = None,
         store: StoreOption = None,
+        offload: OffloadOption = None,
         as_json: ResultJsonOption = False,
     ) -> None:
         argv = list(ctx.args)
@@ -381,8 +401,10 @@ def build_app() -> typer.Typer:
                 raise typer.Exit(0)
             usage_error("missing argument FILE[:TASK] (the Python file that defines the task)", "run")
         try:
+            placement = parse_offload(offload)
             task = pick_task(target)
             parsed = parse_task_args(task, argv)
+            check_offload_tasks(placement, file_tasks(target), split_target(target)[0])
         except HelpRequested:
             _stdout().print(task_help(target, task))
             raise typer.Exit(0) from None
@@ -394,7 +416,8 @@ def build_app() -> typer.Typer:
                 outcome = asyncio.run(
                     run_with_progress(
                         task, parsed.args, parsed.kwargs, tags=tag or (), store=store,
-                        max_concurrency=max_concurrency, console=console, live=console.is_terminal,
+                        max_concurrency=max_concurrency, offload=placement, console=console,
+                        live=console.is_terminal,
                     )
                 )
         except (InputError, ConfigError, ImportFailed, UnusableFolder) as exc:
@@ -414,14 +437,20 @@ def build_app() -> typer.Typer:
         run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run id (see 'shoal runs').")],
         max_concurrency: MaxConcurrencyOption = None,
         store: StoreOption = None,
+        offload: OffloadOption = None,
         as_json: ResultJsonOption = False,
     ) -> None:
         """Continue a failed, cancelled or interrupted run where it stopped (with progress).
 
         Actions that succeeded before return their recorded outputs without
-        running.  Exits like 'shoal run': 0 succeeded, 1 failed, 130 Ctrl-C.
+        running.  '--offload TASK=TARGET' places the actions that run now.
+        Exits like 'shoal run': 0 succeeded, 1 failed, 130 Ctrl-C.
         """
         console = _stderr()
+        try:
+            placement = parse_offload(offload)
+        except UsageProblem as exc:
+            usage_error(str(exc), "resume")
         if store != "memory":
             path = _journal_path(store)
             if path is not None and not path.exists():
@@ -433,11 +462,11 @@ def build_app() -> typer.Typer:
             with _task_output_to_stderr(as_json):
                 outcome = asyncio.run(
                     resume_with_progress(
-                        run_id, store=store, max_concurrency=max_concurrency, console=console,
-                        live=console.is_terminal,
+                        run_id, store=store, max_concurrency=max_concurrency, offload=placement,
+                        console=console, live=console.is_terminal,
                     )
                 )
-        except (RunNotFound, InputError, ConfigError, ImportFailed, UnusableFolder) as exc:
+        except (RunNotFound, InputError, ConfigError, ImportFailed, UnusableFolder, UsageProblem) as exc:
             usage_error(str(exc), "resume")
         except KeyboardInterrupt:
             console.print("interrupted")

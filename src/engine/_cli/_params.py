@@ -34,11 +34,28 @@ from typing import Any
 
 import msgspec
 
-from .._errors import ImportFailed
+from .._errors import ConfigError, ImportFailed
 from .._loader import load_file, locate
 from .._task import Task
 
-__all__ = ["HelpRequested", "TaskArgs", "UsageProblem", "convert", "parse_task_args", "pick_task", "task_options", "type_name"]
+if typing.TYPE_CHECKING:
+    from .._config import Config
+
+__all__ = [
+    "HelpRequested",
+    "TaskArgs",
+    "UsageProblem",
+    "check_offload_targets",
+    "check_offload_tasks",
+    "convert",
+    "file_tasks",
+    "module_tasks",
+    "parse_offload",
+    "parse_task_args",
+    "pick_task",
+    "task_options",
+    "type_name",
+]
 
 _EMPTY: Any = inspect.Parameter.empty
 _SEQUENCES = (list, tuple, set, frozenset)
@@ -377,3 +394,79 @@ def _tasks_in(module: ModuleType) -> list[Task[Any, Any]]:
     tasks = list(seen.values())
     own = [t for t in tasks if t.fn.__module__ == module.__name__]
     return own or tasks
+
+
+# -- --offload TASK=TARGET --------------------------------------------------------
+
+
+def parse_offload(values: list[str] | None) -> dict[str, str]:
+    """``--offload TASK=TARGET`` (repeatable) as ``{TASK: TARGET}``.
+
+    Raises :class:`UsageProblem` for a value that is not of that form (no
+    ``=``, an empty side) or a task given twice.
+    """
+    offload: dict[str, str] = {}
+    for value in values or ():
+        task, eq, target = value.partition("=")
+        task, target = task.strip(), target.strip()
+        if not eq or not task or not target:
+            raise UsageProblem(
+                f"invalid value for --offload: expected TASK=TARGET (a task of the flow, and a "
+                f"target named in config, or 'local' to run the task in this process), got {value!r}"
+            )
+        if task in offload and offload[task] != target:
+            raise UsageProblem(
+                f"--offload sends task {task!r} to both {offload[task]!r} and {target!r}; give one"
+            )
+        offload[task] = target
+    return offload
+
+
+def module_tasks(module: ModuleType) -> list[str]:
+    """The names of every task in ``module``: defined there or imported into it."""
+    return sorted({value.name for value in vars(module).values() if isinstance(value, Task)})
+
+
+def file_tasks(target: str) -> list[str]:
+    """The names of every task in the file of ``FILE[:TASK]`` (imported already by :func:`pick_task`)."""
+    file, _ = split_target(target)
+    try:
+        return module_tasks(load_file(file))
+    except ImportFailed as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+def check_offload_tasks(offload: dict[str, str], tasks: list[str], where: str) -> None:
+    """Refuse an ``--offload`` of a task that ``where`` (the flow's file) does not have."""
+    for name in offload:
+        if name not in tasks:
+            close = difflib.get_close_matches(name, tasks, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageProblem(
+                f"--offload {name}={offload[name]}: {where} has no task {name!r}{hint} "
+                f"(tasks there: {', '.join(tasks) or 'none'})"
+            )
+
+
+def check_offload_targets(offload: dict[str, str], config: Config) -> None:
+    """Refuse an ``--offload`` to a target that config does not define, before the run starts.
+
+    (The engine would refuse it only when the task is first called, failing
+    the run; from the command line it is a usage error, exit 2.)
+    """
+    for task, target in offload.items():
+        if target == "local" or target in config.offload:
+            continue
+        known = ", ".join(sorted(config.offload))
+        close = difflib.get_close_matches(target, list(config.offload), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        if config.source is None:
+            where = "no config file was found, so no target is defined"
+            table = f"[tool.shoal.offload.{target}] table of pyproject.toml"
+        else:
+            where = f"targets defined in {config.source}: {known or 'none'}"
+            table = f"{config.target_table(target, with_file=False)} table there"
+        raise ConfigError(
+            f"--offload {task}={target}: there is no offload target {target!r}{hint} ({where}); "
+            f"define it in a {table}, or give {task}=local to run the task in this process"
+        )

@@ -8,7 +8,9 @@ journal's Unix timestamps unchanged, plus ``duration`` in seconds.
 lines, tracebacks for the first :data:`TRACEBACKS_SHOWN` failures) and says
 so; ``--json`` has everything whole.  In JSON, ``actions`` is always the
 number of the run's actions, and ``action_records`` (only with
-``--actions``) the page of their records.
+``--actions``) the page of their records, each with its ``attempts``: a
+list of ``{attempt, state, target, backend, where, started_at,
+finished_at}``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "runs_table",
     "stamp",
     "task_tree",
+    "where_text",
 ]
 
 #: Failed actions listed by ``shoal show`` (the first to fail).
@@ -244,17 +247,34 @@ def failed_table(records: Iterable[ActionRecord]) -> Table:
     return table
 
 
+def where_text(rec: ActionRecord) -> str:
+    """Where an action's last attempt ran, compactly: ``gpu host1:4242``, ``local host0:311``.
+
+    The target's name, then the host and pid or the Batch job id (blank for
+    a local action of an earlier process of the run, whose pid is not
+    known); ``(3 attempts)`` after it when more than one was recorded
+    (attempts lost with a worker or host count too).
+    """
+    if not rec.attempts:
+        return ""
+    last = rec.attempts[-1]
+    text = f"{last.target} {last.where}".strip()
+    if len(rec.attempts) > 1:
+        text += f" ({len(rec.attempts)} attempts)"
+    return text
+
+
 def actions_table(records: Iterable[ActionRecord]) -> Table:
-    """``shoal show --actions``: a page of the run's actions."""
+    """``shoal show --actions``: a page of the run's actions, with where each last ran."""
     table = Table(header_style="bold", title="actions", title_justify="left")
-    for name in ("action", "task", "state", "attempt", "group", "duration", "parent"):
+    for name in ("action", "task", "state", "attempt", "where", "group", "duration", "parent"):
         table.add_column(name, no_wrap=name in ("action", "state", "parent"))
     for rec in records:
         took = None if rec.started is None or rec.finished is None else rec.finished - rec.started
         state = "cached" if rec.cached else rec.state
         table.add_row(
-            rec.key, escape(rec.task), status_text(state), str(rec.attempt), escape(rec.group or ""),
-            duration(took), (rec.parent or "")[:8],
+            rec.key, escape(rec.task), status_text(state), str(rec.attempt), escape(where_text(rec)),
+            escape(rec.group or ""), duration(took), (rec.parent or "")[:8],
         )
     return table
 

@@ -12,14 +12,16 @@ does what the first Ctrl-C does.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .._engine import Engine
 from .._signals import SigtermWatch
+from ._params import check_offload_targets, check_offload_tasks, module_tasks
 from ._progress import Progress
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from rich.console import Console
 
@@ -81,11 +83,17 @@ async def run_with_progress(
     tags: Sequence[str],
     store: str | None,
     max_concurrency: int | None,
+    offload: Mapping[str, str],
     console: Console,
     live: bool,
 ) -> Outcome:
-    """Run ``task`` with a progress display on ``console`` until it finishes or Ctrl-C."""
-    async with Engine(store, max_concurrency=max_concurrency) as eng:
+    """Run ``task`` with a progress display on ``console`` until it finishes or Ctrl-C.
+
+    ``offload`` is ``--offload``'s ``{TASK: TARGET}``; a target that config
+    does not define is a :class:`~engine.ConfigError` before the run starts.
+    """
+    async with Engine(store, max_concurrency=max_concurrency, offload=offload or None) as eng:
+        check_offload_targets(dict(offload), eng.config)
 
         async def start() -> Run:
             return await eng.submit(task, *args, tags=tags, **kwargs)
@@ -93,13 +101,38 @@ async def run_with_progress(
         return await _follow(eng, console, live, start, eng.wait_run)
 
 
+async def _root_task(eng: Engine, run_id: str, offload: Mapping[str, str]) -> Task[Any, Any]:
+    """The root task of ``run_id``, imported again, once every task ``offload`` names is in its file."""
+    from .._loader import load_root
+
+    journal = await eng.journal()
+    record, _, _ = await journal.load_run(run_id)
+    task = load_root(record.root, record.root_file)
+    module = sys.modules.get(task.fn.__module__)
+    where = record.root_file or task.fn.__module__
+    check_offload_tasks(dict(offload), module_tasks(module) if module else [task.name], where)
+    return task
+
+
 async def resume_with_progress(
-    run_id: str, *, store: str | None, max_concurrency: int | None, console: Console, live: bool
+    run_id: str,
+    *,
+    store: str | None,
+    max_concurrency: int | None,
+    offload: Mapping[str, str],
+    console: Console,
+    live: bool,
 ) -> Outcome:
-    """Resume ``run_id`` with a progress display; a run that already succeeded is returned as is."""
-    async with Engine(store, max_concurrency=max_concurrency) as eng:
+    """Resume ``run_id`` with a progress display; a run that already succeeded is returned as is.
+
+    With ``offload``, the run's root task is imported first, so that a task
+    its file does not have is refused (:class:`UsageProblem`) before anything runs.
+    """
+    async with Engine(store, max_concurrency=max_concurrency, offload=offload or None) as eng:
+        check_offload_targets(dict(offload), eng.config)
+        root = await _root_task(eng, run_id, offload) if offload else None
 
         async def start() -> Run:
-            return await eng.submit_resume(run_id)
+            return await eng.submit_resume(run_id, task=root)
 
         return await _follow(eng, console, live, start, eng.wait_run)
