@@ -416,7 +416,7 @@ async def test_journal_busy_when_lock_is_held_too_long(tmp_path: Path) -> None:
     await _make_journal(path, runs=1)
     blocker = sqlite3.connect(path, isolation_level=None)
     async with engine.Engine(store=path) as eng:
-        journal = Journal(path, eng, busy_timeout=0.2)
+        journal = Journal(path, blob_store=lambda: eng.blob_store, busy_timeout=0.2)
         await journal.open()
         try:
             blocker.execute("BEGIN EXCLUSIVE")
@@ -477,7 +477,7 @@ async def test_run_whose_start_cannot_be_recorded_fails(tmp_path: Path) -> None:
     blocker = sqlite3.connect(path, isolation_level=None)
     eng = engine.Engine(store=path)
     try:
-        journal = Journal(path, eng, busy_timeout=0.2)
+        journal = Journal(path, blob_store=lambda: eng.blob_store, busy_timeout=0.2)
         await journal.open()
         await journal.open_for_writing()
         eng._journal = journal

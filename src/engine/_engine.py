@@ -276,7 +276,9 @@ class Engine:
     async def _open_journal(self) -> Journal:
         from ._journal import Journal
 
-        journal = Journal(Path(self.store), self, busy_timeout=self.journal_timeout, home=self.home)
+        journal = Journal(
+            Path(self.store), blob_store=lambda: self.blob_store, busy_timeout=self.journal_timeout, home=self.home
+        )
         try:
             await journal.open()
         except BaseException:
@@ -426,7 +428,7 @@ class Engine:
         await journal.open_for_writing()
         from ._run_journal import prepare_resume
 
-        run = await prepare_resume(journal, run_id, self.use_cache, task)
+        run = await prepare_resume(self, journal, run_id, self.use_cache, task)
         if not run.done:
             self._start(run)
         return run

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._action import Action
-    from ._engine import Engine
+    from ._blobs import BlobStore
     from ._events import TaskCounts
     from ._run_journal import RunJournal
 
@@ -97,10 +97,17 @@ class Journal(JournalQueries):
     """
 
     def __init__(
-        self, path: Path, engine: Engine, *, busy_timeout: float = 10.0, home: Path | None = None
+        self,
+        path: Path,
+        *,
+        blob_store: Callable[[], BlobStore],
+        busy_timeout: float = 10.0,
+        home: Path | None = None,
     ) -> None:
         self.path = path
-        self.engine = engine
+        # The store large recorded outputs live in, opened on first use by
+        # whoever owns it: the journal knows nothing else of its engine.
+        self._blob_store = blob_store
         self.busy_timeout = busy_timeout
         self.home = home if home is not None else path.parent
         # One thread owns each connection: sqlite3 objects stay on it.  The
@@ -649,7 +656,7 @@ class Journal(JournalQueries):
     async def decode(self, kind: str, data: bytes, type: Any, what: str = "a recorded value") -> Any:
         """A recorded value: fetched from the blob store if kept there, pickles verified."""
         if kind.startswith("blob-"):
-            data = await self.engine.blob_store.get_bytes(data.decode())
+            data = await self._blob_store().get_bytes(data.decode())
             kind = kind[5:]
         if kind == "pickle":
             data = self.signer.open(data, what)

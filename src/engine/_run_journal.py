@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ._action import Action
     from ._backend import Handle
+    from ._engine import Engine
     from ._events import TaskCounts
     from ._journal import Journal, Settle
     from ._run import Run
@@ -51,7 +52,7 @@ def error_info(exc: BaseException, run_id: str | None = None) -> ErrorInfo:
 
 
 async def prepare_resume(
-    journal: Journal, run_id: str, use_cache: bool, task: Task[Any, Any] | None = None
+    engine: Engine, journal: Journal, run_id: str, use_cache: bool, task: Task[Any, Any] | None = None
 ) -> Run:
     """A run of the journal made ready to continue in place (see :meth:`Engine.resume`).
 
@@ -84,7 +85,7 @@ async def prepare_resume(
             warnings.warn(f"run {run_id} runs again: its recorded result cannot be read ({exc})", stacklevel=2)
             succeeded = False
     if record.status == "running":
-        if run_id in journal.engine.runs_in_flight:
+        if run_id in engine.runs_in_flight:
             raise RunInUse(f"run {run_id} is running in this process already")
         owner = (record.host, record.pid, record.pid_start)
         alive = owner_alive(*owner)
@@ -100,7 +101,7 @@ async def prepare_resume(
             )
     replay = None if succeeded else await journal.replay_table(run_id)
     run = Run(
-        journal.engine,
+        engine,
         task,
         values,
         named,
@@ -291,7 +292,8 @@ class RunJournal:
         journal = self.journal
         assert record.output is not None
         if len(record.output) > INLINE_LIMIT:
-            key = await journal.engine.blob_store.put_bytes(record.output)
+            assert self.run is not None
+            key = await self.run.engine.blob_store.put_bytes(record.output)
             record = msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}")
         await journal.room()
         lifecycle.committing(counts)
