@@ -14,6 +14,7 @@ Example::
     max_concurrency = 1000
     blob_store = "s3://my-bucket/shoal"
     cache = false                    # no cache lookups unless Engine(cache=True)
+    bundle_exclude = ["data/", "*.ckpt"]  # kept out of the code bundle (gitignore syntax)
 
     [tool.shoal.offload.gpu]
     backend = "ssh"
@@ -44,7 +45,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     (a SQLite path, or ``"memory"``); ``max_concurrency``: the engine-wide
     limit; ``blob_store``: a folder or ``s3://bucket/prefix``; ``cache``:
     whether tasks with ``cache=`` look up the cache (``Engine(cache=...)``
-    and ``run(..., cache=...)`` override it); ``offload``: named targets.
+    and ``run(..., cache=...)`` override it); ``offload``: named targets;
+    ``bundle_exclude``: gitignore patterns for files to keep out of the code
+    bundle that offloaded tasks import from (relative to the bundled folder).
     """
 
     home: str | None = None
