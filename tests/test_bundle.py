@@ -140,6 +140,32 @@ def test_an_existing_bundle_file_is_kept_and_nothing_is_left_behind(
     assert sorted(p.name for p in dest.iterdir()) == [f"{first.digest}.tar.gz"]
 
 
+def test_work_files_left_by_a_dead_process_are_swept_and_fresh_ones_kept(
+    tmp_path: Path, project: Path
+) -> None:
+    dest, cache = tmp_path / "out", tmp_path / "cache"
+    bundle = build_bundle(project, dest=dest)
+    unpack_bundle(bundle.path.read_bytes(), bundle.digest, cache)
+    bundles = cache / "bundles"
+    left = [dest / ".bundle-dead.part", bundles / ".0123456789abcdef-dead"]
+    kept = [bundles / ".0123456789abcdef-busy", dest / ".keep", bundles / ".keep"]
+    left[0].write_bytes(b"half a bundle")
+    write(left[1], {"half.py": ""})
+    kept[0].mkdir()
+    for path in kept[1:]:
+        path.write_text("not shoal's")
+    for path in [*left, *kept[1:]]:
+        os.utime(path, (0, 2 * 3600))  # older than any live build or unpack
+    other = build_bundle(project, exclude=["data/"], dest=dest)
+    unpack_bundle(other.path.read_bytes(), other.digest, cache)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        [".keep", *(f"{b.digest}.tar.gz" for b in (bundle, other))]
+    )
+    assert sorted(p.name for p in bundles.iterdir()) == sorted(
+        [".0123456789abcdef-busy", ".keep", bundle.digest, other.digest]
+    )
+
+
 async def test_abuild_bundle_builds_the_same_bundle_from_the_event_loop(
     tmp_path: Path, project: Path
 ) -> None:

@@ -37,6 +37,10 @@ so an unchanged project is not sent again (given the same zlib: the
 digest names the compressed bytes, which a different zlib build could
 compress differently; nothing breaks then, the bundle is just sent once
 more).
+
+Both sides write under a temporary name and rename into place, so no one
+sees half a bundle; what a process killed half-way leaves behind is swept
+by a later one once it is :data:`STALE_AFTER` old.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +111,11 @@ SKIPPED_NAMES: Final = frozenset(
 SKIPPED_SUFFIXES: Final = (".pyc", ".pyo")
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+#: Work files older than this were left by a process that died while
+#: building or unpacking, and are removed by the next one.
+STALE_AFTER: Final = 3600.0
+_BUILDING = re.compile(r"\.bundle-.*\.part")
+_UNPACKING = re.compile(r"\.[0-9a-f]{16}-.*")
 
 
 # -- how a worker finds a task ---------------------------------------------
@@ -329,6 +339,7 @@ def build_bundle(
     dest.mkdir(parents=True, exist_ok=True)
     entries = _Walk(root, exclude, skip=dest.resolve()).entries()
     _check_sizes(root, entries, max_file_size, max_total_size)
+    _sweep(dest, _BUILDING)
     fd, part = tempfile.mkstemp(dir=dest, prefix=".bundle-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -567,6 +578,7 @@ def unpack_bundle(data: bytes, digest: str, cache: Path) -> Path:
         return folder
     try:
         folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _sweep(folder.parent, _UNPACKING)
         work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{digest[:16]}-"))
     except OSError as exc:
         raise OffloadError(
@@ -591,6 +603,27 @@ def unpack_bundle(data: bytes, digest: str, cache: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return folder
+
+
+def _sweep(folder: Path, work: re.Pattern[str]) -> None:
+    """Remove the ``work`` files in ``folder`` that a dead process left (see :data:`STALE_AFTER`)."""
+    # Younger ones may belong to a process building or unpacking right now.
+    cutoff = time.time() - STALE_AFTER
+    with os.scandir(folder) as scan:
+        for item in scan:
+            if not work.fullmatch(item.name):
+                continue
+            try:
+                stale = item.stat(follow_symlinks=False).st_mtime < cutoff
+            except OSError:
+                continue  # gone already: another process swept it
+            if not stale:
+                continue
+            if item.is_dir(follow_symlinks=False):
+                shutil.rmtree(item.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(item.path)
 
 
 def _checked(digest: str) -> str:
