@@ -166,6 +166,14 @@ def test_work_files_left_by_a_dead_process_are_swept_and_fresh_ones_kept(
     )
 
 
+def test_an_unwritable_destination_is_an_offload_error(tmp_path: Path, project: Path) -> None:
+    (tmp_path / "home").write_text("a file where a folder should be")
+    with pytest.raises(
+        engine.OffloadError, match=r"cannot write the code bundle of .* under .*home"
+    ):
+        build_bundle(project, dest=tmp_path / "home" / "bundles")
+
+
 async def test_abuild_bundle_builds_the_same_bundle_from_the_event_loop(
     tmp_path: Path, project: Path
 ) -> None:

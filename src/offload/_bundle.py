@@ -330,17 +330,23 @@ def build_bundle(
     temporary name and renamed, so a reader never sees half a bundle; one
     that exists already is kept.  Raises ``engine.ConfigError`` when
     ``root`` is not a folder, a pattern is invalid, or the files are over
-    the limits.
+    the limits, and ``engine.OffloadError`` when ``dest`` cannot be written.
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise ConfigError(f"cannot bundle {root}: it is not a folder")
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     entries = _Walk(root, exclude, skip=dest.resolve()).entries()
     _check_sizes(root, entries, max_file_size, max_total_size)
-    _sweep(dest, _BUILDING)
-    fd, part = tempfile.mkstemp(dir=dest, prefix=".bundle-", suffix=".part")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        _sweep(dest, _BUILDING)
+        fd, part = tempfile.mkstemp(dir=dest, prefix=".bundle-", suffix=".part")
+    except OSError as exc:
+        raise OffloadError(
+            f"cannot write the code bundle of {root} under {dest}: {exc.strerror or exc}; "
+            f"make that folder writable (it is in shoal's home, SHOAL_HOME)"
+        ) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             sink = _HashingWriter(fh)
@@ -355,9 +361,14 @@ def build_bundle(
             os.unlink(part)
         else:
             os.replace(part, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
+        if isinstance(exc, OSError):
+            raise OffloadError(
+                f"cannot write the code bundle of {root} under {dest}: {exc.strerror or exc}; "
+                f"free some space there"
+            ) from exc
         raise
     files = sum(1 for entry in entries if entry.source is not None)
     return Bundle(digest=digest, size=sink.size, path=final, files=files)
