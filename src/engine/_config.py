@@ -14,6 +14,7 @@ Example::
     max_concurrency = 1000
     blob_store = "s3://my-bucket/shoal"
     cache = false                    # no cache lookups unless Engine(cache=True)
+    bundle_exclude = ["data/", "*.ckpt"]  # kept out of the code bundle (gitignore syntax)
 
     [tool.shoal.offload.gpu]         # a target named "gpu" (in shoal.toml: [offload.gpu])
     backend = "ssh"                  # "local", "ssh" or "batch"
@@ -180,7 +181,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     limit; ``blob_store``: a folder or ``s3://bucket/prefix``; ``cache``:
     whether tasks with ``cache=`` look up the cache (``Engine(cache=...)``
     and ``run(..., cache=...)`` override it); ``offload``: named targets,
-    each a :class:`LocalTarget`, :class:`SSHTarget` or :class:`BatchTarget`.
+    each a :class:`LocalTarget`, :class:`SSHTarget` or :class:`BatchTarget`;
+    ``bundle_exclude``: gitignore patterns for files to keep out of the code
+    bundle that offloaded tasks import from (relative to the bundled folder).
     """
 
     home: str | None = None
