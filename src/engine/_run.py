@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _lifecycle as lifecycle
@@ -266,9 +268,12 @@ class Run:
         from ._registry import bundler
 
         engine = self.engine
-        bundle = await bundler().abuild_bundle(
-            root, exclude=engine.config.bundle_exclude, dest=engine.home / "bundles"
-        )
+        exclude = list(engine.config.bundle_exclude)
+        with contextlib.suppress(ValueError, OSError):
+            # A home (journal, blobs) kept inside the project is not code.
+            inside = engine.home.resolve().relative_to(Path(root).resolve())
+            exclude.append(f"/{inside.as_posix()}/")
+        bundle = await bundler().abuild_bundle(root, exclude=exclude, dest=engine.home / "bundles")
         engine.bundles[bundle.digest] = bundle.path
         if self.journal is not None:
             self.journal.bundled(bundle.digest, bundle.size, bundle.files)
