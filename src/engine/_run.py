@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -269,9 +270,9 @@ class Run:
 
         engine = self.engine
         exclude = list(engine.config.bundle_exclude)
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError):
             # A home (journal, blobs) kept inside the project is not code.
-            inside = engine.home.resolve().relative_to(Path(root).resolve())
+            inside = Path(os.path.abspath(engine.home)).relative_to(os.path.abspath(root))
             exclude.append(f"/{inside.as_posix()}/")
         bundle = await bundler().abuild_bundle(root, exclude=exclude, dest=engine.home / "bundles")
         engine.bundles[bundle.digest] = bundle.path
