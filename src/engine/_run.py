@@ -269,11 +269,7 @@ class Run:
         from ._registry import bundler
 
         engine = self.engine
-        exclude = list(engine.config.bundle_exclude)
-        with contextlib.suppress(ValueError):
-            # A home (journal, blobs) kept inside the project is not code.
-            inside = Path(os.path.abspath(engine.home)).relative_to(os.path.abspath(root))
-            exclude.append(f"/{inside.as_posix()}/")
+        exclude = [*engine.config.bundle_exclude, *_home_pattern(engine.home, root)]
         bundle = await bundler().abuild_bundle(root, exclude=exclude, dest=engine.home / "bundles")
         engine.bundles[bundle.digest] = bundle.path
         if self.journal is not None:
@@ -344,7 +340,16 @@ class Run:
             parent_key = parent.key
         return _chain(parent_key, inputs, occurrence)
 
-    def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def _home_pattern(home: Path, root: Path) -> list[str]:
+    """A pattern that keeps the engine's home (journal, blobs) out of a bundle of ``root``."""
+    try:
+        inside = Path(os.path.abspath(home)).relative_to(os.path.abspath(root))
+    except ValueError:
+        return []
+    return [f"/{inside.as_posix()}/"]
+
+
+def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The key of one trace call inside ``action`` (see :func:`engine.trace`)."""
         table = action.occurrences
         if table is None:
@@ -477,6 +482,15 @@ def _chain(parent_key: str, inputs: bytes, occurrence: int) -> str:
     return hashlib.blake2b(
         parent_key.encode() + inputs + occurrence.to_bytes(8, "little"), digest_size=12
     ).hexdigest()
+
+
+def _home_pattern(home: Path, root: Path) -> list[str]:
+    """A pattern that keeps the engine's home (journal, blobs) out of a bundle of ``root``."""
+    try:
+        inside = Path(os.path.abspath(home)).relative_to(os.path.abspath(root))
+    except ValueError:
+        return []
+    return [f"/{inside.as_posix()}/"]
 
 
 def trace_key(
