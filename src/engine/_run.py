@@ -340,16 +340,7 @@ class Run:
             parent_key = parent.key
         return _chain(parent_key, inputs, occurrence)
 
-    def _home_pattern(home: Path, root: Path) -> list[str]:
-    """A pattern that keeps the engine's home (journal, blobs) out of a bundle of ``root``."""
-    try:
-        inside = Path(os.path.abspath(home)).relative_to(os.path.abspath(root))
-    except ValueError:
-        return []
-    return [f"/{inside.as_posix()}/"]
-
-
-def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def trace_key(self, action: Action, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The key of one trace call inside ``action`` (see :func:`engine.trace`)."""
         table = action.occurrences
         if table is None:
