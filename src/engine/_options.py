@@ -13,7 +13,30 @@ from ._errors import ConfigError
 if TYPE_CHECKING:
     import random
 
-__all__ = ["Resources", "Retry"]
+__all__ = ["Backoff", "Resources", "Retry"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long to wait before the n-th try again of anything: retries, polling, reconnects.
+
+    The one policy of the engine and its backends: ``base * 2 ** (n - 1)``
+    seconds, capped at ``max_delay``, then spread by up to ``jitter`` of
+    itself in either direction (0.1: +-10%), so that many waiters do not
+    come back in lockstep.  The random source is the caller's (an engine's
+    ``rng``), so that tests can make it deterministic.
+    """
+
+    base: float = 1.0
+    max_delay: float = 60.0
+    jitter: float = 0.1
+
+    def delay(self, n: int, rng: random.Random) -> float:
+        """Seconds to wait before try ``n`` again (1-based)."""
+        base = min(self.base * 2.0 ** (n - 1), self.max_delay)
+        if self.jitter:
+            base *= 1.0 + self.jitter * (2.0 * rng.random() - 1.0)
+        return max(0.0, base)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, init=False)
@@ -68,10 +91,7 @@ class Retry:
 
     def delay(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
-        base = min(self.backoff * 2.0 ** (retry - 1), self.max_delay)
-        if self.jitter:
-            base *= 1.0 + self.jitter * (2.0 * rng.random() - 1.0)
-        return max(0.0, base)
+        return Backoff(self.backoff, self.max_delay, self.jitter).delay(retry, rng)
 
     @classmethod
     def coerce(cls, value: Any, *, what: str) -> Retry:

@@ -37,7 +37,7 @@ from ._errors import (
     RemoteError,
     ResourceError,
 )
-from ._options import Retry
+from ._options import Backoff
 from ._wire import Payload
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Remote:
     task sent there.  Made by :meth:`Engine.placement`.
     """
 
-    __slots__ = ("_retry", "backend", "engine", "ref", "root", "target", "task")
+    __slots__ = ("_backoff", "backend", "engine", "ref", "root", "target", "task")
 
     def __init__(self, engine: Any, task: Task[Any, Any], target: str, backend: Backend, ref: FunctionRef, root: Any) -> None:
         self.engine = engine
@@ -95,7 +95,7 @@ class Remote:
         self.ref = ref
         #: The project folder bundled for the workers (None: nothing to bundle).
         self.root = root
-        self._retry = Retry(backend.retries, backoff=INFRA_BACKOFF, max_delay=INFRA_MAX_DELAY)
+        self._backoff = Backoff(INFRA_BACKOFF, INFRA_MAX_DELAY)
 
     def __repr__(self) -> str:
         return f"<Remote {self.task.name} -> {self.target}>"
@@ -151,10 +151,10 @@ class Remote:
             outcome = await self._submission(action, payload, hooks)
             if isinstance(outcome, InfrastructureError):
                 lost += 1
-                if lost > self._retry.attempts:
+                if lost > self.backend.retries:
                     raise outcome
                 lifecycle.retrying(action, counts, outcome)
-                await engine.sleep(self._retry.delay(lost, engine.rng))
+                await engine.sleep(self._backoff.delay(lost, engine.rng))
                 continue
             if outcome.ok:
                 return task.signature.decode_output(outcome.value_kind, outcome.value)

@@ -12,7 +12,9 @@ Users of shoal do not need it.
   :func:`decode_value`, :func:`describe`, :class:`ErrorInfo`;
 - the worker's side of traces: :class:`TraceSink`, :data:`trace_sink_var`,
   :func:`trace_key`, :data:`MISSING`;
-- the infrastructure errors that backends raise;
+- the infrastructure errors that backends raise, and the one retry
+  :class:`Backoff` policy (with the engine's ``sleep``/``monotonic`` in
+  :class:`BackendContext` and its ``rng``) for polling and reconnects;
 - blob stores: :class:`BlobStore`, :class:`BlobReader`, :class:`ClosingStore`
   and the helpers a store needs (:func:`check_digest`, :func:`corrupt_blob`,
   :func:`hash_file`, :func:`run_bounded`, :func:`unwritable_destination`,
@@ -50,6 +52,7 @@ from ._errors import Reclaimed as Reclaimed
 from ._errors import SubmitFailed as SubmitFailed
 from ._errors import WorkerLost as WorkerLost
 from ._loader import load_function as load_function
+from ._options import Backoff as Backoff
 from ._records import ErrorInfo as ErrorInfo
 from ._run import trace_key as trace_key
 from ._trace import MISSING as MISSING
@@ -89,6 +92,7 @@ __all__ = [
     "AttemptHooks",
     "Backend",
     "BackendContext",
+    "Backoff",
     "BlobReader",
     "BlobStore",
     "BundleData",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from engine import BlobCorrupt, BlobError, BlobNotFound, ConfigError
 from engine.extend import (
     CHUNK,
+    Backoff,
     BlobReader,
     ClosingStore,
     check_digest,
@@ -131,6 +132,7 @@ class S3BlobStore(ClosingStore):
         self._sleep = sleep
         self._session = session
         self._rng = random.Random()
+        self._backoff = Backoff(0.75 * backoff, 0.75 * max_delay, jitter=1 / 3)
         # Invariant: _client is None or open and owned by _stack; both are set
         # together, once, under _connect_lock.
         self._client: Any = None
@@ -209,8 +211,9 @@ class S3BlobStore(ClosingStore):
         return self._client
 
     def _delay(self, attempt: int) -> float:
-        base = min(self.backoff * 2.0 ** (attempt - 1), self.max_delay)
-        return base * (0.5 + 0.5 * self._rng.random())
+        # Half to all of the step (3/4 of it, give or take a third): the
+        # retries of many parts of one transfer spread well apart.
+        return self._backoff.delay(attempt, self._rng)
 
     async def _call(self, action: str, uri: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """``await fn(client)``, retried on transient failures, errors mapped to BlobError."""
