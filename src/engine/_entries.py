@@ -17,7 +17,17 @@ from ._records import ErrorInfo
 if TYPE_CHECKING:
     from ._records import ActionRecord, RunRecord
 
-__all__ = ["STACKS_KEPT", "AttemptRow", "BundleRow", "Claim", "Commit", "Failure", "LogRows", "describe"]
+__all__ = [
+    "STACKS_KEPT",
+    "AttemptRow",
+    "BundleRow",
+    "Claim",
+    "Commit",
+    "Failure",
+    "LiveRows",
+    "LogRows",
+    "describe",
+]
 
 
 class Commit(asyncio.Future[None]):
@@ -90,6 +100,16 @@ class BundleRow:
 
     def __init__(self, row: tuple[str, str, int, int, float]) -> None:
         self.row = row
+
+
+class LiveRows:
+    """The actions a run is running now, replacing the ones written before (``live_actions``)."""
+
+    __slots__ = ("rows", "run_id")
+
+    def __init__(self, run_id: str, rows: list[tuple[Any, ...]]) -> None:
+        self.run_id = run_id
+        self.rows = rows
 
 
 class LogRows:

@@ -44,7 +44,7 @@ from msgspec.structs import astuple
 
 from . import _lifecycle as lifecycle
 from ._codec import decode_value
-from ._entries import AttemptRow, BundleRow, Claim, Commit, Failure, LogRows, describe
+from ._entries import AttemptRow, BundleRow, Claim, Commit, Failure, LiveRows, LogRows, describe
 from ._errors import (
     JournalBusy,
     JournalCorrupt,
@@ -480,6 +480,7 @@ class Journal(JournalQueries):
         logs = []
         attempts = []
         bundles = []
+        live: dict[str, list[tuple[Any, ...]]] = {}
         for rec in records:
             kind = type(rec)
             if kind is ActionRecord:
@@ -498,6 +499,8 @@ class Journal(JournalQueries):
                 attempts.append(rec.row)
             elif kind is BundleRow:
                 bundles.append(rec.row)
+            elif kind is LiveRows:
+                live[rec.run_id] = rec.rows  # the latest snapshot of each run wins
             else:
                 if kind is Claim:
                     # Listed before the transaction starts, so that a
@@ -521,6 +524,9 @@ class Journal(JournalQueries):
                 db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
             if bundles:
                 db.executemany("INSERT INTO run_bundles VALUES (?,?,?,?,?)", bundles)
+            for run_id, rows in live.items():
+                db.execute("DELETE FROM live_actions WHERE run_id=?", (run_id,))
+                db.executemany("INSERT INTO live_actions VALUES (?,?,?,?,?,?,?)", rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -582,6 +588,7 @@ class Journal(JournalQueries):
                 run.attempt,
             ),
         )
+        db.execute("DELETE FROM live_actions WHERE run_id=?", (run.id,))
         # Counted once now, so that reading a finished run back is quick.
         db.execute("DELETE FROM run_tasks WHERE run_id=?", (run.id,))
         db.execute(

@@ -65,7 +65,11 @@ def started(action: Action, counts: TaskCounts) -> None:
     """pending -> running: the action has its slots and runs its code."""
     counts.pending -= 1
     counts.running += 1
-    engine = action.run.engine
+    run = action.run
+    running = run.running
+    if running is not None:
+        running[action] = None
+    engine = run.engine
     wanted = engine.wanted
     if wanted and "started" in wanted:
         engine.emit("started", action)
@@ -81,10 +85,13 @@ def succeeded(action: Action, counts: TaskCounts) -> None:
         engine.emit("succeeded", action)
 
 
-def committing(counts: TaskCounts) -> None:
+def committing(action: Action, counts: TaskCounts) -> None:
     """running -> committing: the action's work is done, its record is queued."""
     counts.running -= 1
     counts.committing += 1
+    running = action.run.running
+    if running is not None:
+        running.pop(action, None)
 
 
 def settled(run: Run, counts: TaskCounts, action: Action | None, error: Exception | None) -> None:
@@ -115,15 +122,18 @@ def ended(
     was: Literal["pending", "running"] = "running",
 ) -> None:
     """pending or running -> failed or cancelled: counted, recorded, announced."""
+    run = action.run
     if was == "running":
         counts.running -= 1
+        running = run.running
+        if running is not None:
+            running.pop(action, None)
     else:
         counts.pending -= 1
     if state == "failed":
         counts.failed += 1
     else:
         counts.cancelled += 1
-    run = action.run
     if run.journal is not None:
         run.journal.ended(action, state, error)
     engine = run.engine

@@ -179,8 +179,8 @@ class JournalQueries:
                     ),
                 )
                 records = _placed(found, attempts, run_record(row))
-            if row[6] == "running" and attempts:
-                # Offloaded actions in flight have attempt rows and no action row yet.
+            if row[6] == "running":
+                # Running actions have no action row yet.
                 live = _in_flight(db, run_id, attempts)
                 if live:
                     count += len(live)
@@ -391,40 +391,53 @@ def _placed(
 def _in_flight(
     db: sqlite3.Connection, run_id: str, attempts: dict[str, tuple[str, list[AttemptInfo]]]
 ) -> list[ActionRecord]:
-    """Offloaded actions of a live run whose latest attempt is still running (no action row yet)."""
-    keys = [key for key, (_, tried) in attempts.items() if tried[-1].state == "running"]
-    if not keys:
-        return []
-    marks = ",".join("?" * len(keys))
-    recorded = {
-        key for (key,) in db.execute(
-            f"SELECT DISTINCT key FROM actions WHERE run_id=? AND key IN ({marks})", (run_id, *keys)
+    """The actions a live run is running now, which have no record yet.
+
+    From the run's last snapshot of its running actions (``live_actions``),
+    and from offloaded attempts submitted and not ended (recorded at once,
+    so seen before the next snapshot).
+    """
+    live: dict[str, ActionRecord] = {}
+    for key, parent, task, attempt, started, grp in db.execute(
+        "SELECT key, parent, task, attempt, started, grp FROM live_actions WHERE run_id=?", (run_id,)
+    ):
+        entry = attempts.get(key)
+        live[key] = ActionRecord(
+            run_id, key, parent, task, "running", attempt, 0, started, None, grp,
+            attempts=() if entry is None else tuple(entry[1]),
         )
-    }
-    live = []
-    for key in keys:
-        if key in recorded:
-            continue
-        task, tried = attempts[key]
+    for key, (name, tried) in attempts.items():
         last = tried[-1]
-        live.append(
-            ActionRecord(
-                run_id, key, None, task, "running", last.attempt, 0, last.started_at, None,
+        if key not in live and last.state == "running":
+            live[key] = ActionRecord(
+                run_id, key, None, name, "running", last.attempt, 0, last.started_at, None,
                 attempts=tuple(tried),
             )
+    if not live:
+        return []
+    keys = list(live)
+    recorded: set[str] = set()
+    for i in range(0, len(keys), 500):
+        part = keys[i : i + 500]
+        recorded.update(
+            key for (key,) in db.execute(
+                f"SELECT DISTINCT key FROM actions WHERE run_id=? AND key IN ({','.join('?' * len(part))})",
+                (run_id, *part),
+            )
         )
-    return live
+    return [rec for key, rec in live.items() if key not in recorded]
 
 
 def _count_running(tasks: list[TaskSummary], live: list[ActionRecord]) -> list[TaskSummary]:
-    by_task: dict[str, int] = {}
+    """The per-task counts with the running actions (which have no rows yet) added."""
+    by_task: dict[tuple[str, str | None], int] = {}
     for rec in live:
-        by_task[rec.task] = by_task.get(rec.task, 0) + 1
+        by_task[rec.task, rec.group] = by_task.get((rec.task, rec.group), 0) + 1
     counted = []
     for summary_ in tasks:
-        extra = by_task.pop(summary_.task, 0) if summary_.group is None else 0
+        extra = by_task.pop((summary_.task, summary_.group), 0)
         counted.append(msgspec.structs.replace(summary_, running=summary_.running + extra) if extra else summary_)
-    counted.extend(TaskSummary(task, None, running=n) for task, n in by_task.items())
+    counted.extend(TaskSummary(task, group, running=n) for (task, group), n in by_task.items())
     return counted
 
 

@@ -14,7 +14,7 @@ import msgspec
 
 from . import _lifecycle as lifecycle
 from ._codec import digest, encode_value
-from ._entries import AttemptRow, BundleRow, Claim, Failure, describe
+from ._entries import AttemptRow, BundleRow, Claim, Failure, LiveRows, describe
 from ._errors import BlobError, EncodeError, EngineError, JournalError, RunInUse
 from ._owner import owner_alive, this_process
 from ._queries import utc
@@ -38,6 +38,10 @@ __all__ = ["RunJournal", "error_info", "prepare_resume"]
 INLINE_LIMIT = 256 * 1024
 #: How often a running run looks for a cancel request from another process.
 CANCEL_POLL = 0.25
+#: The running actions are written every this many cancel polls (1 s).
+LIVE_EVERY = 4
+#: At most this many running actions are written (the longest running first).
+LIVE_SHOWN = 1000
 #: The attribute an exception carries once its traceback is in the journal:
 #: (run id, key of the action whose record holds it).
 _ORIGIN = "__shoal_recorded__"
@@ -230,6 +234,10 @@ class RunJournal:
     async def _poll_cancel(self, run: Run, flag: Any) -> None:
         # One stat per poll, on the loop: no journal read, so a busy
         # journal cannot delay a cancel request (see Journal.cancel_flag).
+        # Every LIVE_EVERY polls, the actions running now are written too
+        # (see ``live_actions`` in _schema), when they changed.
+        polls = 0
+        shown: list[tuple[Any, ...]] = []
         while True:
             await asyncio.sleep(CANCEL_POLL)
             # A stat of a local file: cheaper than a hop to a thread.
@@ -237,6 +245,28 @@ class RunJournal:
                 self._flag_seen = True
                 run.cancel()
                 return
+            polls += 1
+            if polls % LIVE_EVERY == 0:
+                rows = self._live_rows(run)
+                if rows != shown:
+                    shown = rows
+                    self.journal.append(LiveRows(run.id, rows))
+
+    def _live_rows(self, run: Run) -> list[tuple[Any, ...]]:
+        """The running actions of ``run``, at most LIVE_SHOWN of them (the longest running)."""
+        running = run.running
+        if not running:
+            return []
+        actions = list(running)
+        if len(actions) > LIVE_SHOWN:
+            actions = sorted(actions, key=lambda a: a.started_at)[:LIVE_SHOWN]
+        return [
+            (
+                run.id, a.key, None if a.parent is None else a.parent.key, a.task.name, a.attempt,
+                a.started_at or None, a.group,
+            )
+            for a in actions
+        ]
 
     def succeeded(
         self, action: Action, result: Any, counts: TaskCounts, *, cached: bool = False
@@ -283,12 +313,12 @@ class RunJournal:
         journal = self.journal
         settle = (counts, self, action if run.engine.wanted else None)
         if len(data) > INLINE_LIMIT or journal.backlogged:
-            return self._later(record, settle, counts)
-        lifecycle.committing(counts)
+            return self._later(record, settle, counts, action)
+        lifecycle.committing(action, counts)
         journal.append(record, settle)
         return None
 
-    async def _later(self, record: ActionRecord, settle: Settle, counts: TaskCounts) -> None:
+    async def _later(self, record: ActionRecord, settle: Settle, counts: TaskCounts, action: Action) -> None:
         journal = self.journal
         assert record.output is not None
         if len(record.output) > INLINE_LIMIT:
@@ -296,7 +326,7 @@ class RunJournal:
             key = await self.run.engine.blob_store.put_bytes(record.output)
             record = msgspec.structs.replace(record, output=key.encode(), output_kind=f"blob-{record.output_kind}")
         await journal.room()
-        lifecycle.committing(counts)
+        lifecycle.committing(action, counts)
         journal.append(record, settle)
 
     def ended(self, action: Action, state: Any, error: BaseException | None) -> None:

@@ -16,8 +16,9 @@ History:
    actions are found without sorting the whole run; a finished run's counts
    by task (``run_tasks``); pickled values signed.
 4. where each attempt of an offloaded action ran (``attempts``: submitted,
-   then how it ended, append-only like ``actions``), and the code bundle
-   each run sent (``run_bundles``).
+   then how it ended, append-only like ``actions``), the code bundle each
+   run sent (``run_bundles``), and the actions a live run is running now
+   (``live_actions``, replaced every second while it runs).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ CREATE TABLE IF NOT EXISTS run_bundles (
     files INTEGER NOT NULL, at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS run_bundles_run ON run_bundles (run_id);
+-- What a live run is running right now, replaced as a whole every second
+-- or so by its process, removed when it ends: so that 'shoal show' of a
+-- live run lists its running actions without a record per action start.
+CREATE TABLE IF NOT EXISTS live_actions (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, parent TEXT, task TEXT NOT NULL,
+    attempt INTEGER NOT NULL, started REAL, grp TEXT
+);
+CREATE INDEX IF NOT EXISTS live_actions_run ON live_actions (run_id);
 """
 
 #: Statements separated by ";" (``--`` comment lines are dropped first).
