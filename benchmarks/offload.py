@@ -30,12 +30,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+# This script's folder is first on sys.path, and this script is named
+# offload.py: moved to the end, so that `import offload` finds the package.
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _HERE] + [_HERE]
 
-import _offload_tasks as tasks
+import _offload_tasks as tasks  # noqa: E402
 
-import engine
-import offload
+import engine  # noqa: E402
+import offload  # noqa: E402
 
 
 @engine.task
