@@ -71,7 +71,7 @@ def value(outcome: Any, type: Any = Any) -> Any:
 def gone(pid: int) -> bool:
     """Whether process ``pid`` has ended (a zombie waiting for a reaper counts as ended)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 

@@ -7,7 +7,6 @@ import os
 import pickle
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 from typing import TYPE_CHECKING
@@ -247,7 +246,8 @@ async def test_a_worker_of_another_shoal_version_is_refused_before_any_attempt(t
 async def test_an_interpreter_without_shoal_is_a_clear_error(tmp_path: Path) -> None:
     venv = tmp_path / "bare"
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    made = await asyncio.create_subprocess_exec(base, "-m", "venv", "--without-pip", str(venv))
+    assert await made.wait() == 0
     python = str(venv / "bin" / "python")
     async with offload.Local(workers=1, python=python) as backend:
         with pytest.raises(engine.OffloadError) as refused:
@@ -270,7 +270,7 @@ async def test_a_worker_that_dies_at_start_is_submit_failed_quoting_its_stderr(t
 
 async def test_a_missing_interpreter_is_a_clear_error(tmp_path: Path) -> None:
     async with offload.Local(python=str(tmp_path / "no-such-python")) as backend:
-        with pytest.raises(engine.OffloadError, match="no-such-python.*has shoal installed"):
+        with pytest.raises(engine.OffloadError, match=r"no-such-python.*has shoal installed"):
             await backend.submit(payload("whoami"), Hooks())
 
 

@@ -96,9 +96,13 @@ attempt_var: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
 )
 
 
-async def serve(frames: Frames, cache: Path) -> None:
-    """Serve attempts over ``frames`` until ``Shutdown`` or the end of the stream."""
-    await WorkerLoop(frames, cache).serve()
+async def serve(frames: Frames, cache: Path) -> int:
+    """Serve attempts over ``frames`` until ``Shutdown`` or the end of the stream.
+
+    Returns how many attempts were still running then (abandoned: nobody
+    is left to take their results).
+    """
+    return await WorkerLoop(frames, cache).serve()
 
 
 class _Attempt:
@@ -173,7 +177,7 @@ class WorkerLoop:
         self._saved_env: dict[str, str | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self) -> None:
+    async def serve(self) -> int:
         await self.frames.send(
             Hello(
                 python=platform.python_version(),
@@ -202,6 +206,7 @@ class WorkerLoop:
                         waiter = self.bundles.pop(message.digest, None)
                         if waiter is not None and not waiter.done():
                             waiter.set_result(message.data)
+            return len(self.attempts)
         finally:
             flusher.cancel()
             for task in list(self._tasks):
@@ -339,7 +344,9 @@ class WorkerLoop:
             obj = load_function(payload.fn, root)
         except ImportFailed as exc:
             raise ImportFailed(
-                f"worker {self.where} cannot run task {payload.task!r} ({payload.fn}): {exc}"
+                f"worker {self.where} cannot run task {payload.task!r} ({payload.fn}): {exc}; "
+                f"a worker imports tasks from the code bundle or from what is installed where it "
+                f"runs: make the same code importable there"
             ) from exc
         try:
             values, named = decode_value(payload.args_kind, payload.args)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -42,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache = Path(args.cache).expanduser().absolute()
     _private_home(cache)
-    asyncio.run(_serve(proto_in, proto_out, cache))
+    abandoned = asyncio.run(_serve(proto_in, proto_out, cache))
+    if abandoned and os.getpgrp() == os.getpid():
+        # The engine went away under running attempts: what they started
+        # (child processes in this worker's process group) goes too.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(os.getpgrp(), signal.SIGTERM)
     if any(t.name.startswith("shoal-attempt") and t.is_alive() for t in threading.enumerate()):
         # A sync attempt that nothing can stop is still running: do not wait for it.
         sys.stderr.flush()
@@ -75,7 +81,7 @@ def _private_home(cache: Path) -> None:
     os.environ["SHOAL_CONFIG"] = str(config)
 
 
-async def _serve(proto_in: int, proto_out: int, cache: Path) -> None:
+async def _serve(proto_in: int, proto_out: int, cache: Path) -> int:
     from ._frames import Frames
     from ._worker import serve
 
@@ -89,7 +95,7 @@ async def _serve(proto_in: int, proto_out: int, cache: Path) -> None:
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     try:
-        await serve(Frames(reader, writer, "the engine"), cache)
+        return await serve(Frames(reader, writer, "the engine"), cache)
     finally:
         read_transport.close()
 
