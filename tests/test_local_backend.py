@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 from typing import TYPE_CHECKING
@@ -296,6 +297,24 @@ def test_unfit_requests_are_named() -> None:
     reason = local.unfit(10_000, 0)
     assert reason is not None and "10000 CPUs" in reason
     assert local.unfit(0, 2) == "it asks for 2 GPUs and the local workers' machine has 1"
+
+
+async def test_closing_while_a_worker_starts_leaves_no_process(tmp_path: Path) -> None:
+    backend = offload.Local(workers=1, env=worker_env())
+    await backend.open(context(tmp_path))
+    submit = asyncio.create_task(backend.submit(payload("whoami"), Hooks()))
+    await asyncio.sleep(0)  # the worker is being started
+    await backend.aclose()
+    with pytest.raises(engine.OffloadError, match="closed while a worker was starting"):
+        await submit
+    me = psutil.Process()
+    assert not [p for p in me.children(recursive=True) if "offload.worker" in " ".join(p.cmdline())]
+
+
+def test_import_offload_stays_cheap() -> None:
+    code = "import sys, offload; print(sorted(m for m in sys.modules if m.startswith('offload')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['offload']"
 
 
 def test_offload_errors_pickle_and_print_as_offload_names() -> None:

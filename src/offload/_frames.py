@@ -56,6 +56,11 @@ class Frames:
         async with self._drain_lock:
             await self.writer.drain()
 
+    async def drain(self) -> None:
+        """Wait until what was posted has been handed to the transport (flow control)."""
+        async with self._drain_lock:
+            await self.writer.drain()
+
     def post(self, message: Any) -> None:
         """Queue one message without waiting, from any thread; messages from one thread keep their order.
 

@@ -134,6 +134,8 @@ class Local:
         self._attempts: dict[str, _Attempt] = {}
         # The figures of the last hello, for ``unfit``.
         self._hello: Hello | None = None
+        # Bumped by aclose(): a worker that finishes starting after it is not kept.
+        self._generation = 0
 
     def __repr__(self) -> str:
         return f"offload.Local(workers={self.workers}, python={self.python!r}, concurrency={self.concurrency})"
@@ -159,6 +161,7 @@ class Local:
 
     async def aclose(self) -> None:
         """Stop every worker: Shutdown, a short wait, then SIGKILL of each process group."""
+        self._generation += 1
         workers, self._workers = self._workers, []
         await asyncio.gather(*(w.stop(SHUTDOWN_GRACE) for w in workers))
         for attempt in self._attempts.values():
@@ -248,12 +251,19 @@ class Local:
             if best is not None:
                 return best
             if len(self._workers) + self._starting < self.workers:
+                generation = self._generation
                 self._starting += 1
                 try:
                     worker = await self._start()
                 finally:
                     self._starting -= 1
                     self._notify()
+                if generation != self._generation:
+                    await worker.stop(0)
+                    raise OffloadError(
+                        "offload.Local was closed while a worker was starting for this attempt; "
+                        "submit it to an open backend"
+                    )
                 self._workers.append(worker)
                 return worker
             await self._changed.wait()

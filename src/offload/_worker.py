@@ -421,7 +421,7 @@ class WorkerLoop:
             for attempt in list(self.attempts.values()):
                 self._send_logs(attempt)
             with contextlib.suppress(ConnectionError):
-                await self.frames.writer.drain()
+                await self.frames.drain()
 
 
 def _in_thread(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> asyncio.Future[Any]:
