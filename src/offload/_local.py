@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -126,9 +127,10 @@ class Local:
         # ``len(_workers) + _starting <= workers``.
         self._workers: list[_Worker] = []
         self._starting = 0
-        # Set (and replaced) whenever a slot may have become free or a
-        # worker slot opened: submitters waiting for one look again.
-        self._changed = asyncio.Event()
+        # Submitters waiting for a free slot, first come first served: an
+        # attempt that ends wakes one; a worker that starts or goes wakes all
+        # (they look again).
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # Invariant: ``_attempts`` holds every submitted attempt whose
         # outcome has not yet been taken by ``wait`` or dropped by ``cancel``.
         self._attempts: dict[str, _Attempt] = {}
@@ -145,7 +147,6 @@ class Local:
     async def open(self, context: BackendContext) -> None:
         """Prepare (nothing starts until the first submit)."""
         self._context = context
-        self._changed = asyncio.Event()
 
     async def __aenter__(self) -> Local:
         if self._context is None:
@@ -167,7 +168,7 @@ class Local:
         for attempt in self._attempts.values():
             attempt.future.cancel()
         self._attempts.clear()
-        self._notify()
+        self._wake(everyone=True)
         home, self._own_home = self._own_home, None
         if home is not None:
             self._context = None
@@ -241,6 +242,7 @@ class Local:
 
     async def _pick(self) -> _Worker:
         """A live worker with a free slot: an idle one, else a new one, else the first to free up."""
+        woken = False
         while True:
             best: _Worker | None = None
             for worker in self._workers:
@@ -257,7 +259,7 @@ class Local:
                     worker = await self._start()
                 finally:
                     self._starting -= 1
-                    self._notify()
+                    self._wake(everyone=True)
                 if generation != self._generation:
                     await worker.stop(0)
                     raise OffloadError(
@@ -266,11 +268,29 @@ class Local:
                     )
                 self._workers.append(worker)
                 return worker
-            await self._changed.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            # One woken before and beaten to the slot keeps its place in line.
+            if woken:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the slot goes to the next in line
+                raise
+            woken = True
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _wake(self, *, everyone: bool = False) -> None:
+        """Wake the first submitter waiting for a slot (or all of them)."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
     async def _start(self) -> _Worker:
         context = self._context
@@ -359,12 +379,12 @@ class Local:
     async def _discard(self, worker: _Worker, why: str) -> None:
         """Kill a worker and its process group, failing what else it ran; replaced lazily."""
         await worker.kill(why)
-        self._notify()
+        self._wake(everyone=True)
 
     def _forget(self, worker: _Worker) -> None:
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
-        self._notify()
+        self._wake(everyone=True)
 
 
 class _Attempt:
@@ -430,7 +450,7 @@ class _Worker:
             attempt = self.in_flight.pop(message.id, None)
             if attempt is not None and not attempt.future.done():
                 attempt.future.set_result(message.outcome)
-            self.backend._notify()
+            self.backend._wake()
         elif isinstance(message, NeedBundle):
             task = asyncio.get_running_loop().create_task(self._send_bundle(message.digest))
             self._bundle_tasks.add(task)

@@ -46,7 +46,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Final, TextIO, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, cast
 
 from engine import ActionTimeout, ImportFailed, OffloadError, Task
 from engine.extend import (
@@ -56,6 +56,7 @@ from engine.extend import (
     Cancel,
     Done,
     ErrorInfo,
+    FunctionRef,
     Hello,
     Log,
     NeedBundle,
@@ -111,9 +112,14 @@ class _Attempt:
     def __init__(self, id: int, payload: Payload) -> None:
         self.id = id
         self.payload = payload
-        #: The user's call: a task (async functions) or a future fed by a thread (sync ones).
-        self.call: asyncio.Future[Any] | None = None
+        #: The task running the attempt (set once it runs).
+        self.task: asyncio.Task[None] | None = None
+        #: Whether the function is sync (runs in a thread; cannot be cancelled).
         self.sync = False
+        #: Whether the engine cancelled it (Cancel), rather than the worker shutting down.
+        self.cancelled = False
+        #: Whether its task has begun to run.
+        self.running = False
         # Invariant: ``_chunks`` holds output written by the attempt and not
         # yet sent, in order, consecutive writes to one stream merged.
         # Written from the attempt's threads as well as the loop.
@@ -176,6 +182,11 @@ class WorkerLoop:
         # theirs: restored when the last one ends.
         self._saved_env: dict[str, str | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Functions imported so far, by reference and bundle folder (a task,
+        # its plain function, whether that is async): imported once per worker.
+        self._functions: dict[tuple[FunctionRef, Path | None], tuple[Task[Any, Any] | None, Callable[..., Any], bool]] = {}
+        # Bundle folders found or unpacked so far, by digest.
+        self._roots: dict[str, Path] = {}
 
     async def serve(self) -> int:
         await self.frames.send(
@@ -197,11 +208,9 @@ class WorkerLoop:
                     if message is None or isinstance(message, Shutdown):
                         break
                     if isinstance(message, Start):
-                        self._spawn(self._run(message.id, message.payload))
+                        self._start(message.id, message.payload)
                     elif isinstance(message, Cancel):
-                        attempt = self.attempts.get(message.id)
-                        if attempt is not None and attempt.call is not None and not attempt.sync:
-                            attempt.call.cancel()
+                        self.cancel(message.id)
                     elif isinstance(message, BundleData):
                         waiter = self.bundles.pop(message.digest, None)
                         if waiter is not None and not waiter.done():
@@ -214,107 +223,133 @@ class WorkerLoop:
             await asyncio.gather(flusher, *self._tasks, return_exceptions=True)
             await self.frames.aclose()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def _start(self, id: int, payload: Payload) -> None:
+        attempt = self.attempts[id] = _Attempt(id, payload)
+        task = attempt.task = asyncio.create_task(self._run(attempt))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # -- one attempt ---------------------------------------------------------
 
-    async def _run(self, id: int, payload: Payload) -> None:
-        attempt = _Attempt(id, payload)
-        self.attempts[id] = attempt
+    async def _run(self, attempt: _Attempt) -> None:
+        id, payload = attempt.id, attempt.payload
+        attempt.running = True
         attempt_var.set(attempt)
         started = time.time()
-        self._set_env(payload.env)
+        if payload.env:
+            self._set_env(payload.env)
         try:
             outcome = await self._attempt(attempt, started)
         except asyncio.CancelledError:
-            # The worker is shutting down under this attempt: nobody waits for a Done.
-            raise
+            if not attempt.cancelled:
+                raise  # the worker is shutting down under it: nobody waits for a Done
+            outcome = self._cancelled(attempt, started)
         finally:
             self.attempts.pop(id, None)
-            if not self.attempts:
+            if not self.attempts and self._saved_env:
                 self._restore_env()
         self._send_logs(attempt)
         with contextlib.suppress(ConnectionError):
             await self.frames.send(Done(id, outcome))
 
+    def cancel(self, id: int) -> None:
+        """The engine cancels attempt ``id``: an async one is cancelled; a sync one cannot be."""
+        attempt = self.attempts.get(id)
+        if attempt is None or attempt.task is None or attempt.sync:
+            return
+        attempt.cancelled = True
+        attempt.task.cancel()
+        if not attempt.running:
+            # Cancelled before its task took a step: the task will not run
+            # at all, so its Done is sent from here.
+            del self.attempts[id]
+            self.frames.post(Done(id, self._cancelled(attempt, time.time())))
+
     async def _attempt(self, attempt: _Attempt, started: float) -> Outcome:
         payload = attempt.payload
         try:
-            fn, args, kwargs = await self._prepare(payload)
+            fn, is_async, args, kwargs = await self._prepare(payload)
         except Exception as exc:
             return self._failed(exc, started, "system")
         trace_sink_var.set(_Sink(attempt, self.frames))
-        attempt.sync = not inspect.iscoroutinefunction(fn)
-        if attempt.sync:
-            attempt.call = _in_thread(fn, args, kwargs, payload.task)
-        else:
-            attempt.call = asyncio.ensure_future(fn(*args, **kwargs))
-        call = attempt.call
+        attempt.sync = not is_async
         limit = None if payload.timeout is None else payload.timeout + TIMEOUT_GRACE
         try:
-            done, _ = await asyncio.wait({call}, timeout=limit)
+            if is_async:
+                # Run in this task itself (no task per call): cancelling the
+                # attempt cancels this task.
+                if limit is None:
+                    result = await fn(*args, **kwargs)
+                else:
+                    scope = asyncio.timeout(limit)
+                    try:
+                        async with scope:
+                            result = await fn(*args, **kwargs)
+                    except TimeoutError:
+                        if not scope.expired():
+                            raise  # the task's own TimeoutError
+                        return self._timed_out(attempt, started)
+            else:
+                call = _in_thread(fn, args, kwargs, payload.task)
+                if limit is None:
+                    result = await call
+                else:
+                    done, _ = await asyncio.wait({call}, timeout=limit)
+                    if not done:
+                        await self._give_up(attempt, self._timed_out(attempt, started))
+                    result = call.result()
         except asyncio.CancelledError:
-            call.cancel()
             raise
-        if not done:
-            return await self._timed_out(attempt, started)
-        if call.cancelled():
-            return Outcome(
-                ok=False,
-                error=ErrorInfo(
-                    "asyncio.CancelledError",
-                    f"attempt {payload.attempt} of action {payload.key} was cancelled by the engine",
-                ),
-                started_at=started,
-                finished_at=time.time(),
-                where=self.where,
-                error_kind="system",
-            )
-        raised = call.exception()
-        if raised is not None:
-            return self._failed(raised, started, "user")
+        except BaseException as exc:
+            return self._failed(exc, started, "user")
         try:
-            kind, data = encode_value(call.result(), what=f"output of task {payload.task!r}")
+            kind, data = encode_value(result, what=f"output of task {payload.task!r}")
         except Exception as error:
             return self._failed(error, started, "user")
         return Outcome(
             ok=True, value_kind=kind, value=data, started_at=started, finished_at=time.time(), where=self.where
         )
 
-    async def _timed_out(self, attempt: _Attempt, started: float) -> Outcome:
+    def _cancelled(self, attempt: _Attempt, started: float) -> Outcome:
         payload = attempt.payload
-        call = attempt.call
-        assert call is not None
-        stuck = attempt.sync
+        return Outcome(
+            ok=False,
+            error=ErrorInfo(
+                "asyncio.CancelledError",
+                f"attempt {payload.attempt} of action {payload.key} was cancelled by the engine",
+            ),
+            started_at=started,
+            finished_at=time.time(),
+            where=self.where,
+            error_kind="system",
+        )
+
+    def _timed_out(self, attempt: _Attempt, started: float) -> Outcome:
+        payload = attempt.payload
         error = ActionTimeout(
             f"task {payload.task!r} (action {payload.key}, attempt {payload.attempt}) ran past its "
             f"timeout of {payload.timeout:g}s on worker {self.where}"
             + (
                 "; it is sync code that cannot be stopped, so the worker exits"
-                if stuck
+                if attempt.sync
                 else "; it was cancelled there"
             )
             + ": raise timeout= or make it faster"
         )
-        if not stuck:
-            call.cancel()
-            with contextlib.suppress(BaseException):
-                await call
-        outcome = self._failed(error, started, "user")
-        if stuck:
-            # Nothing can stop the thread: report, then take the process down
-            # with it so that it stops using the machine.
-            self.attempts.pop(attempt.id, None)
-            self._send_logs(attempt)
-            with contextlib.suppress(ConnectionError):
-                await self.frames.send(Done(attempt.id, outcome))
-                await self.frames.aclose()
-            _flush_std()
-            os._exit(EXIT_STUCK)
-        return outcome
+        return self._failed(error, started, "user")
+
+    async def _give_up(self, attempt: _Attempt, outcome: Outcome) -> NoReturn:
+        """Report a sync attempt past its timeout, then exit: nothing can stop its thread.
+
+        The process goes with it so that the attempt stops using the machine.
+        """
+        self.attempts.pop(attempt.id, None)
+        self._send_logs(attempt)
+        with contextlib.suppress(ConnectionError):
+            await self.frames.send(Done(attempt.id, outcome))
+            await self.frames.aclose()
+        _flush_std()
+        os._exit(EXIT_STUCK)
 
     def _failed(self, exc: BaseException, started: float, kind: str) -> Outcome:
         blob: bytes | None
@@ -333,27 +368,44 @@ class WorkerLoop:
             error_kind=kind,
         )
 
-    async def _prepare(self, payload: Payload) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-        """The function to call and its arguments; a failure here is the worker's, not the task's."""
+    async def _prepare(
+        self, payload: Payload
+    ) -> tuple[Callable[..., Any], bool, tuple[Any, ...], dict[str, Any]]:
+        """The function to call, whether it is async, and its arguments.
+
+        A failure here is the worker's, not the task's.
+        """
         root: Path | None = None
         if payload.bundle is not None:
-            root = await self._bundle(payload.bundle)
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-        try:
-            obj = load_function(payload.fn, root)
-        except ImportFailed as exc:
-            raise ImportFailed(
-                f"worker {self.where} cannot run task {payload.task!r} ({payload.fn}): {exc}; "
-                f"a worker imports tasks from the code bundle or from what is installed where it "
-                f"runs: make the same code importable there"
-            ) from exc
+            root = self._roots.get(payload.bundle)
+            if root is None:
+                root = await self._bundle(payload.bundle)
+                if str(root) not in sys.path:
+                    sys.path.insert(0, str(root))
+                self._roots[payload.bundle] = root
+        found = self._functions.get((payload.fn, root))
+        if found is None:
+            try:
+                obj = load_function(payload.fn, root)
+            except ImportFailed as exc:
+                raise ImportFailed(
+                    f"worker {self.where} cannot run task {payload.task!r} ({payload.fn}): {exc}; "
+                    f"a worker imports tasks from the code bundle or from what is installed where "
+                    f"it runs: make the same code importable there"
+                ) from exc
+            fn = obj.fn if isinstance(obj, Task) else obj
+            found = self._functions[(payload.fn, root)] = (
+                obj if isinstance(obj, Task) else None,
+                fn,
+                inspect.iscoroutinefunction(fn),
+            )
+        task, fn, is_async = found
         try:
             values, named = decode_value(payload.args_kind, payload.args)
-            if isinstance(obj, Task):
-                positional, keywords = obj.signature.bind(tuple(values), dict(named))
-                return obj.fn, tuple(positional), dict(keywords)
-            return obj, tuple(values), dict(named)
+            if task is not None:
+                positional, keywords = task.signature.bind(tuple(values), dict(named))
+                return fn, is_async, tuple(positional), dict(keywords)
+            return fn, is_async, tuple(values), dict(named)
         except Exception as exc:
             raise OffloadError(
                 f"worker {self.where} cannot decode the arguments of task {payload.task!r} "
