@@ -124,3 +124,8 @@ async def make_file(text: str) -> engine.File:
 def plain_double(x: int) -> int:
     """Not a task: a plain function is called as it is."""
     return 2 * x
+
+
+@engine.task
+async def own_timeout() -> None:
+    raise TimeoutError("the task's own deadline")

@@ -182,6 +182,22 @@ async def test_an_async_attempt_past_its_timeout_is_cancelled_and_the_worker_ser
     assert value((await worker.done(2))[0].outcome) == 3
 
 
+async def test_a_task_raising_its_own_timeout_error_is_not_a_worker_timeout(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("own_timeout", timeout=30.0)))
+    done, _ = await worker.done(1)
+    assert done.outcome.error is not None and done.outcome.error.type == "TimeoutError"
+    assert done.outcome.error.message == "the task's own deadline"
+
+
+async def test_an_attempt_cancelled_before_it_ran_still_gets_its_done(worker: Worker) -> None:
+    # Both frames in one write: the worker reads the Cancel before the attempt's task took a step.
+    worker.frames.writer.write(encode_frame(Start(1, payload("sleepy", 60.0))) + encode_frame(Cancel(1)))
+    done, _ = await worker.done(1)
+    assert done.outcome.error is not None and "cancelled" in done.outcome.error.message
+    await worker.frames.send(Start(2, payload("add", 2, 2)))
+    assert value((await worker.done(2))[0].outcome) == 4
+
+
 async def test_a_killed_worker_takes_nothing_with_it_but_its_stream(worker: Worker) -> None:
     await worker.frames.send(Start(1, payload("sleepy", 60.0)))
     os.kill(worker.proc.pid, signal.SIGKILL)
