@@ -305,8 +305,22 @@ async def test_closing_while_a_worker_starts_leaves_no_process(tmp_path: Path) -
     submit = asyncio.create_task(backend.submit(payload("whoami"), Hooks()))
     await asyncio.sleep(0)  # the worker is being started
     await backend.aclose()
-    with pytest.raises(engine.OffloadError, match="closed while a worker was starting"):
+    with pytest.raises(engine.OffloadError, match="closed while this attempt waited for a worker"):
         await submit
+    me = psutil.Process()
+    assert not [p for p in me.children(recursive=True) if "offload.worker" in " ".join(p.cmdline())]
+
+
+async def test_closing_with_submits_waiting_for_a_slot_starts_no_new_worker(tmp_path: Path) -> None:
+    backend = offload.Local(workers=1, env=worker_env())
+    await backend.open(context(tmp_path))
+    busy = await backend.submit(payload("sleepy", 30.0), Hooks())
+    waiting = asyncio.create_task(backend.submit(payload("whoami"), Hooks()))
+    await asyncio.sleep(0.05)
+    await backend.aclose()
+    with pytest.raises(engine.OffloadError, match="closed while this attempt waited for a worker"):
+        await waiting
+    assert gone(worker_pid(busy))
     me = psutil.Process()
     assert not [p for p in me.children(recursive=True) if "offload.worker" in " ".join(p.cmdline())]
 

@@ -243,7 +243,10 @@ class Local:
     async def _pick(self) -> _Worker:
         """A live worker with a free slot: an idle one, else a new one, else the first to free up."""
         woken = False
+        generation = self._generation
         while True:
+            if generation != self._generation:
+                raise _closed()
             best: _Worker | None = None
             for worker in self._workers:
                 if len(worker.in_flight) < self.concurrency and (
@@ -253,7 +256,6 @@ class Local:
             if best is not None:
                 return best
             if len(self._workers) + self._starting < self.workers:
-                generation = self._generation
                 self._starting += 1
                 try:
                     worker = await self._start()
@@ -262,10 +264,7 @@ class Local:
                     self._wake(everyone=True)
                 if generation != self._generation:
                     await worker.stop(0)
-                    raise OffloadError(
-                        "offload.Local was closed while a worker was starting for this attempt; "
-                        "submit it to an open backend"
-                    )
+                    raise _closed()
                 self._workers.append(worker)
                 return worker
             waiter = asyncio.get_running_loop().create_future()
@@ -518,6 +517,13 @@ class _Worker:
         _killpg(self.pid)
         if self.reader is not None:
             await asyncio.shield(self.reader)
+
+
+def _closed() -> OffloadError:
+    return OffloadError(
+        "offload.Local was closed while this attempt waited for a worker; submit it to an "
+        "open backend"
+    )
 
 
 def _count(name: str, value: Any, least: int) -> int:
