@@ -210,6 +210,8 @@ async def test_aclose_leaves_no_worker_process(tmp_path: Path) -> None:
     for handle in handles:
         with pytest.raises(engine.OffloadError):
             await backend.wait(handle)
+    # Workers that wrote nothing to stderr leave no log file.
+    assert list((tmp_path / "home" / "offload-local" / "logs").iterdir()) == []
 
 
 def _script(path: Path, body: str) -> str:

@@ -479,10 +479,15 @@ class _Worker:
         with contextlib.suppress(Exception):
             await self.frames.aclose()
         attempts, self.in_flight = self.in_flight, {}
+        tail = "" if self.killed or not attempts else _tail(self.log)
+        # A worker that wrote nothing to stderr leaves no log file behind
+        # (one is made per worker started; cancels start new ones).
+        with contextlib.suppress(OSError):
+            if self.log.stat().st_size == 0:
+                self.log.unlink()
         if not attempts:
             return
         how = self.killed or broken or f"it exited with {_status(returncode)}"
-        tail = "" if self.killed else _tail(self.log)
         for attempt in attempts.values():
             if attempt.future.done():
                 continue
