@@ -129,3 +129,13 @@ def plain_double(x: int) -> int:
 @engine.task
 async def own_timeout() -> None:
     raise TimeoutError("the task's own deadline")
+
+
+@engine.task
+def print_from_own_thread() -> None:
+    import threading
+
+    # A thread the task starts does not carry the attempt's context.
+    thread = threading.Thread(target=lambda: print("from a thread of the task"))  # noqa: T201
+    thread.start()
+    thread.join()

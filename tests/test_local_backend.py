@@ -93,6 +93,12 @@ async def test_prints_and_logs_arrive_through_the_hooks(local: offload.Local) ->
     assert hooks.text("log") == "WARNING chatty: careful with 7\n"
 
 
+async def test_a_print_from_a_thread_the_task_started_is_still_its_own(local: offload.Local) -> None:
+    hooks = Hooks()
+    outcome = await local.wait(await local.submit(payload("print_from_own_thread"), hooks))
+    assert outcome.ok and hooks.text("stdout") == "from a thread of the task\n"
+
+
 async def test_output_streams_back_while_the_attempt_runs(local: offload.Local) -> None:
     hooks = Hooks()
     handle = await local.submit(payload("print_then_sleep", "still going"), hooks)
