@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -27,7 +27,30 @@ from engine.extend import decode_message, encode_frame, frame_length
 if TYPE_CHECKING:
     from engine.extend import Message
 
-__all__ = ["Frames", "StreamBroken"]
+__all__ = ["FrameReader", "FrameWriter", "Frames", "StreamBroken"]
+
+
+class FrameReader(Protocol):
+    """The reading half of a transport (``asyncio.StreamReader``, an asyncssh reader).
+
+    ``readexactly`` raises ``asyncio.IncompleteReadError`` at the end of the stream.
+    """
+
+    async def readexactly(self, n: int, /) -> bytes: ...
+
+
+class FrameWriter(Protocol):
+    """The writing half of a transport (``asyncio.StreamWriter``, an asyncssh writer)."""
+
+    def write(self, data: bytes, /) -> Any: ...
+
+    async def drain(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> Any: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 class StreamBroken(OffloadError):
@@ -37,7 +60,7 @@ class StreamBroken(OffloadError):
 class Frames:
     """Send and receive protocol messages over ``reader``/``writer``; ``peer`` names the other end in errors."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, reader: FrameReader, writer: FrameWriter, peer: str) -> None:
         self.reader = reader
         self.writer = writer
         self.peer = peer
