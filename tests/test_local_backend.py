@@ -12,6 +12,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING
 
+import msgspec
 import psutil
 import pytest
 
@@ -218,6 +219,70 @@ async def test_aclose_leaves_no_worker_process(tmp_path: Path) -> None:
             await backend.wait(handle)
     # Workers that wrote nothing to stderr leave no log file.
     assert list((tmp_path / "home" / "offload-local" / "logs").iterdir()) == []
+
+
+def _project(tmp_path: Path) -> tuple[Path, str]:
+    """A project folder with one task module, bundled; (the bundles' folder, the digest)."""
+    from offload._bundle import build_bundle
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "bundled_flow.py").write_text(
+        "import os\n\nimport engine\n\n\n@engine.task\ndef where(x: int) -> str:\n"
+        "    return f'{x} from {os.path.dirname(__file__)}'\n"
+    )
+    built = build_bundle(project, dest=tmp_path / "bundles")
+    return tmp_path / "bundles", built.digest
+
+
+async def test_a_code_bundle_is_sent_once_unpacked_and_put_first_on_the_path(tmp_path: Path) -> None:
+    bundles, digest = _project(tmp_path)
+    asked: list[str] = []
+
+    def bundle_path(wanted: str) -> Path:
+        asked.append(wanted)
+        return bundles / f"{wanted}.tar.gz"
+
+    backend = offload.Local(workers=1, env=worker_env())
+    await backend.open(
+        BackendContext(home=tmp_path / "home", blob_store=str(tmp_path / "blobs"), bundle_path=bundle_path)
+    )
+    job = msgspec.structs.replace(payload("where", 7, module="bundled_flow"), bundle=digest)
+    try:
+        first = await backend.submit(job, Hooks())
+        text = value(await backend.wait(first))
+        # Imported from the unpacked bundle, not from the project folder (which is not on the path).
+        assert text.startswith("7 from ") and digest in text and str(tmp_path / "project") not in text
+        assert asked == [digest]
+        # A new worker finds the bundle unpacked in the cache and does not ask again.
+        await backend.cancel(await backend.submit(payload("sleepy", 30.0), Hooks()))
+        second = await backend.submit(job, Hooks())
+        assert worker_pid(second) != worker_pid(first)
+        assert value(await backend.wait(second)) == text
+        assert asked == [digest]
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize(("copy", "says"), [("missing", "missing"), ("damaged", "damaged in transit")])
+async def test_a_bundle_the_engine_cannot_send_fails_the_attempt_naming_it(
+    tmp_path: Path, copy: str, says: str
+) -> None:
+    bundles, digest = _project(tmp_path)
+    sent = bundles / f"{digest}.tar.gz"
+    if copy == "missing":
+        sent.unlink()
+    else:
+        sent.write_bytes(sent.read_bytes()[:-10] + b"0123456789")
+    backend = offload.Local(workers=1, env=worker_env())
+    await backend.open(BackendContext(home=tmp_path / "home", bundle_path=lambda d: bundles / f"{d}.tar.gz"))
+    job = msgspec.structs.replace(payload("where", 7, module="bundled_flow"), bundle=digest)
+    try:
+        outcome = await backend.wait(await backend.submit(job, Hooks()))
+        assert not outcome.ok and outcome.error_kind == "system" and outcome.error is not None
+        assert digest[:16] in outcome.error.message and says in outcome.error.message
+    finally:
+        await backend.aclose()
 
 
 def _script(path: Path, body: str) -> str:

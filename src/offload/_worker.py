@@ -35,8 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
-import importlib
 import inspect
 import logging
 import os
@@ -415,8 +413,9 @@ class WorkerLoop:
 
     async def _bundle(self, digest: str) -> Path:
         """The folder of code bundle ``digest``, asked for and unpacked when it is not cached."""
-        bundle = importlib.import_module("offload._bundle")  # only workers that get bundles need it
-        found: Path | None = bundle.bundle_cached(digest, self.cache)
+        from ._bundle import bundle_cached, unpack_bundle  # only workers that get bundles need it
+
+        found = bundle_cached(digest, self.cache)
         if found is not None:
             return found
         waiter = self.bundles.get(digest)
@@ -424,14 +423,13 @@ class WorkerLoop:
             waiter = self.bundles[digest] = asyncio.get_running_loop().create_future()
             await self.frames.send(NeedBundle(digest))
         data = await asyncio.shield(waiter)
-        got = hashlib.sha256(data).hexdigest()
-        if got != digest:
+        if not data:
             raise OffloadError(
-                f"worker {self.where} asked for code bundle {digest} and got {len(data)} bytes "
-                f"whose SHA-256 is {got}: the engine's copy is missing or damaged; run again"
+                f"worker {self.where} asked for code bundle {digest} and the engine sent nothing: "
+                f"its copy of the bundle is missing; run again"
             )
-        folder: Path = await asyncio.to_thread(bundle.unpack_bundle, data, digest, self.cache)
-        return folder
+        # unpack_bundle checks the data against its SHA-256 before anything is written.
+        return await asyncio.to_thread(unpack_bundle, data, digest, self.cache)
 
     # -- environment ---------------------------------------------------------
 
