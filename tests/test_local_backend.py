@@ -192,6 +192,18 @@ async def test_submits_beyond_capacity_wait_for_a_free_worker(local: offload.Loc
     assert value(await local.wait(await waiting)) == 3
 
 
+async def test_waiting_submits_are_served_in_the_order_they_came(local: offload.Local) -> None:
+    busy = await local.submit(payload("sleepy", 30.0), Hooks())
+    waiting = [asyncio.create_task(local.submit(payload("add", i, 0), Hooks())) for i in range(4)]
+    await asyncio.sleep(0.05)
+    # The worker goes: every waiter wakes, one starts a new worker, the others wait again.
+    await local.cancel(busy)
+    handles = [await w for w in waiting]
+    served = [int(h.id.split(":")[1]) for h in handles]  # n of "pid:n": the worker's n-th attempt
+    assert served == sorted(served) and len({worker_pid(h) for h in handles}) == 1
+    assert [value(await local.wait(h)) for h in handles] == [0, 1, 2, 3]
+
+
 async def test_files_made_in_an_attempt_go_to_the_engines_blob_store(
     local: offload.Local, tmp_path: Path
 ) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -127,10 +127,13 @@ class Local:
         # ``len(_workers) + _starting <= workers``.
         self._workers: list[_Worker] = []
         self._starting = 0
-        # Submitters waiting for a free slot, first come first served: an
-        # attempt that ends wakes one; a worker that starts or goes wakes all
-        # (they look again).
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Submitters waiting for a free slot, as a heap by ticket (the order
+        # they first asked in), so that they are served first come first
+        # served even when they wake and have to wait again.  An attempt that
+        # ends wakes the first; a worker that starts or goes wakes all (each
+        # looks again).
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._tickets = itertools.count()
         # Invariant: ``_attempts`` holds every submitted attempt whose
         # outcome has not yet been taken by ``wait`` or dropped by ``cancel``.
         self._attempts: dict[str, _Attempt] = {}
@@ -242,7 +245,7 @@ class Local:
 
     async def _pick(self) -> _Worker:
         """A live worker with a free slot: an idle one, else a new one, else the first to free up."""
-        woken = False
+        ticket: int | None = None
         generation = self._generation
         while True:
             if generation != self._generation:
@@ -267,25 +270,22 @@ class Local:
                     raise _closed()
                 self._workers.append(worker)
                 return worker
+            if ticket is None:
+                ticket = next(self._tickets)
             waiter = asyncio.get_running_loop().create_future()
-            # One woken before and beaten to the slot keeps its place in line.
-            if woken:
-                self._waiters.appendleft(waiter)
-            else:
-                self._waiters.append(waiter)
+            heapq.heappush(self._waiters, (ticket, waiter))
             try:
                 await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # woken, then cancelled: the slot goes to the next in line
                 raise
-            woken = True
 
     def _wake(self, *, everyone: bool = False) -> None:
         """Wake the first submitter waiting for a slot (or all of them)."""
         waiters = self._waiters
         while waiters:
-            waiter = waiters.popleft()
+            _, waiter = heapq.heappop(waiters)
             if not waiter.done():
                 waiter.set_result(None)
                 if not everyone:
