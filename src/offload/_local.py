@@ -1,0 +1,575 @@
+"""``offload.Local``: warm worker processes on this machine, speaking the offload protocol over pipes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from engine import ConfigError, OffloadError
+from engine.extend import (
+    PROTOCOL,
+    VERSION,
+    BackendContext,
+    BundleData,
+    Done,
+    Handle,
+    Hello,
+    Log,
+    NeedBundle,
+    Outcome,
+    Payload,
+    Shutdown,
+    Start,
+    SubmitFailed,
+    Trace,
+    WorkerLost,
+    detect_gpus,
+    usable_cpus,
+)
+
+from ._frames import Frames, StreamBroken
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+    from engine.extend import AttemptHooks
+
+__all__ = ["Local"]
+
+#: Seconds a new worker has to say hello (a cold interpreter on a busy machine).
+START_TIMEOUT: Final = 60.0
+#: Seconds ``aclose`` waits for workers to exit after Shutdown before killing them.
+SHUTDOWN_GRACE: Final = 2.0
+#: How much of a dead worker's stderr an error quotes.
+TAIL_BYTES: Final = 2000
+
+_log = logging.getLogger("offload.local")
+
+
+class Local:
+    """Run offloaded attempts in warm worker processes on this machine.
+
+    ``workers`` processes (``python -m offload.worker`` under ``python``,
+    default this interpreter) are started on first use and each serves
+    many attempts, ``concurrency`` at a time (async tasks share a worker's
+    loop; sync ones get a thread each), so ``workers x concurrency``
+    attempts run at once.  A worker's environment is this process's, plus
+    ``env``, plus ``SHOAL_BLOB_STORE`` naming the engine's blob store (so
+    ``File``/``Dir`` made inside an attempt land there) and a private
+    ``SHOAL_HOME``.  Its stderr is kept in a log file under the engine's
+    home, quoted when a worker dies at start.
+
+    What it is for: isolation of code that crashes the interpreter, leaks
+    memory or holds a GPU; another interpreter or environment
+    (``python=``, ``env=``); and the worker protocol shared with the SSH
+    and Batch backends, on one machine.
+
+    Failures: a worker that dies with attempts in flight (killed, out of
+    memory, a crash in C) fails them with ``offload.WorkerLost`` and is
+    replaced for the next attempt; the engine retries those within
+    ``retries`` without using up the task's own retries.  A worker that
+    cannot start fails the submit with ``offload.SubmitFailed`` quoting its
+    stderr; an interpreter without shoal, or with another shoal version,
+    with ``engine.OffloadError`` before any attempt is sent.
+
+    Cancellation: a cancelled or timed-out attempt always takes its worker
+    with it: the worker's whole process group is killed (SIGKILL), so that
+    nothing the attempt started (threads, child processes) keeps running.
+    Other attempts that shared that worker (``concurrency > 1``) fail with
+    ``WorkerLost`` and are retried on a fresh worker.
+    """
+
+    kind: ClassVar[str] = "local"
+    reattachable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        workers: int = 2,
+        python: str | os.PathLike[str] = sys.executable,
+        env: Mapping[str, str] | None = None,
+        retries: int = 3,
+        concurrency: int = 1,
+    ) -> None:
+        self.workers = _count("workers", workers, 1)
+        self.retries = _count("retries", retries, 0)
+        self.concurrency = _count("concurrency", concurrency, 1)
+        if not isinstance(python, str | os.PathLike) or not str(python):
+            raise ConfigError(
+                f"offload.Local python= takes the path of a Python interpreter that has shoal "
+                f"installed, got {python!r}"
+            )
+        self.python = str(python)
+        env = {} if env is None else env
+        if not hasattr(env, "items") or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ConfigError(
+                f"offload.Local env= takes a mapping of variable names to string values, got {env!r}"
+            )
+        self.env: dict[str, str] = dict(env)
+        self._context: BackendContext | None = None
+        self._own_home: Path | None = None
+        self._serial = itertools.count(1)
+        # Invariant: ``_workers`` are the live workers, each having said a
+        # good hello; ``_starting`` counts workers being started, so
+        # ``len(_workers) + _starting <= workers``.
+        self._workers: list[_Worker] = []
+        self._starting = 0
+        # Submitters waiting for a free slot, as a heap by ticket (the order
+        # they first asked in), so that they are served first come first
+        # served even when they wake and have to wait again.  An attempt that
+        # ends wakes the first; a worker that starts or goes wakes all (each
+        # looks again).
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._tickets = itertools.count()
+        # Invariant: ``_attempts`` holds every submitted attempt whose
+        # outcome has not yet been taken by ``wait`` or dropped by ``cancel``.
+        self._attempts: dict[str, _Attempt] = {}
+        # The figures of the last hello, for ``unfit``.
+        self._hello: Hello | None = None
+        # Bumped by aclose(): a worker that finishes starting after it is not kept.
+        self._generation = 0
+
+    def __repr__(self) -> str:
+        return f"offload.Local(workers={self.workers}, python={self.python!r}, concurrency={self.concurrency})"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def open(self, context: BackendContext) -> None:
+        """Prepare (nothing starts until the first submit)."""
+        self._context = context
+
+    async def __aenter__(self) -> Local:
+        if self._context is None:
+            # On its own: a private home, removed by aclose().
+            self._own_home = Path(tempfile.mkdtemp(prefix="shoal-local-"))
+            await self.open(BackendContext(home=self._own_home))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every worker: Shutdown, a short wait, then SIGKILL of each process group."""
+        self._generation += 1
+        workers, self._workers = self._workers, []
+        await asyncio.gather(*(w.stop(SHUTDOWN_GRACE) for w in workers))
+        for attempt in self._attempts.values():
+            attempt.future.cancel()
+        self._attempts.clear()
+        self._wake(everyone=True)
+        home, self._own_home = self._own_home, None
+        if home is not None:
+            self._context = None
+            await asyncio.to_thread(shutil.rmtree, home, True)
+
+    # -- the backend protocol ------------------------------------------------
+
+    def capacity(self) -> int:
+        return self.workers * self.concurrency
+
+    def unfit(self, cpu: float, gpu: int) -> str | None:
+        hello = self._hello
+        cpus = hello.cpus if hello is not None else usable_cpus()
+        if hello is not None:
+            gpus = hello.gpus
+        elif "CUDA_VISIBLE_DEVICES" in self.env:
+            gpus = len([d for d in self.env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() not in ("", "-1")])
+        else:
+            gpus = detect_gpus()
+        if cpu > cpus:
+            return f"it asks for {cpu:g} CPUs and the local workers' machine has {cpus}"
+        if gpu > gpus:
+            return f"it asks for {gpu} GPUs and the local workers' machine has {gpus}"
+        return None
+
+    async def submit(self, payload: Payload, hooks: AttemptHooks) -> Handle:
+        worker = await self._pick()
+        # From here to the send there is no await: the worker's reader sees
+        # this attempt if the worker dies (see _Worker.lost).
+        n = next(worker.serial)
+        handle = Handle("local", f"{worker.pid}:{n}", f"{worker.hello.hostname}:{worker.pid}")
+        attempt = _Attempt(n, payload, hooks, handle, worker)
+        worker.in_flight[n] = attempt
+        self._attempts[handle.id] = attempt
+        with contextlib.suppress(ConnectionError):
+            # A worker gone meanwhile fails the attempt with WorkerLost, in wait().
+            await worker.frames.send(Start(n, payload))
+        return handle
+
+    async def wait(self, handle: Handle) -> Outcome:
+        attempt = self._attempts.get(handle.id)
+        if attempt is None:
+            raise OffloadError(
+                f"offload.Local has no attempt {handle.id} (it finished, was cancelled, or ran "
+                f"under another backend object): submit it again"
+            )
+        try:
+            # Shielded: a wait cancelled by the engine's timeout leaves the
+            # outcome for cancel() to deal with.
+            outcome = await asyncio.shield(attempt.future)
+        finally:
+            if attempt.future.done():
+                self._attempts.pop(handle.id, None)
+        if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
+            # Timed out on the worker: the decision of the class docstring holds.
+            await self._discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
+        return outcome
+
+    async def cancel(self, handle: Handle) -> None:
+        attempt = self._attempts.pop(handle.id, None)
+        if attempt is None:
+            return
+        attempt.future.cancel()
+        await self._discard(attempt.worker, f"attempt {handle.id} was cancelled")
+
+    async def reattach(self, handle: Handle) -> Handle | None:
+        # Workers die with the engine that started them: nothing to find again.
+        return None
+
+    # -- workers ---------------------------------------------------------------
+
+    async def _pick(self) -> _Worker:
+        """A live worker with a free slot: an idle one, else a new one, else the first to free up."""
+        ticket: int | None = None
+        generation = self._generation
+        while True:
+            if generation != self._generation:
+                raise _closed()
+            best: _Worker | None = None
+            for worker in self._workers:
+                if len(worker.in_flight) < self.concurrency and (
+                    best is None or len(worker.in_flight) < len(best.in_flight)
+                ):
+                    best = worker
+            if best is not None:
+                return best
+            if len(self._workers) + self._starting < self.workers:
+                self._starting += 1
+                try:
+                    worker = await self._start()
+                finally:
+                    self._starting -= 1
+                    self._wake(everyone=True)
+                if generation != self._generation:
+                    await worker.stop(0)
+                    raise _closed()
+                self._workers.append(worker)
+                return worker
+            if ticket is None:
+                ticket = next(self._tickets)
+            waiter = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (ticket, waiter))
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the slot goes to the next in line
+                raise
+
+    def _wake(self, *, everyone: bool = False) -> None:
+        """Wake the first submitter waiting for a slot (or all of them)."""
+        waiters = self._waiters
+        while waiters:
+            _, waiter = heapq.heappop(waiters)
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
+
+    async def _start(self) -> _Worker:
+        context = self._context
+        if context is None:
+            raise OffloadError(
+                "offload.Local was used before it was opened: use it through an engine, or "
+                "`async with offload.Local(...) as backend:`"
+            )
+        folder = context.home / "offload-local"
+        logs = folder / "logs"
+        await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+        cache = folder / "cache"
+        env = {**os.environ, **self.env, "SHOAL_HOME": str(cache / "home")}
+        if context.blob_store is not None:
+            env["SHOAL_BLOB_STORE"] = context.blob_store
+        log_path = logs / f"worker-{os.getpid()}-{next(self._serial)}.log"
+        stderr = await asyncio.to_thread(open, log_path, "wb")  # handed to the child, closed below
+        try:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.python, "-m", "offload.worker", "--cache", str(cache),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=stderr,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise OffloadError(
+                    f"offload.Local cannot start its interpreter {self.python}: {exc}; give "
+                    f"python= the path of a Python that has shoal installed"
+                ) from exc
+        finally:
+            stderr.close()
+        assert proc.stdout is not None and proc.stdin is not None
+        frames = Frames(proc.stdout, proc.stdin, f"the local worker {proc.pid} ({self.python})")
+        try:
+            hello = await self._hello_of(proc, frames, log_path)
+        except BaseException:
+            await _kill(proc)
+            with contextlib.suppress(Exception):
+                await frames.aclose()
+            raise
+        self._hello = hello
+        worker = _Worker(self, proc, frames, hello, log_path)
+        worker.reader = asyncio.create_task(worker.read(), name=f"shoal-local-worker-{proc.pid}")
+        return worker
+
+    async def _hello_of(self, proc: asyncio.subprocess.Process, frames: Frames, log: Path) -> Hello:
+        try:
+            message = await asyncio.wait_for(frames.recv(), START_TIMEOUT)
+        except TimeoutError:
+            raise SubmitFailed(
+                f"the local worker {proc.pid} ({self.python} -m offload.worker) said nothing for "
+                f"{START_TIMEOUT:g}s after it started{_tail(log)}"
+            ) from None
+        except StreamBroken as exc:
+            raise SubmitFailed(f"{exc} instead of its hello{_tail(log)}") from None
+        if message is None:
+            status = _status(await proc.wait())
+            tail = _tail(log)
+            if re.search(r"No module named '?offload", tail):
+                raise OffloadError(
+                    f"the interpreter {self.python} cannot run a shoal worker: shoal is not "
+                    f"installed there; install it into that interpreter "
+                    f"({self.python} -m pip install shoal=={VERSION}), or give offload.Local "
+                    f"python= an interpreter that has it{tail}"
+                )
+            raise SubmitFailed(
+                f"the local worker {proc.pid} ({self.python} -m offload.worker) exited with "
+                f"{status} before it said hello{tail or '; it wrote nothing to stderr'}"
+            )
+        if not isinstance(message, Hello):
+            raise SubmitFailed(
+                f"the local worker {proc.pid} ({self.python}) began with a {type(message).__name__} "
+                f"message instead of its hello: it is not a shoal worker"
+            )
+        if message.shoal != VERSION or message.protocol != PROTOCOL:
+            raise OffloadError(
+                f"the worker on {message.hostname} ({message.executable or self.python}) runs shoal "
+                f"{message.shoal} (protocol {message.protocol}) and this engine runs shoal {VERSION} "
+                f"(protocol {PROTOCOL}); install shoal=={VERSION} into that interpreter"
+            )
+        return message
+
+    async def _discard(self, worker: _Worker, why: str) -> None:
+        """Kill a worker and its process group, failing what else it ran; replaced lazily."""
+        await worker.kill(why)
+        self._wake(everyone=True)
+
+    def _forget(self, worker: _Worker) -> None:
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        self._wake(everyone=True)
+
+
+class _Attempt:
+    def __init__(self, n: int, payload: Payload, hooks: AttemptHooks, handle: Handle, worker: _Worker) -> None:
+        self.n = n
+        self.payload = payload
+        self.hooks = hooks
+        self.handle = handle
+        self.worker = worker
+        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+
+class _Worker:
+    """One worker process and the attempts it runs."""
+
+    def __init__(
+        self, backend: Local, proc: asyncio.subprocess.Process, frames: Frames, hello: Hello, log: Path
+    ) -> None:
+        self.backend = backend
+        self.proc = proc
+        self.pid = proc.pid
+        self.frames = frames
+        self.hello = hello
+        self.log = log
+        self.serial = itertools.count(1)
+        # Invariant: ``in_flight`` holds the attempts sent to this worker
+        # and not answered with Done, by their id on this worker.
+        self.in_flight: dict[int, _Attempt] = {}
+        self.reader: asyncio.Task[None] | None = None
+        #: Why the engine killed this worker, if it did.
+        self.killed: str | None = None
+        self._bundle_tasks: set[asyncio.Task[None]] = set()
+
+    async def read(self) -> None:
+        """Take the worker's frames until its stream ends; then fail what it still ran."""
+        broken: str | None = None
+        try:
+            while True:
+                message = await self.frames.recv()
+                if message is None:
+                    break
+                self._take(message)
+        except StreamBroken as exc:
+            broken = str(exc)
+        except ConnectionError as exc:
+            broken = f"its stream failed: {exc}"
+        await self.lost(broken)
+
+    def _take(self, message: Any) -> None:
+        if isinstance(message, Log | Trace):
+            attempt = self.in_flight.get(message.id)
+            if attempt is None:
+                return
+            try:
+                if isinstance(message, Log):
+                    attempt.hooks.log(message.stream, message.text)
+                else:
+                    attempt.hooks.trace(message.key, message.name, message.kind, message.data)
+            except Exception:
+                # The engine's hooks failing must not take the worker down.
+                _log.exception("offload.Local: reporting a %s of attempt %s failed", type(message).__name__, attempt.handle.id)
+        elif isinstance(message, Done):
+            attempt = self.in_flight.pop(message.id, None)
+            if attempt is not None and not attempt.future.done():
+                attempt.future.set_result(message.outcome)
+            self.backend._wake()
+        elif isinstance(message, NeedBundle):
+            task = asyncio.get_running_loop().create_task(self._send_bundle(message.digest))
+            self._bundle_tasks.add(task)
+            task.add_done_callback(self._bundle_tasks.discard)
+
+    async def _send_bundle(self, digest: str) -> None:
+        context = self.backend._context
+        data = b""
+        if context is not None and context.bundle_path is not None:
+            # An unreadable bundle is sent empty: the worker fails the
+            # attempts that need it with a message that names it.
+            with contextlib.suppress(OSError):
+                data = await asyncio.to_thread(context.bundle_path(digest).read_bytes)
+        with contextlib.suppress(ConnectionError):
+            await self.frames.send(BundleData(digest, data))
+
+    async def lost(self, broken: str | None) -> None:
+        """The worker's stream ended: reap it and its group, fail its attempts with WorkerLost."""
+        self.backend._forget(self)
+        try:
+            returncode = await asyncio.wait_for(self.proc.wait(), SHUTDOWN_GRACE)
+        except TimeoutError:
+            returncode = None
+        _killpg(self.pid)
+        if returncode is None:
+            returncode = await self.proc.wait()
+        with contextlib.suppress(Exception):
+            await self.frames.aclose()
+        attempts, self.in_flight = self.in_flight, {}
+        tail = "" if self.killed or not attempts else _tail(self.log)
+        # A worker that wrote nothing to stderr leaves no log file behind
+        # (one is made per worker started; cancels start new ones).
+        with contextlib.suppress(OSError):
+            if self.log.stat().st_size == 0:
+                self.log.unlink()
+        if not attempts:
+            return
+        how = self.killed or broken or f"it exited with {_status(returncode)}"
+        for attempt in attempts.values():
+            if attempt.future.done():
+                continue
+            p = attempt.payload
+            attempt.future.set_exception(
+                WorkerLost(
+                    f"the local worker process {self.pid} ({self.backend.python}) running attempt "
+                    f"{p.attempt} of action {p.key} of task {p.task!r} was lost: {how}; the "
+                    f"attempt is retried on a new worker{tail}"
+                )
+            )
+            # Retrieved by wait(); mark it so that an unawaited one is not reported.
+            attempt.future.exception()
+
+    async def kill(self, why: str) -> None:
+        """SIGKILL the worker's process group and wait until the reader has failed its attempts."""
+        if self.killed is None:
+            self.killed = f"the engine killed it because {why}"
+        _killpg(self.pid)
+        if self.reader is not None:
+            await asyncio.shield(self.reader)
+
+    async def stop(self, grace: float) -> None:
+        """Shutdown, up to ``grace`` seconds for it to exit, then SIGKILL of its group."""
+        self.killed = self.killed or "offload.Local was closed"
+        with contextlib.suppress(ConnectionError):
+            await self.frames.send(Shutdown())
+        with contextlib.suppress(Exception):
+            await self.frames.aclose()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), grace)
+        _killpg(self.pid)
+        if self.reader is not None:
+            await asyncio.shield(self.reader)
+
+
+def _closed() -> OffloadError:
+    return OffloadError(
+        "offload.Local was closed while this attempt waited for a worker; submit it to an "
+        "open backend"
+    )
+
+
+def _count(name: str, value: Any, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"offload.Local {name}= takes a whole number >= {least}, got {value!r}")
+    return value
+
+
+def _killpg(pid: int) -> None:
+    # The worker leads its own session and process group (start_new_session).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    _killpg(proc.pid)
+    await proc.wait()
+
+
+def _status(returncode: int | None) -> str:
+    if returncode is None:
+        return "an unknown status"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{name} (signal {-returncode})"
+    return f"exit status {returncode}"
+
+
+def _tail(log: Path) -> str:
+    """The end of a worker's stderr, to quote in an error ('' when it wrote nothing)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - TAIL_BYTES))
+            text = f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    if not text:
+        return ""
+    return f"; its stderr ({log}) ends with:\n" + "\n".join("    " + line for line in text.splitlines())

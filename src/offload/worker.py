@@ -1,0 +1,104 @@
+"""``python -m offload.worker [--cache DIR]``: serve offloaded attempts over stdin and stdout.
+
+Started by a backend (``offload.Local`` through pipes, SSH through a
+channel), never by hand.  The protocol's frames travel over the original
+stdin and stdout file descriptors; before anything else runs, the worker
+takes them for itself and points file descriptor 1 (and ``sys.stdout``) at
+stderr and file descriptor 0 at ``/dev/null``, so that nothing an attempt
+does (a ``print``, a C library writing to fd 1, a child process reading
+stdin) can touch the stream.  What attempts print and log is sent back to
+the engine; the rest of stderr is the worker's own log.
+
+``--cache`` is the worker's folder (default ``~/.cache/shoal``): code
+bundles are unpacked under it, and it holds the worker's private
+``SHOAL_HOME`` (``home/``, with a config file of its own named by
+``SHOAL_CONFIG``: no journal, ``store = "memory"``) so that the worker
+never writes into the folder it was started in and never reads a project's
+config.  ``File``/``Dir``/``DataFrame`` made by an attempt go to the blob
+store named by ``SHOAL_BLOB_STORE``, which the backend sets.
+
+Exit status 0 after ``Shutdown`` or the end of stdin (the engine has gone:
+the worker ends by itself); :data:`~offload._worker.EXIT_STUCK` after
+giving up on a sync attempt past its timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a worker on this process's stdin and stdout; its exit status."""
+    proto_in, proto_out = _take_stdio()
+    parser = argparse.ArgumentParser(prog="python -m offload.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", default="~/.cache/shoal", help="folder for code bundles and the worker's home")
+    args = parser.parse_args(argv)
+    cache = Path(args.cache).expanduser().absolute()
+    _private_home(cache)
+    abandoned = asyncio.run(_serve(proto_in, proto_out, cache))
+    if abandoned and os.getpgrp() == os.getpid():
+        # The engine went away under running attempts: what they started
+        # (child processes in this worker's process group) goes too.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    if any(t.name.startswith("shoal-attempt") and t.is_alive() for t in threading.enumerate()):
+        # A sync attempt that nothing can stop is still running: do not wait for it.
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _take_stdio() -> tuple[int, int]:
+    """Keep the original stdin/stdout for the protocol; fd 1 becomes stderr, fd 0 /dev/null."""
+    sys.stdout.flush()
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return proto_in, proto_out
+
+
+def _private_home(cache: Path) -> None:
+    home = cache / "home"
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config = home / "shoal.toml"
+    if not config.exists():
+        # Written whole, then renamed: workers starting together all read a complete file.
+        temp = home / f".shoal.toml.{os.getpid()}"
+        temp.write_text('# The config of shoal workers started with this cache: no journal.\nstore = "memory"\n')
+        os.replace(temp, config)
+    os.environ["SHOAL_HOME"] = str(home)
+    os.environ["SHOAL_CONFIG"] = str(config)
+
+
+async def _serve(proto_in: int, proto_out: int, cache: Path) -> int:
+    from ._frames import Frames
+    from ._worker import serve
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    read_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(proto_in, "rb", 0)
+    )
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(proto_out, "wb", 0)
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    try:
+        return await serve(Frames(reader, writer, "the engine"), cache)
+    finally:
+        read_transport.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""``python -m offload.worker`` spoken to over its stdin and stdout, and the framed transport."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from _offload_kit import gone, payload, until, value, worker_env
+from engine.extend import (
+    VERSION,
+    Cancel,
+    Done,
+    Hello,
+    Log,
+    Shutdown,
+    Start,
+    encode_frame,
+    usable_cpus,
+)
+from offload._frames import Frames, StreamBroken
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+
+class Worker:
+    """A worker process and our end of its frames."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, frames: Frames) -> None:
+        self.proc = proc
+        self.frames = frames
+
+    async def recv(self) -> Any:
+        return await asyncio.wait_for(self.frames.recv(), 30)
+
+    async def done(self, id: int) -> tuple[Done, list[Log]]:
+        """The Done of attempt ``id``, and the Logs that came before it (other messages are dropped)."""
+        logs: list[Log] = []
+        while True:
+            message = await self.recv()
+            assert message is not None, "the worker closed its stream"
+            if isinstance(message, Log) and message.id == id:
+                logs.append(message)
+            if isinstance(message, Done) and message.id == id:
+                return message, logs
+
+    async def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return (await self.proc.stderr.read()).decode()
+
+
+async def start_worker(cache: Path, **kwargs: Any) -> Worker:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "offload.worker", "--cache", str(cache),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **worker_env()},
+        start_new_session=True,
+        **kwargs,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    return Worker(proc, Frames(proc.stdout, proc.stdin, f"worker {proc.pid}"))
+
+
+@pytest.fixture
+async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
+    w = await start_worker(tmp_path / "cache")
+    hello = await w.recv()
+    assert isinstance(hello, Hello)
+    yield w
+    if w.proc.returncode is None:
+        w.proc.kill()
+    await w.proc.wait()
+    await w.frames.aclose()
+
+
+async def test_hello_then_exit_zero_at_the_end_of_stdin(tmp_path: Path) -> None:
+    w = await start_worker(tmp_path / "cache")
+    hello = await w.recv()
+    assert isinstance(hello, Hello)
+    assert hello.pid == w.proc.pid and hello.shoal == VERSION and hello.python == platform.python_version()
+    assert hello.hostname == socket.gethostname() and hello.cpus == usable_cpus()
+    assert hello.executable == sys.executable and hello.gpus >= 0
+    # The engine going away (its end of stdin closed) ends the worker by itself.
+    await w.frames.aclose()
+    assert await w.recv() is None
+    assert await w.proc.wait() == 0
+
+
+async def test_shutdown_ends_the_worker_with_status_zero(worker: Worker) -> None:
+    await worker.frames.send(Shutdown())
+    assert await worker.recv() is None
+    assert await worker.proc.wait() == 0
+
+
+async def test_the_end_of_stdin_ends_a_worker_stuck_in_sync_code_and_what_it_started(
+    worker: Worker, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pids"
+    await worker.frames.send(Start(1, payload("spawn_and_sleep", str(pidfile))))
+    await until(pidfile.exists, "the attempt to spawn its child")
+    _, child = map(int, pidfile.read_text().split())
+    await worker.frames.aclose()
+    assert await worker.proc.wait() == 0
+    await until(lambda: gone(child), "the attempt's child process to go", seconds=5)
+
+
+async def test_writes_to_file_descriptor_1_cannot_corrupt_the_stream(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("write_to_fd1")))
+    done, logs = await worker.done(1)
+    assert value(done.outcome) == "intact"
+    assert "".join(log.text for log in logs if log.stream == "stdout") == "printed too\n"
+    await worker.frames.send(Shutdown())
+    assert await worker.recv() is None
+    assert "garbage written to fd 1" in await worker.stderr()
+
+
+async def test_several_async_attempts_run_at_once_and_one_can_be_cancelled(
+    worker: Worker, tmp_path: Path
+) -> None:
+    folder = tmp_path / "arrived"
+    folder.mkdir()
+    await worker.frames.send(Start(1, payload("sleepy", 60.0)))
+    for i in (2, 3):
+        await worker.frames.send(Start(i, payload("rendezvous", str(folder), f"r{i}", 2, key=f"r{i}")))
+    seen: dict[int, Done] = {}
+    while len(seen) < 2:
+        message = await worker.recv()
+        if isinstance(message, Done):
+            seen[message.id] = message
+    assert sorted(seen) == [2, 3] and value(seen[2].outcome) == worker.proc.pid
+    await worker.frames.send(Cancel(1))
+    cancelled, _ = await worker.done(1)
+    assert not cancelled.outcome.ok and cancelled.outcome.error_kind == "system"
+    assert cancelled.outcome.error is not None and "cancelled" in cancelled.outcome.error.message
+    # Still serving.
+    await worker.frames.send(Start(4, payload("add", 20, 22)))
+    assert value((await worker.done(4))[0].outcome) == 42
+
+
+async def test_env_is_set_around_the_attempt(worker: Worker) -> None:
+    name = "SHOAL_TEST_WORKER_VAR"
+    await worker.frames.send(Start(1, payload("getenv", name, env={name: "set"})))
+    assert value((await worker.done(1))[0].outcome) == "set"
+    await worker.frames.send(Start(2, payload("getenv", name)))
+    assert value((await worker.done(2))[0].outcome) is None
+
+
+async def test_the_worker_has_a_private_home_under_its_cache(worker: Worker, tmp_path: Path) -> None:
+    await worker.frames.send(Start(1, payload("getenv", "SHOAL_HOME")))
+    home = value((await worker.done(1))[0].outcome)
+    assert home == str(tmp_path / "cache" / "home")
+    await worker.frames.send(Start(2, payload("getenv", "SHOAL_CONFIG")))
+    assert value((await worker.done(2))[0].outcome).startswith(home)
+
+
+async def test_a_sync_attempt_past_its_timeout_is_reported_and_the_worker_exits(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("sleepy_sync", 60.0, timeout=0.2)))
+    done, _ = await worker.done(1)
+    assert done.outcome.error is not None and done.outcome.error.type == "engine.ActionTimeout"
+    assert done.outcome.error_kind == "user"
+    assert await worker.recv() is None
+    from offload._worker import EXIT_STUCK
+
+    assert await worker.proc.wait() == EXIT_STUCK
+
+
+async def test_an_async_attempt_past_its_timeout_is_cancelled_and_the_worker_serves_on(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("sleepy", 60.0, timeout=0.2)))
+    done, _ = await worker.done(1)
+    assert done.outcome.error is not None and done.outcome.error.type == "engine.ActionTimeout"
+    await worker.frames.send(Start(2, payload("add", 1, 2)))
+    assert value((await worker.done(2))[0].outcome) == 3
+
+
+async def test_a_task_raising_its_own_timeout_error_is_not_a_worker_timeout(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("own_timeout", timeout=30.0)))
+    done, _ = await worker.done(1)
+    assert done.outcome.error is not None and done.outcome.error.type == "TimeoutError"
+    assert done.outcome.error.message == "the task's own deadline"
+
+
+async def test_an_attempt_cancelled_before_it_ran_still_gets_its_done(worker: Worker) -> None:
+    # Both frames in one write: the worker reads the Cancel before the attempt's task took a step.
+    worker.frames.writer.write(encode_frame(Start(1, payload("sleepy", 60.0))) + encode_frame(Cancel(1)))
+    done, _ = await worker.done(1)
+    assert done.outcome.error is not None and "cancelled" in done.outcome.error.message
+    await worker.frames.send(Start(2, payload("add", 2, 2)))
+    assert value((await worker.done(2))[0].outcome) == 4
+
+
+async def test_a_killed_worker_takes_nothing_with_it_but_its_stream(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("sleepy", 60.0)))
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    assert await worker.recv() is None
+    assert await worker.proc.wait() == -signal.SIGKILL
+    await until(lambda: gone(worker.proc.pid), "the worker to be gone")
+
+
+# -- the framed transport --------------------------------------------------------------
+
+
+async def test_frames_round_trip_over_a_socket_pair_and_end_cleanly() -> None:
+    left, right = socket.socketpair()
+    r1, w1 = await asyncio.open_connection(sock=left)
+    r2, w2 = await asyncio.open_connection(sock=right)
+    a, b = Frames(r1, w1, "left"), Frames(r2, w2, "right")
+    messages = [Start(i, payload("add", i, i)) for i in range(50)]
+    await asyncio.gather(*(a.send(m) for m in messages))
+    got = [await b.recv() for _ in messages]
+    assert got == messages
+    await a.aclose()
+    assert await b.recv() is None
+    await b.aclose()
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"\x00\x00", "inside a frame header (2 of 4 bytes)"),
+        (encode_frame(Shutdown())[:-1], "closed its stream inside a frame ("),
+        (b"\x00\x00\x00\x03abc", "not a message of the shoal worker protocol"),
+        (b"\xff\xff\xff\xff", "not a shoal frame"),
+    ],
+)
+async def test_a_broken_stream_is_an_error_naming_the_peer(data: bytes, says: str) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    frames = Frames(reader, None, "the worker on gpu7")  # type: ignore[arg-type]
+    with pytest.raises(StreamBroken) as broken:
+        await frames.recv()
+    assert "the worker on gpu7" in str(broken.value) and says in str(broken.value)
