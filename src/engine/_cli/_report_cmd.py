@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path  # noqa: TC003 - Typer reads the annotations at run time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -10,8 +11,6 @@ from . import _render as render
 from ._app import StoreOption, _echo, _open, _query, _stderr
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from .._engine import Engine
 
 __all__ = ["report_cmd"]
