@@ -70,5 +70,5 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): figures are ratios to baselines run in the same process."""
     session.install("-e", ".[test]")
     quick = ["--quick"] if "quick" in session.posargs else []
-    for script in ["actions.py", "journal.py", "progress.py", "parallel_map.py", "blobs.py", "service.py", "offload.py"]:
+    for script in ["actions.py", "journal.py", "progress.py", "parallel_map.py", "blobs.py", "service.py", "offload.py", "report.py"]:
         session.run("python", f"benchmarks/{script}", *quick)

@@ -9,6 +9,7 @@ benchmark in ``benchmarks/report.py`` uses this module too.
 from __future__ import annotations
 
 import base64
+import fcntl
 import contextlib
 import json
 import os
@@ -52,9 +53,11 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="shoal-chromium-")
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
-        # Chromium wants the pipes as fds 3 and 4; the shell puts them there.
+        # Out of the way of 3 and 4 first: "3<&4 4>&3" would cross the two pipes.
+        to_child_r, from_child_w = (_high(fd) for fd in (to_child_r, from_child_w))
+        # Chromium wants the pipes as fds 3 and 4; bash puts them there (dash takes single-digit fds only).
         self._proc = subprocess.Popen(
-            ["sh", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "sh", executable,
+            ["bash", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "bash", executable,
              "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
              "--no-first-run", "--no-default-browser-check", "--disable-extensions",
              "--disable-background-networking", "--disable-dev-shm-usage",
@@ -173,6 +176,13 @@ class Browser:
         if "exceptionDetails" in reply:
             raise RuntimeError(f"evaluating {expression!r}: {reply['exceptionDetails']}")
         return reply["result"].get("value")
+
+
+def _high(fd: int) -> int:
+    """``fd`` moved to a number of 10 or more (the original closed)."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
 
 
 def _error(event: dict[str, Any]) -> str | None:

@@ -128,7 +128,8 @@
     order.forEach(function (i) {
       var item = data.items[i];
       var l = layout[item[0]];
-      var x0 = x(item[1]), x1 = Math.max(x0 + 1, x(item[2]));
+      // Whole pixels, at least two wide: a microsecond action is still a visible box of its colour.
+      var x0 = Math.floor(x(item[1])), x1 = Math.max(x0 + 2, Math.round(x(item[2])));
       var y0 = l.y + rowOf[i] * ROW + 1, h = ROW - 2;
       ctx.fillStyle = item[5] ? CACHED : FILL[item[3]];
       ctx.fillRect(x0, y0, x1 - x0, h);
@@ -140,10 +141,9 @@
         var ax0 = x(a[5]);
         ctx.fillRect(ax0, y0 + 2, Math.max(1, x(a[6]) - ax0), h - 4);
       });
-      if (item[4] > 1) {
-        ctx.strokeStyle = RETRY; ctx.lineWidth = 2;
-        ctx.strokeRect(x0 + 1, y0 + 1, Math.max(1, x1 - x0 - 2), h - 2);
-        ctx.lineWidth = 1;
+      if (item[4] > 1) {  // retried: an orange band along the top of the box
+        ctx.fillStyle = RETRY;
+        ctx.fillRect(x0, y0, x1 - x0, 3);
       }
       boxes.push([x0, y0, x1, y0 + h, i]);
     });
