@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import engine  # noqa: E402
-from _browser import Browser, find_chromium  # noqa: E402
+import engine
+from _browser import Browser, find_chromium
 
 
 @engine.task

@@ -9,8 +9,8 @@ benchmark in ``benchmarks/report.py`` uses this module too.
 from __future__ import annotations
 
 import base64
-import fcntl
 import contextlib
+import fcntl
 import json
 import os
 import select
