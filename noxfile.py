@@ -1,4 +1,4 @@
-"""The nox sessions: ``nox -s tests lint typecheck bench examples``."""
+"""The nox sessions: ``nox -s tests lint typecheck bench examples docs``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The API reference from the docstrings, with the README as the guide, into site/ (warnings fail it)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 #: The order the examples are read in (tests/test_examples.py follows it too).
