@@ -34,6 +34,7 @@ async def leaf(i: int) -> int:
 async def wobbly(i: int) -> int:
     action = engine.current_action()
     assert action is not None
+    logging.getLogger("flow").warning("wobbly %d attempt %d", i, action.attempt)
     if i % 4 == 0 and action.attempt < 2:
         raise ValueError(f"first try of {i} fails")
     if i == 5:
@@ -165,8 +166,12 @@ async def test_failures_retries_tracebacks_and_logs_are_in_the_report(tmp_path: 
     assert ("wobbly", 0, 2) in by_state  # a success on its second attempt
     failed_key = failed[0][0]
     lines = [text for _at, _stream, text in page.data["logs"][failed_key]]
-    # One line per attempt, each named by the action it came from.
-    assert [line for line in lines if "five" in line] == ["WARNING flow: five </script><b>never</b> works"] * 3
+    # What each attempt logged, in order, under the action it came from.
+    assert lines == [
+        line
+        for attempt in (1, 2, 3)
+        for line in (f"WARNING flow: wobbly 5 attempt {attempt}", "WARNING flow: five </script><b>never</b> works")
+    ]
     assert any("</script><b>never</b>" in line for line in lines)
     # A logged "</script>" cannot end the data element early: it is escaped in the page.
     assert "five </script>" not in path.read_text()
