@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
 
@@ -237,3 +238,43 @@ def test_report_to_an_unwritable_place_says_where(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(engine.EngineError, match=r"cannot write the report of run .* to .*file/r\.html"):
         engine.report(run.id, tmp_path / "file" / "r.html")
+
+
+def _record_offloaded_attempts(db_path: Path, run_id: str, key: str) -> None:
+    """Give action ``key`` the attempt records an offloaded action has: one lost to its host, one that ran."""
+    db = sqlite3.connect(db_path)
+    with db:
+        (task, started, finished) = db.execute(
+            "SELECT task, started, finished FROM actions WHERE run_id=? AND key=?", (run_id, key)
+        ).fetchone()
+        db.executemany(
+            "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (run_id, key, task, 1, 1, "lost", "gpu", "ssh", "h1-handle", "h1:4242", started - 0.5, started, None),
+                (run_id, key, task, 1, 1, "succeeded", "gpu", "ssh", "h2-handle", "h2:77", started, finished, None),
+            ],
+        )
+    db.close()
+
+
+async def test_where_offloaded_attempts_ran_comes_from_their_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        run = await eng.run(small, n=3)
+        summary = await eng.get_run(run.id, actions=True)
+        key = next(rec.key for rec in summary.action_records if rec.task == "leaf")
+        _record_offloaded_attempts(tmp_path / "j.db", run.id, key)
+        items = Page((await eng.report(run.id, tmp_path / "items.html")).read_text()).data
+        monkeypatch.setattr(_collect, "ITEMS_MAX", 1)
+        bins = Page((await eng.report(run.id, tmp_path / "bins.html")).read_text()).data
+    (item,) = [i for i in items["items"] if items["keys"][i[6]] == key]
+    assert [a[:5] for a in item[7]] == [[1, "lost", "gpu", "ssh", "h1:4242"], [1, "succeeded", "gpu", "ssh", "h2:77"]]
+    lost_start, lost_end = item[7][0][5:7]
+    assert lost_end - lost_start == pytest.approx(0.5)
+    others = [i for i in items["items"] if items["keys"][i[6]] != key]
+    assert all([a[2] for a in i[7]] == ["local"] for i in others)
+    (lane,) = [lane for lane in bins["lanes"] if lane["task"] == "leaf"]
+    places = lane["places"]
+    assert places["gpu (ssh) h1:4242"] == 1 and places["gpu (ssh) h2:77"] == 1
+    assert sum(n for place, n in places.items() if place.startswith("local (in-process)")) == 2
