@@ -278,3 +278,21 @@ async def test_where_offloaded_attempts_ran_comes_from_their_records(
     places = lane["places"]
     assert places["gpu (ssh) h1:4242"] == 1 and places["gpu (ssh) h2:77"] == 1
     assert sum(n for place, n in places.items() if place.startswith("local (in-process)")) == 2
+
+
+@engine.task
+async def doomed(n: int) -> int:
+    await asyncio.gather(*(leaf(i) for i in range(n)))
+    raise RuntimeError(f"root gave up after {n} leaves")
+
+
+async def test_failed_run_report_shows_the_error_and_no_result(tmp_path: Path) -> None:
+    run, path, page = await report_of(tmp_path, doomed, n=2)
+    assert run.status == "failed"
+    assert page.summary()["Status"] == "failed"
+    text = path.read_text()
+    assert "RuntimeError</b>: root gave up after 2 leaves" in text
+    assert "(none: the run did not succeed)" in text
+    _head, *failed = page.tables["failures"]
+    assert [row[1] for row in failed] == ["doomed"] and "raise RuntimeError" in failed[0][3]
+    assert page.task_row("leaf")["Succeeded"] == "2"
