@@ -296,3 +296,24 @@ async def test_failed_run_report_shows_the_error_and_no_result(tmp_path: Path) -
     _head, *failed = page.tables["failures"]
     assert [row[1] for row in failed] == ["doomed"] and "raise RuntimeError" in failed[0][3]
     assert page.task_row("leaf")["Succeeded"] == "2"
+
+
+async def test_lanes_past_the_limit_share_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_collect, "LANES_MAX", 2)
+
+    @engine.task
+    async def many() -> int:
+        async with engine.group("a"):
+            await leaf(1)
+        async with engine.group("b"):
+            await leaf(2)
+        async with engine.group("c"):
+            await leaf(3)
+        return 0
+
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        run = await eng.run(many)
+        data = Page((await eng.report(run.id, tmp_path / "r.html")).read_text()).data
+    names = [(lane["group"], lane["task"]) for lane in data["lanes"]]
+    assert len(names) == 3 and names[-1] == (None, "(other tasks)")
+    assert sum(1 for item in data["items"] if item[0] == 2) == 2  # two of the four pairs

@@ -44,6 +44,9 @@ LOG_LINE_CHARS = 2_000
 FAILED_MAX = 50
 #: Most distinct places (target, where) listed per lane when binned.
 PLACES_MAX = 20
+#: Most lanes drawn; the actions of further (group, task) pairs share one more lane.
+LANES_MAX = 100
+OTHER_LANE = "(other tasks)"
 #: Records read per journal page.
 PAGE = 20_000
 
@@ -168,12 +171,19 @@ def _add(out: Collected, lanes: dict[tuple[str | None, str], int], rec: ActionRe
         stats.durations.append(rec.finished - rec.started)
     index = lanes.get((rec.group, rec.task))
     if index is None:
-        index = lanes[(rec.group, rec.task)] = len(out.lanes)
-        lane = Lane(rec.task, rec.group)
-        if out.binned:
-            lane.busy = [0.0] * BINS
-            lane.started, lane.failed, lane.retried = [0] * BINS, [0] * BINS, [0] * BINS
-        out.lanes.append(lane)
+        name: tuple[str | None, str] = (rec.group, rec.task)
+        if len(out.lanes) >= LANES_MAX:
+            # Past LANES_MAX lanes the rest share one, so the page stays small whatever the run.
+            name = (None, OTHER_LANE)
+            index = lanes.get(name)
+        if index is None:
+            index = lanes[name] = len(out.lanes)
+            lane = Lane(name[1], name[0])
+            if out.binned:
+                lane.busy = [0.0] * BINS
+                lane.started, lane.failed, lane.retried = [0] * BINS, [0] * BINS, [0] * BINS
+            out.lanes.append(lane)
+        lanes[(rec.group, rec.task)] = index
     lane = out.lanes[index]
     if rec.started is None:
         out.unplaced += 1  # never started (cancelled while waiting): counted, not drawn
