@@ -231,6 +231,8 @@ def test_cli_report_of_an_unknown_run_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(build_app(), ["report", "nope"], catch_exceptions=False)
     assert result.exit_code == 2 and "no run 'nope' in journal" in result.stderr
     assert list(tmp_path.glob("*.html")) == []
+    result = CliRunner().invoke(build_app(), ["report", "nope", "--store", "memory"], catch_exceptions=False)
+    assert result.exit_code == 2 and "keeps no journal" in result.stderr
 
 
 def test_report_to_an_unwritable_place_says_where(tmp_path: Path) -> None:

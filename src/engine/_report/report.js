@@ -134,9 +134,10 @@
       ctx.fillStyle = item[5] ? CACHED : FILL[item[3]];
       ctx.fillRect(x0, y0, x1 - x0, h);
       var attempts = item[7] || [];
-      // Earlier attempts that were recorded with their own times (offloaded ones) are drawn too.
-      attempts.forEach(function (a) {
-        if (a[5] === null || a[6] === null || a[1] === "succeeded") { return; }
+      // Earlier attempts recorded with their own times (offloaded ones: lost to a host, or failed)
+      // are drawn inside the box; the last attempt is the box itself.
+      attempts.slice(0, -1).forEach(function (a) {
+        if (a[5] === null || a[6] === null) { return; }
         ctx.fillStyle = a[1] === "lost" ? "#fbbf24" : "#fca5a5";
         var ax0 = x(a[5]);
         ctx.fillRect(ax0, y0 + 2, Math.max(1, x(a[6]) - ax0), h - 4);
