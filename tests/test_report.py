@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sqlite3
+import time
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
 
@@ -319,3 +320,40 @@ async def test_lanes_past_the_limit_share_one(tmp_path: Path, monkeypatch: pytes
     names = [(lane["group"], lane["task"]) for lane in data["lanes"]]
     assert len(names) == 3 and names[-1] == (None, "(other tasks)")
     assert sum(1 for item in data["items"] if item[0] == 2) == 2  # two of the four pairs
+
+
+GATE: dict[str, asyncio.Event] = {}
+
+
+@engine.task
+async def held(i: int) -> int:
+    await GATE["open"].wait()
+    return i
+
+
+@engine.task
+async def holding(n: int) -> int:
+    async with engine.group("slow"):
+        return sum(await asyncio.gather(*(held(i) for i in range(n))))
+
+
+async def test_report_of_a_live_run_shows_its_running_actions(tmp_path: Path) -> None:
+    GATE["open"] = asyncio.Event()
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        run = await eng.submit(holding, 4)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the run's snapshot of its running actions is in
+            try:
+                if (await eng.get_run(run.id)).actions == 5:
+                    break
+            except engine.RunNotFound:  # its first record is not committed yet
+                pass
+            await asyncio.sleep(0.05)
+        path = await eng.report(run.id, tmp_path / "live.html")
+        GATE["open"].set()
+        await run.wait()
+    page = Page(path.read_text())
+    assert page.summary()["Status"] == "running" and page.summary()["Finished"] == "(not finished)"
+    running = [item for item in page.data["items"] if item[3] == _collect.STATE_CODES["running"]]
+    assert sorted(page.data["lanes"][item[0]]["task"] for item in running) == ["held"] * 4 + ["holding"]
+    assert page.task_row("held")["Actions"] == "4"

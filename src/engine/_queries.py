@@ -255,6 +255,17 @@ class JournalQueries:
         result: tuple[int, tuple[ActionRecord, ...]] = await self.read(go)
         return result
 
+    async def running_actions(self, run_id: str) -> list[ActionRecord]:
+        """The actions a live run is running now, which ``action_pages`` cannot see (no record yet)."""
+
+        def go(db: sqlite3.Connection) -> list[ActionRecord]:
+            if run_record(self._run_row(db, run_id)).status != "running":
+                return []
+            return _in_flight(db, run_id, _attempts(db, run_id))
+
+        result: list[ActionRecord] = await self.read(go)
+        return result
+
     async def request_cancel(self, run_id: str) -> str:
         """Ask the process running ``run_id`` to cancel it; returns the run's status.
 

@@ -140,6 +140,8 @@ async def collect(journal: Journal, run_id: str, *, now: float | None = None) ->
         for rec in page:
             if rec.kind == "action":
                 _add(out, lanes, rec)
+    for rec in await journal.running_actions(run_id):  # a live run's, from its latest snapshot
+        _add(out, lanes, rec)
     if out.binned:
         for lane in out.lanes:
             lane.busy = [round(b, 3) for b in lane.busy]
