@@ -8,8 +8,10 @@ opens the same pages in a real Chromium.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -357,3 +359,26 @@ async def test_report_of_a_live_run_shows_its_running_actions(tmp_path: Path) ->
     running = [item for item in page.data["items"] if item[3] == _collect.STATE_CODES["running"]]
     assert sorted(page.data["lanes"][item[0]]["task"] for item in running) == ["held"] * 4 + ["holding"]
     assert page.task_row("held")["Actions"] == "4"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("offload._local") is None and os.environ.get("CI") != "true",
+    reason="offload.Local is not in this tree",
+)
+async def test_report_of_a_run_with_offloaded_actions_says_where_they_ran(tmp_path: Path) -> None:
+    import offload
+    from _offload_kit import worker_env
+
+    box = offload.Local(workers=1, env=worker_env())
+    async with engine.Engine(store=tmp_path / "j.db", targets={"box": box}, offload={"leaf": "box"}) as eng:
+        run = await eng.run(small, n=3)
+        page = Page((await eng.report(run.id, tmp_path / "r.html")).read_text())
+    assert run.result == [0, 2, 4]
+    data = page.data
+    places: dict[str, set[tuple[str, str, str]]] = {data["lanes"][i[0]]["task"]: set() for i in data["items"]}
+    for item in data["items"]:
+        places[data["lanes"][item[0]]["task"]].update((a[2], a[3], a[4].rsplit(":", 1)[1]) for a in item[7])
+    (driver,) = places["small"]
+    assert driver[:2] == ("local", "in-process") and driver[2] == str(os.getpid())
+    (worker,) = places["leaf"]  # one worker process ran all three
+    assert worker[:2] == ("box", "local") and worker[2] != str(os.getpid())
