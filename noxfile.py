@@ -1,4 +1,4 @@
-"""The nox sessions: ``nox -s tests lint typecheck bench examples``."""
+"""The nox sessions: ``nox -s tests lint typecheck bench examples docs``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The API reference from the docstrings, with the README as the guide, into site/ (warnings fail it)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 #: The order the examples are read in (tests/test_examples.py follows it too).
@@ -70,5 +77,5 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): figures are ratios to baselines run in the same process."""
     session.install("-e", ".[test]")
     quick = ["--quick"] if "quick" in session.posargs else []
-    for script in ["actions.py", "journal.py", "progress.py", "parallel_map.py", "blobs.py", "service.py", "offload.py"]:
+    for script in ["actions.py", "journal.py", "progress.py", "parallel_map.py", "blobs.py", "service.py", "offload.py", "report.py"]:
         session.run("python", f"benchmarks/{script}", *quick)

@@ -10,6 +10,9 @@ import pytest
 import engine
 from _fakes import FakeSleep
 
+# The plugin that users get (engine.testing) is tested with pytester.
+pytest_plugins = ["pytester"]
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path

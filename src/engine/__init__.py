@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._api import aresume as aresume
 from ._api import arun as arun
 from ._api import get_run as get_run
+from ._api import report as report
 from ._api import resume as resume
 from ._api import run as run
 from ._api import runs as runs
@@ -122,6 +123,7 @@ __all__ = [
     "map",
     "parallel_imap",
     "parallel_map",
+    "report",
     "resume",
     "run",
     "runs",

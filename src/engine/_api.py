@@ -18,12 +18,14 @@ from ._engine import Engine, _check_root
 from ._errors import EngineError
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import AsyncGenerator, Coroutine, Sequence
+    from pathlib import Path
 
     from ._run import Run
     from ._task import Task
 
-__all__ = ["aresume", "arun", "default_engine", "get_run", "resume", "run", "runs"]
+__all__ = ["aresume", "arun", "default_engine", "get_run", "report", "resume", "run", "runs"]
 
 T = TypeVar("T")
 
@@ -143,5 +145,20 @@ def get_run(run_id: str, *, actions: bool = False, offset: int = 0, limit: int =
     async def query() -> Any:
         async with Engine() as eng:
             return await eng.get_run(run_id, actions=actions, offset=offset, limit=limit)
+
+    return _query(query())
+
+
+def report(run_id: str, path: str | os.PathLike[str] | None = None) -> Path:
+    """Write the HTML report of a recorded run of the default journal; returns the file's path.
+
+    Blocking, like :func:`get_run`; inside a running event loop use
+    ``await Engine().report(run_id, path)``.  See :meth:`Engine.report`
+    for what the page holds.
+    """
+
+    async def query() -> Path:
+        async with Engine() as eng:
+            return await eng.report(run_id, path)
 
     return _query(query())

@@ -462,6 +462,25 @@ class Engine:
         journal = await self.journal()
         return await journal.run_details(run_id, actions=actions, offset=offset, limit=limit)
 
+    async def report(self, run_id: str, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write run ``run_id``'s report, one self-contained HTML file, and return its path.
+
+        ``path`` defaults to ``shoal-report-RUN.html`` in the working
+        folder (a folder puts that name inside it).  The page needs no
+        network: a summary (status, root task, arguments, result, times,
+        tags), a timeline of the actions by task and group with retries,
+        failures and where each attempt ran, per-task statistics (count,
+        p50/p95/max duration, retries, cache hits), failed actions with
+        tracebacks, and an action's logs on click.  The run is read in
+        pages, so a run of a million actions is reported in bounded
+        memory; above 5,000 actions the timeline is drawn in time bins.
+        Raises :class:`RunNotFound` for an unknown run.
+        """
+        from ._report import write_report
+
+        journal = await self.journal()
+        return await write_report(journal, run_id, path)
+
     # -- admission -----------------------------------------------------------
 
     def check_resources(self, task: Task[Any, Any]) -> None:

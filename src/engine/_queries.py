@@ -214,6 +214,58 @@ class JournalQueries:
         result: list[ActionRecord] = await self.read(go)
         return result
 
+    async def action_pages(self, run_id: str, *, after: int = 0, limit: int = 10_000) -> tuple[int, tuple[ActionRecord, ...]]:
+        """A page of the run's current action records in journal order, without outputs or tracebacks.
+
+        For readers that walk a whole run (the HTML report): keyset paging
+        on ``rowid`` (pass the returned rowid back as ``after``) costs the
+        same for the last page as for the first, where ``run_details``
+        sorts the whole run for every page.  Records carry their attempts
+        and the error's type and message (tracebacks: ``failed_actions``).
+        Returns ``(last rowid, records)``; no records means the end.
+        """
+
+        def go(db: sqlite3.Connection) -> tuple[int, tuple[ActionRecord, ...]]:
+            run = run_record(self._run_row(db, run_id))
+            rows = db.execute(
+                "SELECT rowid, run_id, key, parent, task, state, attempt, run_attempt, started, finished, grp, "
+                "NULL, NULL, error, kind, cache_key, cached FROM actions WHERE " + current_rows(db, run_id)
+                + " AND rowid > :after ORDER BY rowid LIMIT :limit",
+                {"run": run_id, "after": after, "limit": limit},
+            ).fetchall()
+            if not rows:
+                return after, ()
+            records = [action_record(r[1:]) for r in rows]
+            attempts: dict[str, tuple[str, list[AttemptInfo]]] = {}
+            if db.execute("SELECT 1 FROM attempts WHERE run_id=? LIMIT 1", (run_id,)).fetchone():
+                keys = [rec.key for rec in records]
+                for start in range(0, len(keys), 500):  # SQLite's bound on host parameters
+                    chunk = keys[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for key, attempt, state, target, backend, place, started, finished, task in db.execute(
+                        "SELECT key, attempt, state, target, backend, place, started, finished, task FROM attempts "
+                        "WHERE rowid IN (SELECT max(rowid) FROM attempts WHERE run_id=? AND key IN "
+                        f"({marks}) GROUP BY key, handle) ORDER BY rowid",
+                        (run_id, *chunk),
+                    ):
+                        entry = attempts.setdefault(key, (task, []))
+                        entry[1].append(AttemptInfo(attempt, state, target, backend, place, started, finished))
+            return rows[-1][0], _placed(records, attempts, run)
+
+        result: tuple[int, tuple[ActionRecord, ...]] = await self.read(go)
+        return result
+
+    async def running_actions(self, run_id: str) -> list[ActionRecord]:
+        """The actions a live run is running now, which ``action_pages`` cannot see (no record yet)."""
+
+        def go(db: sqlite3.Connection) -> list[ActionRecord]:
+            if run_record(self._run_row(db, run_id)).status != "running":
+                return []
+            return _in_flight(db, run_id, _attempts(db, run_id))
+
+        result: list[ActionRecord] = await self.read(go)
+        return result
+
     async def request_cancel(self, run_id: str) -> str:
         """Ask the process running ``run_id`` to cancel it; returns the run's status.
 
@@ -246,14 +298,21 @@ class JournalQueries:
             raise JournalError(f"cannot ask run {run_id} to cancel: {flag}: {exc.strerror}") from None
         return "running"
 
-    async def logs(self, run_id: str, action: str | None = None) -> list[tuple[str, float, str, str]]:
+    async def logs(
+        self, run_id: str, action: str | None = None, *, limit: int | None = None
+    ) -> list[tuple[str, float, str, str]]:
+        """(action, time, stream, text) of what the run's actions printed or logged, in order; at most ``limit``."""
+
         def go(db: sqlite3.Connection) -> list[tuple[str, float, str, str]]:
+            bound = -1 if limit is None else limit  # SQLite: a negative LIMIT is none
             if action is None:
-                cur = db.execute("SELECT action, at, stream, text FROM logs WHERE run_id=? ORDER BY at", (run_id,))
+                cur = db.execute(
+                    "SELECT action, at, stream, text FROM logs WHERE run_id=? ORDER BY at LIMIT ?", (run_id, bound)
+                )
             else:
                 cur = db.execute(
-                    "SELECT action, at, stream, text FROM logs WHERE run_id=? AND action=? ORDER BY at",
-                    (run_id, action),
+                    "SELECT action, at, stream, text FROM logs WHERE run_id=? AND action=? ORDER BY at LIMIT ?",
+                    (run_id, action, bound),
                 )
             return [(a, at, s, t) for a, at, s, t in cur]
 

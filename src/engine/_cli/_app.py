@@ -115,6 +115,7 @@ USAGE = {
     "show": "RUN [OPTIONS]",
     "logs": "RUN [ACTION] [OPTIONS]",
     "cancel": "RUN [OPTIONS]",
+    "report": "RUN [-o FILE] [OPTIONS]",
 }
 
 RUN_EPILOG = (
@@ -640,6 +641,9 @@ def build_app() -> typer.Typer:
         else:
             _stderr().print(f"cancel requested for run {run_id}; it stops within a second")
 
+    from ._report_cmd import report_cmd
+
+    app.command("report")(report_cmd)
     return app
 
 
