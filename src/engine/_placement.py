@@ -178,12 +178,13 @@ class Remote:
             except InfrastructureError as exc:
                 return exc
         try:
-            if journal is not None:
-                recorded = journal.attempt(action, self.target, handle, "running", started, None)
-                if backend.reattachable:
-                    # Durable before the wait: a crash from here on finds
-                    # this attempt again by its handle, never submits twice.
-                    await recorded
+            if journal is not None and backend.reattachable:
+                # Durable before the wait: a crash from here on finds this
+                # attempt again by its handle, never submits twice.  (An
+                # attempt that dies with this process, on a worker, is
+                # recorded when it ends; meanwhile the run's snapshot of
+                # its running actions lists it.)
+                await journal.attempt(action, self.target, handle, "running", started, None)
             outcome = await backend.wait(handle)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
