@@ -96,3 +96,4 @@ async def greedy() -> int:
 @engine.task
 async def fan(n: int) -> list[int]:
     return [value for value, _ in await asyncio.gather(*(where(i) for i in range(n)))]
+

@@ -320,3 +320,17 @@ async def test_traces_of_an_offloaded_attempt_are_replayed_on_resume_after_a_cra
 async def _runs(home: Path) -> list[str]:
     async with engine.Engine(home=home) as eng:
         return [s.id for s in await eng.runs()]
+
+
+
+async def test_a_task_the_worker_cannot_import_is_a_clear_error(tmp_path: Path) -> None:
+    import _offload_unimportable as u
+
+    # The module imports fine here; where the workers run, its own imports fail.
+    picky = offload.Local(workers=1, env={"SHOAL_TEST_REFUSE_IMPORT": "1"})
+    async with engine.Engine(store="memory", targets={"picky": picky}) as eng:
+        run = await eng.run(call, u.lonely)
+    assert run.status == "failed"
+    assert isinstance(run.error, engine.ImportFailed), repr(run.error)
+    message = str(run.error)
+    assert "_offload_unimportable" in message and "_offload_missing" in message

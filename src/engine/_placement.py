@@ -236,7 +236,7 @@ def rebuild_error(task: Task[Any, Any], outcome: Outcome) -> BaseException:
     if info is None:
         return OffloadError(f"an attempt of task {task.name!r} on {where} failed without an error")
     if outcome.error_kind == "system":
-        return ImportFailed(f"on {where}: {info.message}")
+        return ImportFailed(info.message if where in info.message else f"on {where}: {info.message}")
     if outcome.error_pickle is not None:
         import pickle
 
