@@ -18,6 +18,7 @@ from . import _lifecycle as lifecycle
 from ._codec import INLINE_KINDS
 from ._context import action_var, group_var, task_of
 from ._errors import ActionTimeout, EncodeError
+from ._runners import LOOP, THREAD
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from ._options import Retry
     from ._placement import Remote
     from ._run import Run
+    from ._runners import Runner
     from ._task import Task
 
 #: What ``Run.replayed`` gives for a recorded output that cannot be read
@@ -303,6 +305,9 @@ async def _attempt_loop(
     timeout = task.timeout
     run = action.run
     engine = run.engine
+    # Where each attempt runs (see _runners); a remote one is cancelled on
+    # its backend when the timeout's cancellation reaches it.
+    runner: Runner = place if place is not None else LOOP if task.is_async else THREAD
     attempt = 0
     while True:
         attempt += 1
@@ -313,37 +318,18 @@ async def _attempt_loop(
             # resume, in the journal).
             action.occurrences = None
             if action.held is None and (task.admitted or engine.limited or place is not None):
-                # The previous attempt's thread kept its slots (see below).
+                # The previous attempt's thread kept its slots (see _runners).
                 action.held = await engine.admit(task, place)
-        thread: asyncio.Future[Any] | None = None
         try:
-            if place is not None:
-                # Elsewhere: the attempt's own task is this one, so the
-                # timeout's cancellation reaches the backend (its cancel).
-                if timeout is None:
-                    return await place.attempt(action, values, named, counts)
-                async with asyncio.timeout(timeout) as scope:
-                    return await place.attempt(action, values, named, counts)
-            if task.is_async:
-                if timeout is None:
-                    return await task.fn(*values, **named)
-                async with asyncio.timeout(timeout) as scope:
-                    return await task.fn(*values, **named)
-            thread = engine.run_sync(action, values, named)
             if timeout is None:
-                return await thread
+                return await runner.attempt(action, values, named, counts)
             async with asyncio.timeout(timeout) as scope:
-                return await asyncio.shield(thread)
+                return await runner.attempt(action, values, named, counts)
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-            # Never retried, whatever ``on=`` says.
-            if thread is not None:
-                _hold_until_done(action, thread)
-            raise
+            raise  # never retried, whatever ``on=`` says
         except BaseException as exc:
             error: BaseException = exc
             if timeout is not None and isinstance(exc, TimeoutError) and scope.expired():
-                if thread is not None:
-                    _hold_until_done(action, thread)
                 error = ActionTimeout(
                     f"action {action.label} of task {task.name!r} timed out after {timeout:g} s "
                     f"(attempt {attempt}); raise the task's timeout= or make the work smaller"
@@ -508,21 +494,3 @@ async def _join(
         return await _start_remembered(run, task, parent, key, values, named, counts, memo)
     _recalled(run, task, parent, key, counts)
     return value
-
-
-def _hold_until_done(action: Action, thread: asyncio.Future[Any]) -> None:
-    """A sync attempt given up on (timeout, cancel) keeps running in its thread.
-
-    Python cannot stop a thread, so the slots it took stay taken until it
-    returns: resource accounting keeps telling the truth about the machine.
-    """
-    held = action.held
-    if held is None or thread.done():
-        return
-    action.held = None
-
-    def release(_: asyncio.Future[Any]) -> None:
-        for slots, amount in held:
-            slots.release(amount)
-
-    thread.add_done_callback(release)
