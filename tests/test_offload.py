@@ -120,10 +120,15 @@ def test_what_an_attempt_prints_and_logs_is_captured_under_its_action(
     assert any(stream == "log" and "logged 5" in text for stream, text in seen)
 
 
-async def test_a_timeout_stops_the_remote_attempt_and_its_process(box: engine.Engine, tmp_path: Path) -> None:
+async def test_a_timeout_stops_the_remote_attempt_and_its_process(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
-    run = await box.run(call, t.sleeper, str(pidfile))
+    async with engine.Engine(home=tmp_path / "home", targets={"box": offload.Local(workers=1)}) as eng:
+        # The worker is started first: timeout=1 covers the attempt, and a
+        # worker's start on a busy machine could take most of that second.
+        assert (await eng.run(call, t.where, 1)).status == "succeeded"
+        run = await eng.run(call, t.sleeper, str(pidfile))
     assert run.status == "failed" and isinstance(run.error, engine.ActionTimeout)
+    assert text_of(pidfile), "the attempt never started within its timeout"
     pid = int(text_of(pidfile))
     await until(lambda: gone(pid), "the timed-out attempt's process to end")
 
