@@ -939,13 +939,21 @@ def test_show_actions_says_where_each_action_ran() -> None:
 
 
 def test_where_names_the_last_attempt_and_counts_them() -> None:
+    from datetime import UTC, datetime
+
     from engine._cli._render import actions_table, where_text
 
-    lost = engine.AttemptInfo(1, "lost", "box", "local", "h1:100", 1.0, 2.0)
-    again = engine.AttemptInfo(1, "succeeded", "box", "local", "h1:101", 2.5, 3.0)
-    rec = engine.ActionRecord("r", "k1", None, "train", "succeeded", 1, 1, 1.0, 3.0, attempts=(lost, again))
+    def at(ts: float) -> datetime:
+        return datetime.fromtimestamp(ts, UTC)
+
+    lost = engine.RecordedAttempt(1, "lost", "box", "local", "h1:100", at(1.0), at(2.0))
+    again = engine.RecordedAttempt(1, "succeeded", "box", "local", "h1:101", at(2.5), at(3.0))
+    rec = engine.RecordedAction(
+        "r", "k1", None, "train", None, "succeeded", "action", 1, 1, at(1.0), at(3.0), None, 4, "msgpack",
+        None, (lost, again), False, None,
+    )
     assert where_text(rec) == "box h1:101 (2 attempts)"
-    earlier = engine.AttemptInfo(1, "failed", "local", "in-process", "", 1.0, 2.0)  # an earlier process of the run
+    earlier = engine.RecordedAttempt(1, "failed", "local", "in-process", "", at(1.0), at(2.0))  # an earlier process of the run
     assert where_text(msgspec.structs.replace(rec, attempts=(earlier,))) == "local"
     assert where_text(msgspec.structs.replace(rec, attempts=())) == ""
     console = Console(width=200, file=io.StringIO())

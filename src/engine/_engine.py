@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._config import Config, load_config
 from ._errors import ConfigError, EngineError, InputError, ResourceError
@@ -22,14 +22,20 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Awaitable, Callable, Iterable, Sequence
     from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime
 
     from ._action import Action
     from ._blobs import BlobStore
+    from ._client import RecordedRun
     from ._journal import Journal
     from ._placement import Remote
     from ._pool import WorkerPool
+    from ._records import RunSummary
 
 __all__ = ["Engine"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 #: Threads for sync tasks called from other sync tasks (created as needed).
@@ -452,13 +458,56 @@ class Engine:
     def run_finished(self, run: Run) -> None:
         self.runs_in_flight.pop(run.id, None)
 
-    async def runs(self, *, status: str | None = None, tag: str | None = None, limit: int = 50) -> list[Any]:
-        """Recorded runs, latest first (see :func:`engine.runs`)."""
-        journal = await self.journal()
-        return await journal.list_runs(status=status, tag=tag, limit=limit)
+    async def runs(
+        self,
+        *,
+        task: str | Task[Any, Any] | None = None,
+        status: str | None = None,
+        tag: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        load_code: bool = True,
+    ) -> list[RecordedRun[object]]:
+        """Recorded runs, latest first, decoded (see :func:`engine.runs`)."""
+        from ._client import read_runs
 
-    async def get_run(self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000) -> Any:
-        """One recorded run with per-task counts, and optionally a page of its actions."""
+        name = task.name if isinstance(task, Task) else task
+        return await read_runs(
+            self, task=name, status=status, tag=tag, since=since, limit=limit, load_code=load_code
+        )
+
+    async def get_run(
+        self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000, load_code: bool = True
+    ) -> RecordedRun[object]:
+        """One recorded run, decoded (see :func:`engine.get_run`); ``actions=True`` fills ``action_records``."""
+        from ._client import read_run
+
+        return await read_run(self, run_id, actions=actions, offset=offset, limit=limit, load_code=load_code)
+
+    @overload
+    async def latest_run(
+        self, task: Task[P, R], *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[R] | None: ...
+    @overload
+    async def latest_run(
+        self, task: str, *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[object] | None: ...
+
+    async def latest_run(
+        self, task: Task[Any, Any] | str, *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[Any] | None:
+        """The latest recorded run of ``task`` (a task or its name) with ``status`` (None: any), or None."""
+        found = await self.runs(task=task, status=status, limit=1, load_code=load_code)
+        return found[0] if found else None
+
+    async def run_summary(
+        self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000
+    ) -> RunSummary:
+        """The journal's own view of a run: raw records (encoded outputs, Unix timestamps), per-task counts.
+
+        For tools that look at how values are stored; :meth:`get_run` is
+        the decoded view.
+        """
         journal = await self.journal()
         return await journal.run_details(run_id, actions=actions, offset=offset, limit=limit)
 
@@ -480,6 +529,18 @@ class Engine:
 
         journal = await self.journal()
         return await write_report(journal, run_id, path)
+
+    def usable_here(self) -> bool:
+        """Whether this engine is open and its journal (if opened) belongs to the running loop."""
+        if self._closed:
+            return False
+        journal = self._journal
+        return journal is None or journal.loop is asyncio.get_running_loop()
+
+    @property
+    def blob_spec(self) -> Any:
+        """The blob store as it was given (a URL, a path, an object, or None for the default)."""
+        return self._blob_spec
 
     # -- admission -----------------------------------------------------------
 
