@@ -186,6 +186,11 @@ def get_run(
 
 @overload
 def latest_run(
+    task: Task[P, Coroutine[Any, Any, R]], *, status: str | None = "succeeded",
+    store: str | os.PathLike[str] | None = None, load_code: bool = True,
+) -> RecordedRun[R] | None: ...
+@overload
+def latest_run(
     task: Task[P, R], *, status: str | None = "succeeded", store: str | os.PathLike[str] | None = None,
     load_code: bool = True,
 ) -> RecordedRun[R] | None: ...

@@ -20,7 +20,7 @@ from ._task import Task
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
     from concurrent.futures import ThreadPoolExecutor
     from datetime import datetime
 
@@ -484,6 +484,10 @@ class Engine:
 
         return await read_run(self, run_id, actions=actions, offset=offset, limit=limit, load_code=load_code)
 
+    @overload
+    async def latest_run(
+        self, task: Task[P, Coroutine[Any, Any, R]], *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[R] | None: ...
     @overload
     async def latest_run(
         self, task: Task[P, R], *, status: str | None = "succeeded", load_code: bool = True
