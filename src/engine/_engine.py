@@ -92,6 +92,12 @@ class Engine:
     and closed by ``aclose()``, after the runs are cancelled and before the
     journal closes.
 
+    ``overrides``: task options by task name, for every call of those
+    tasks in this engine's runs, as ``task.override(...)`` gives them:
+    ``{"train": {"timeout": 600, "retries": 3}}`` (``shoal run --with
+    train.timeout=600`` fills it).  They win over the options in code;
+    ``offload`` above wins over them.
+
     ``sleep`` and ``rng`` drive retry backoff; tests inject them so that
     they never sleep.
 
@@ -115,10 +121,18 @@ class Engine:
         clock: Callable[[], float] | None = None,
         targets: Mapping[str, Any] | None = None,
         offload: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.targets = _check_targets(targets)
         self.offload = _check_offload(offload)
+        from ._overrides import check_overrides
+
+        # Options by task name for every call in this engine's runs (``shoal
+        # run --with``); ``_overridden`` caches the handle made for each task
+        # object, so that each has one placement and one set of slots.
+        self.overrides = check_overrides(overrides)
+        self._overridden: dict[Task[Any, Any], Task[Any, Any]] = {}
         if max_concurrency is None:
             max_concurrency = self.config.max_concurrency
         if max_concurrency is not None and (
@@ -439,7 +453,17 @@ class Engine:
             self._start(run)
         return run
 
+    def overridden(self, task: Task[Any, Any]) -> Task[Any, Any]:
+        """``task`` with this engine's ``overrides`` for its name applied (itself if there are none)."""
+        handle = self._overridden.get(task)
+        if handle is None:
+            options = self.overrides.get(task.name)
+            handle = self._overridden[task] = task if options is None else task.with_options(options)
+        return handle
+
     def _start(self, run: Run) -> None:
+        if self.overrides:
+            run.task = self.overridden(run.task)
         self.runs_in_flight[run.id] = run
         run.start()
 
@@ -582,9 +606,10 @@ class Engine:
         held: list[tuple[Slots, float]] = []
         try:
             if task.concurrency is not None:
-                slots = self._task_slots.get(task)
+                owner = task.limiter  # override handles share their task's limit
+                slots = self._task_slots.get(owner)
                 if slots is None:
-                    slots = self._task_slots[task] = Slots(task.concurrency, task.name)
+                    slots = self._task_slots[owner] = Slots(task.concurrency, task.name)
                 await slots.acquire(1)
                 held.append((slots, 1))
             res = task.resources

@@ -45,6 +45,7 @@ from .._errors import (
     RunNotFound,
     UnusableFolder,
 )
+from .._overrides import parse_with
 from . import _render as render
 from ._params import (
     HelpRequested,
@@ -89,6 +90,16 @@ ResultJsonOption = Annotated[bool, typer.Option("--json", help="Print the result
 MaxConcurrencyOption = Annotated[
     int | None, typer.Option("--max-concurrency", min=1, help="Most actions running at once.")
 ]
+WithOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--with",
+        metavar="TASK.OPTION=VALUE",
+        help="Run TASK with another option for this run: retries, timeout, cache, concurrency, resources "
+        "(cpu=2,memory=4Gi,gpu=1) or offload, e.g. --with square.retries=3; repeatable.",
+        show_default=False,
+    ),
+]
 OffloadOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -120,7 +131,8 @@ USAGE = {
 
 RUN_EPILOG = (
     "Run options: --tag TEXT (repeatable), --max-concurrency N, --store PATH|memory, "
-    "--offload TASK=TARGET (repeatable), --json (print the result as JSON); see 'shoal run --help'."
+    "--offload TASK=TARGET (repeatable), --with TASK.OPTION=VALUE (repeatable), --json (print the result "
+    "as JSON); see 'shoal run --help'."
 )
 
 
@@ -366,6 +378,7 @@ def build_app() -> typer.Typer:
         max_concurrency: MaxConcurrencyOption = None,
         store: StoreOption = None,
         offload: OffloadOption = None,
+        with_: WithOption = None,
         as_json: ResultJsonOption = False,
     ) -> None:
         argv = list(ctx.args)
@@ -379,10 +392,11 @@ def build_app() -> typer.Typer:
             task = pick_task(target)
             parsed = parse_task_args(task, argv)
             check_offload_tasks(placement, file_tasks(target), split_target(target)[0])
+            overrides = parse_with(with_ or (), file_tasks(target))
         except HelpRequested:
             _stdout().print(task_help(target, task))
             raise typer.Exit(0) from None
-        except UsageProblem as exc:
+        except (UsageProblem, ConfigError) as exc:
             usage_error(str(exc), "run")
         console = _stderr()
         try:
@@ -390,8 +404,8 @@ def build_app() -> typer.Typer:
                 outcome = asyncio.run(
                     run_with_progress(
                         task, parsed.args, parsed.kwargs, tags=tag or (), store=store,
-                        max_concurrency=max_concurrency, offload=placement, console=console,
-                        live=console.is_terminal,
+                        max_concurrency=max_concurrency, offload=placement, overrides=overrides,
+                        console=console, live=console.is_terminal,
                     )
                 )
         except (InputError, ConfigError, ImportFailed, UnusableFolder) as exc:
