@@ -256,11 +256,12 @@ class JournalQueries:
             )
             attempts = _attempts(db, run_id)
             records = list(_placed(found, attempts, run_record(row)))
-            if row[6] == "running" and attempts and offset == 0 and group is None and state in (None, "running"):
-                # Offloaded actions in flight have attempt rows and no action row yet.
+            if row[6] == "running" and offset == 0 and state in (None, "running"):
+                # Running actions have no action row yet.
                 live = [
                     r for r in _in_flight(db, run_id, attempts)
-                    if (task is None or r.task == task) and (key is None or r.key.startswith(key))
+                    if (task is None or r.task == task) and (group is None or r.group == group)
+                    and (key is None or r.key.startswith(key))
                 ]
                 records += live[: max(0, limit - len(records))]
             return records
