@@ -156,7 +156,7 @@ class RecordedRun(msgspec.Struct, Generic[R], frozen=True, dict=True):
     under their position (``"0"``, ``"1"``, ...) and ``note`` says why.
     ``result`` is the root task's return value (None unless succeeded),
     decoded with its return annotation when the task can be imported.
-    Times are aware UTC datetimes.  ``stats`` counts actions by state,
+    Times are aware UTC datetimes.  ``stats`` counts actions by state (the keys of a live ``Run.stats`` that the journal knows),
     ``tasks`` by task and group.  ``action_records`` holds the page asked
     for with ``get_run(..., actions=True)``; ``actions(...)`` reads any
     page, filtered.  ``msgspec.to_builtins`` and ``msgspec.json.encode``
@@ -493,12 +493,14 @@ async def _build(eng: "Engine", journal: "Journal", summary: RunSummary, load_co
         )
         note = result_note or note
     note = args_note or note
-    stats = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+    # The keys of a live Run's ``stats``; nothing recorded is pending or committing.
+    stats = {"pending": 0, "running": 0, "committing": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "cached": 0}
     for t in summary.tasks:
         stats["succeeded"] += t.succeeded
         stats["failed"] += t.failed
         stats["cancelled"] += t.cancelled
         stats["running"] += t.running
+        stats["cached"] += t.cached
     page = await _decoded(eng, journal, summary.action_records, context)
     run: RecordedRun[object] = RecordedRun(
         summary.id, summary.task, summary.root, summary.status, summary.attempt, datetime.fromtimestamp(summary.started, UTC),

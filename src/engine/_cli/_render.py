@@ -50,7 +50,7 @@ __all__ = [
     "where_text",
 ]
 
-#: Failed actions listed by ``shoal show`` (the first to fail).
+#: Failed actions listed by ``shoal show`` (the first to start, as the client lists them).
 MAX_FAILED = 20
 #: Failed actions whose traceback ``shoal show`` prints.
 TRACEBACKS_SHOWN = 3
@@ -305,7 +305,7 @@ def show(run: RecordedRun[object], failed: list[RecordedAction], *, actions: boo
         parts += [Text(), failed_table(failed)]
         total_failed = sum(t.failed for t in run.tasks)
         if total_failed > len(failed):
-            parts.append(Text(f"{len(failed):,} of {total_failed:,} failed actions shown (the first to fail)", style="dim"))
+            parts.append(Text(f"{len(failed):,} of {total_failed:,} failed actions shown (the first started)", style="dim"))
         parts += [Text(), tracebacks(run, failed)]
     if actions:
         parts += [Text(), actions_table(run.action_records)]
