@@ -33,6 +33,7 @@ DATA = Path(__file__).parent / "data" / "cli"
 FLOWS = str(DATA / "flows.py")
 FAILING = str(DATA / "failing.py")
 SLOW = str(DATA / "slow.py")
+OVERRIDES = str(DATA / "overrides.py")
 
 # Restores Python's own SIGINT handler, which a parent that ignores SIGINT
 # (a shell's background job) would otherwise pass on as "ignored".
@@ -182,6 +183,14 @@ def test_explicit_store_path(tmp_path: Path) -> None:
         (["run", f"{FLOWS}:needs"], "missing option: --count (int)"),
         (["run"], "missing argument FILE[:TASK]"),
         (["runs", "--status", "weird"], "invalid value for --status"),
+        (["run", OVERRIDES, "--with", "nope.retries=1"], "the flow has no task 'nope'"),
+        (["run", OVERRIDES, "--with", "flaky.retires=1"], "unknown option 'retires'. Did you mean 'retries'?"),
+        (["run", OVERRIDES, "--with", "flaky.retries=abc"], "retries takes a whole number (or none), got 'abc'"),
+        (["run", OVERRIDES, "--with", "flaky.timeout=-1"], "timeout= is a number of seconds > 0"),
+        (["run", OVERRIDES, "--with", "flaky.resources=cpu=x"], "resources cpu= takes a number"),
+        (["run", OVERRIDES, "--with", "flaky.name=other"], "cannot be overridden"),
+        (["run", OVERRIDES, "--with", "flaky=3"], "expected TASK.OPTION=VALUE"),
+        (["run", OVERRIDES, "--with", "flaky.offload=nowhere"], "--with flaky.offload=nowhere: there is no offload target 'nowhere'"),
     ],
 )
 def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
@@ -939,15 +948,36 @@ def test_show_actions_says_where_each_action_ran() -> None:
 
 
 def test_where_names_the_last_attempt_and_counts_them() -> None:
+    from datetime import UTC, datetime
+
     from engine._cli._render import actions_table, where_text
 
-    lost = engine.AttemptInfo(1, "lost", "box", "local", "h1:100", 1.0, 2.0)
-    again = engine.AttemptInfo(1, "succeeded", "box", "local", "h1:101", 2.5, 3.0)
-    rec = engine.ActionRecord("r", "k1", None, "train", "succeeded", 1, 1, 1.0, 3.0, attempts=(lost, again))
+    def at(ts: float) -> datetime:
+        return datetime.fromtimestamp(ts, UTC)
+
+    lost = engine.RecordedAttempt(1, "lost", "box", "local", "h1:100", at(1.0), at(2.0))
+    again = engine.RecordedAttempt(1, "succeeded", "box", "local", "h1:101", at(2.5), at(3.0))
+    rec = engine.RecordedAction(
+        "r", "k1", None, "train", None, "succeeded", "action", 1, 1, at(1.0), at(3.0), None, 4, "msgpack",
+        None, (lost, again), False, None,
+    )
     assert where_text(rec) == "box h1:101 (2 attempts)"
-    earlier = engine.AttemptInfo(1, "failed", "local", "in-process", "", 1.0, 2.0)  # an earlier process of the run
+    earlier = engine.RecordedAttempt(1, "failed", "local", "in-process", "", at(1.0), at(2.0))  # an earlier process of the run
     assert where_text(msgspec.structs.replace(rec, attempts=(earlier,))) == "local"
     assert where_text(msgspec.structs.replace(rec, attempts=())) == ""
     console = Console(width=200, file=io.StringIO())
     console.print(actions_table([rec]))
     assert "box h1:101 (2 attempts)" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_with_overrides_a_tasks_options_for_one_run() -> None:
+    failed = shoal("run", OVERRIDES, "--n", "2", "--json")
+    assert failed.exit_code == 1  # no retries in code: each item fails once
+    for mark in Path.cwd().glob("tries-*"):
+        mark.unlink()
+    result = shoal("run", OVERRIDES, "--n", "2", "--with", "flaky.retries=2", "--with", "flaky.timeout=30", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == 0 + 1
+    run = engine.get_run(last_run()["id"])
+    leaves = list(run.actions(task="flaky"))
+    assert [a.attempt for a in leaves] == [3, 3] and all(a.state == "succeeded" for a in leaves)

@@ -50,4 +50,4 @@ async def test_a_resume_reports_its_own_time_and_the_total_apart(tmp_path: Path)
     assert "(attempt 2; " in line and "since the first)" in line
     assert record.attempt_duration is not None and record.duration is not None
     assert record.attempt_duration < 0.5 <= record.duration
-    assert record.attempt_started is not None and record.attempt_started > record.started
+    assert record.attempt_started_at is not None and record.attempt_started_at > record.started_at

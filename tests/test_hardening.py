@@ -308,7 +308,7 @@ async def test_a_run_id_already_in_the_journal_is_refused(tmp_path: Path, monkey
         assert isinstance(second.error, engine.RunInUse), repr(second.error)
         assert first.id in str(second.error)
         kept = await eng.get_run(first.id)
-    assert (kept.status, kept.task, kept.actions) == ("succeeded", _squares.name, 3)
+    assert (kept.status, kept.task, kept.action_count) == ("succeeded", _squares.name, 3)
     # Nothing of the second run was written, and none of its actions ran.
     assert rows(path, "SELECT * FROM runs") == runs_before
     assert rows(path, "SELECT rowid, * FROM actions") == actions_before
@@ -733,7 +733,7 @@ async def test_an_older_journal_is_migrated_in_place(tmp_path: Path, version: in
         listed = {s.id: s.status for s in await eng.runs()}
         assert listed == {done.id: "succeeded", failed.id: "failed"}
         shown = await eng.get_run(done.id, actions=True)
-        assert (shown.status, shown.actions) == ("succeeded", 4)
+        assert (shown.status, shown.action_count) == ("succeeded", 4)
         again = await eng.resume(done.id)
         assert (again.status, again.result) == ("succeeded", 5)
         resumed = await eng.resume(failed.id)
@@ -756,7 +756,7 @@ async def test_a_version_3_journal_gains_the_offload_tables(tmp_path: Path) -> N
     db.close()
     async with engine.Engine(home=home) as eng:
         shown = await eng.get_run(done.id, actions=True)
-        assert (shown.status, shown.actions) == ("succeeded", 4)
+        assert (shown.status, shown.action_count) == ("succeeded", 4)
         again = await eng.resume(done.id)
         assert (again.status, again.result) == ("succeeded", 5)
     tables = {name for (name,) in rows(home / "shoal.db", "SELECT name FROM sqlite_master WHERE type='table'")}
@@ -796,7 +796,7 @@ def test_cancel_reaches_a_busy_journaled_map(tmp_path: Path) -> None:
         while run_id is None and time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.05)
             if (tmp_path / ".shoal" / "shoal.db").exists():
-                busy = [s for s in engine.runs(status="running") if s.actions > 0]
+                busy = [s for s in engine.runs(status="running", load_code=False) if s.action_count > 0]
                 run_id = busy[0].id if busy else None
         assert run_id is not None, "the run never recorded its first actions"
         out = shoal("cancel", run_id)

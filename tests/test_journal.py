@@ -171,7 +171,7 @@ async def test_one_commit_serves_many_actions(tmp_path: Path) -> None:
         assert run.result == sum(range(1, 501))
         journal._db.set_trace_callback(None)
         details = await eng.get_run(run.id)
-    assert details.actions == 501
+    assert details.action_count == 501
     assert 1 <= len(commits) < 100
 
 
@@ -227,7 +227,7 @@ async def test_run_and_actions_are_recorded(tmp_path: Path) -> None:
         assert run.result == 3
         journal = await eng.journal()
         record, _, _ = await journal.load_run(run.id)
-        details = await eng.get_run(run.id, actions=True)
+        details = await eng.run_summary(run.id, actions=True)
     assert isinstance(record, RunRecord)
     assert record.root == f"{__name__}:mixed"
     assert record.task == "mixed"
@@ -269,14 +269,14 @@ async def test_large_outputs_go_to_the_blob_store(tmp_path: Path) -> None:
     async with engine.Engine(store=tmp_path / ".shoal" / "shoal.db", home=tmp_path / ".shoal") as eng:
         run = await eng.run(big, n)
         assert run.result == b"z" * n
-        details = await eng.get_run(run.id, actions=True)
+        details = await eng.run_summary(run.id, actions=True)
         (rec,) = details.action_records
         assert rec.output_kind == "blob-msgpack"
         assert rec.output is not None and len(rec.output) < 200
         digest = rec.output.decode()
         assert await eng.blob_store.get_bytes(digest) == msgspec.msgpack.encode(b"z" * n)
         small = await eng.run(big, 10)
-        assert (await eng.get_run(small.id, actions=True)).action_records[0].output_kind == "msgpack"
+        assert (await eng.run_summary(small.id, actions=True)).action_records[0].output_kind == "msgpack"
     blobs = [p for p in (tmp_path / ".shoal" / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
     assert [p.name for p in blobs] == [digest]
 
@@ -285,7 +285,7 @@ async def test_pickle_fallback_is_marked_and_replayed(tmp_path: Path) -> None:
     async with engine.Engine(store=tmp_path / "j.db") as eng:
         run = await eng.run(opaque, 5)
         assert run.result == Opaque(5)
-        (rec,) = (await eng.get_run(run.id, actions=True)).action_records
+        (rec,) = (await eng.run_summary(run.id, actions=True)).action_records
         assert rec.output_kind == "pickle"
     async with engine.Engine(store=tmp_path / "j.db") as eng:
         again = await eng.resume(run.id)
@@ -322,14 +322,14 @@ async def test_runs_latest_first_and_filtered(tmp_path: Path) -> None:
         assert await eng.runs(tag="nope") == []
         (failed,) = await eng.runs(status="failed")
         assert failed.error is not None and failed.error.type == f"{__name__}.Boom"
-        assert failed.actions == 1
+        assert failed.action_count == 1
 
 
 async def test_get_run_pages_and_aggregates(tmp_path: Path) -> None:
     async with engine.Engine(store=tmp_path / "j.db") as eng:
         run = await eng.run(fan, 250)
         summary = await eng.get_run(run.id)
-        assert summary.actions == 251
+        assert summary.action_count == 251
         assert summary.action_records == ()
         assert {(t.task, t.succeeded) for t in summary.tasks} == {("fan", 1), ("leaf", 250)}
         keys: list[str] = []
@@ -605,13 +605,13 @@ async def test_counts_of_a_finished_run_follow_its_resume(tmp_path: Path) -> Non
         again = await eng.resume(first.id)
         assert again.status == "succeeded"
         record = await eng.get_run(first.id)
-        listed = {r.id: r.actions for r in await eng.runs()}
+        listed = {r.id: r.action_count for r in await eng.runs()}
     assert before["counted_root"] == (0, 1, 0)
     assert before["counted_leaf"][1] == 1  # the failing leaf (its siblings may be cancelled)
     after = {t.task: (t.succeeded, t.failed, t.cancelled) for t in record.tasks}
     # The failed and cancelled rows were superseded by the resume's.
     assert after == {"counted_root": (1, 0, 0), "counted_leaf": (6, 0, 0)}
-    assert record.actions == listed[first.id] == 7
+    assert record.action_count == listed[first.id] == 7
     db = _db(tmp_path / "j.db")
     try:
         stored = db.execute("SELECT task, succeeded FROM run_tasks WHERE run_id=? ORDER BY task", (first.id,)).fetchall()

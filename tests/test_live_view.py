@@ -49,10 +49,10 @@ async def test_shoal_show_of_a_live_run_lists_its_running_actions(tmp_path: Path
             await asyncio.sleep(0.1)
         assert sorted(a.task for a in running) == ["held"] * 6 + ["holder"]
         assert {a.group for a in running if a.task == "held"} == {"slow"}
-        assert all(a.started is not None for a in running)
+        assert all(a.started_at is not None for a in running)
         counted = {(t.task, t.group): t.running for t in shown.tasks}
         assert counted[("held", "slow")] == 6
-        assert shown.actions == 3 + 6 + 1
+        assert shown.action_count == 3 + 6 + 1
         GATE["open"].set()
         await run.wait()
         assert run.result == sum(range(6))

@@ -485,7 +485,7 @@ async def test_run_stats_count_actions_and_items_apart(tmp_path: Path) -> None:
         console.print(progress.render(run))
         progress.close()
     assert run.status == "succeeded"
-    assert run.stats["succeeded"] == record.actions == 15
+    assert run.stats["succeeded"] == record.action_count == 15
     assert sum(run.stats[state] for state in ("pending", "running", "failed", "cancelled")) == 0
     items = run.counters_for(f"parallel_map:{module.cube.__qualname__}")
     assert (items.unit, items.succeeded, items.total) == ("items", 5, 5)

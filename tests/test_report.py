@@ -346,7 +346,7 @@ async def test_report_of_a_live_run_shows_its_running_actions(tmp_path: Path) ->
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # until the run's snapshot of its running actions is in
             try:
-                if (await eng.get_run(run.id)).actions == 5:
+                if (await eng.get_run(run.id)).action_count == 5:
                     break
             except engine.RunNotFound:  # its first record is not committed yet
                 pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -577,6 +578,9 @@ def test_for_over_map_outside_a_run_calls_the_functions() -> None:
 _DIGEST = "0" * 64
 
 
+_AT = datetime.fromtimestamp(1.0, UTC)
+
+
 def _values() -> dict[str, Any]:
     """One value of every public class that is a value (built the way users get one)."""
     entry = engine.DirEntry("a/b.txt", _DIGEST, 3)
@@ -586,6 +590,11 @@ def _values() -> dict[str, Any]:
     record = engine.ActionRecord("r1", "k", None, "leaf", "succeeded", 1, 1, 1.0, 2.0, "g", b"\x01", "msgpack")
     counts = engine.TaskCounts("leaf")
     counts.succeeded = 2
+    attempt = engine.RecordedAttempt(1, "succeeded", "local", "in-process", "host:12", _AT, _AT)
+    action = engine.RecordedAction(
+        "r1", "k", None, "leaf", "g", "succeeded", "action", 1, 1, _AT, _AT, {"x": 1}, 2, "msgpack", error,
+        (attempt,), False, None,
+    )
     values: dict[str, Any] = {
         "ActionEvent": engine.ActionEvent("started", "r1", "k", "leaf", 1, 1.0, "g"),
         "ActionRecord": record,
@@ -603,6 +612,13 @@ def _values() -> dict[str, Any]:
         "RunSummary": engine.RunSummary("r1", "main", "m:main", "failed", 1, 1.0, 2.0, ("t",), 3, error, (task_summary,), (record,)),
         "Task": leaf,
         "TaskCounts": counts,
+        "LogLine": engine.LogLine("k", "leaf", _AT, "stdout", "hi"),
+        "RecordedAttempt": attempt,
+        "RecordedAction": action,
+        "RecordedRun": engine.RecordedRun(
+            "r1", "main", "m:main", "succeeded", 1, _AT, _AT, None, ("t",), None, {"n": 2}, 4,
+            {"succeeded": 1}, (task_summary,), 1, (action,), store="j.db",
+        ),
         "TaskSummary": task_summary,
     }
     for name in engine.__all__:

@@ -69,7 +69,7 @@ def test_fixtures_run_flows_with_retries_and_backoff_without_sleeping(pytester: 
             run = await shoal_run(main, n=2, engine=shoal_journaled_engine)
             assert run.status == "succeeded"
             recorded = await shoal_journaled_engine.get_run(run.id)
-            assert recorded.status == "succeeded" and recorded.actions == 3
+            assert recorded.status == "succeeded" and recorded.action_count == 3
             assert (tmp_path / "shoal.db").exists()
         """,
     )

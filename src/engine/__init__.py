@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._api import aresume as aresume
 from ._api import arun as arun
 from ._api import get_run as get_run
+from ._api import latest_run as latest_run
 from ._api import report as report
 from ._api import resume as resume
 from ._api import run as run
@@ -97,10 +98,14 @@ __all__ = [
     "JournalError",
     "JournalVersionError",
     "LocalBlobStore",
+    "LogLine",
     "MapResults",
     "MissingDependency",
     "OffloadError",
     "ParallelIterator",
+    "RecordedAction",
+    "RecordedAttempt",
+    "RecordedRun",
     "RemoteError",
     "ResourceError",
     "Resources",
@@ -120,6 +125,7 @@ __all__ = [
     "current_run",
     "get_run",
     "group",
+    "latest_run",
     "map",
     "parallel_imap",
     "parallel_map",
@@ -134,6 +140,10 @@ __all__ = [
 # Imported on first use (PEP 562), so that `import engine` stays fast for
 # the many programs that never touch the process pool or the blob store.
 _LAZY = {
+    "LogLine": "._client",
+    "RecordedAction": "._client",
+    "RecordedAttempt": "._client",
+    "RecordedRun": "._client",
     "BlobReader": "._blobs",
     "BlobStore": "._blobs",
     "LocalBlobStore": "._blobs",
@@ -150,6 +160,10 @@ if TYPE_CHECKING:
     from ._blobs import BlobReader as BlobReader
     from ._blobs import BlobStore as BlobStore
     from ._blobs import LocalBlobStore as LocalBlobStore
+    from ._client import LogLine as LogLine
+    from ._client import RecordedAction as RecordedAction
+    from ._client import RecordedAttempt as RecordedAttempt
+    from ._client import RecordedRun as RecordedRun
     from ._files import DataFrame as DataFrame
     from ._files import Dir as Dir
     from ._files import DirEntry as DirEntry

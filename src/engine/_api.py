@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._engine import Engine, _check_root
 from ._errors import EngineError
@@ -20,12 +20,17 @@ from ._errors import EngineError
 if TYPE_CHECKING:
     import os
     from collections.abc import AsyncGenerator, Coroutine, Sequence
+    from datetime import datetime
     from pathlib import Path
 
+    from ._client import RecordedRun
     from ._run import Run
     from ._task import Task
 
-__all__ = ["aresume", "arun", "default_engine", "get_run", "report", "resume", "run", "runs"]
+__all__ = ["aresume", "arun", "default_engine", "get_run", "latest_run", "report", "resume", "run", "runs"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 T = TypeVar("T")
 
@@ -120,33 +125,100 @@ async def aresume(run_id: str) -> Run:
     return await default_engine().resume(run_id)
 
 
-def _query(coro: Coroutine[Any, Any, T]) -> T:
+def _query(coro: Coroutine[Any, Any, T], name: str) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
     coro.close()
-    raise EngineError("this query blocks; inside a running event loop use 'await Engine().runs()'")
+    raise EngineError(
+        f"engine.{name}() blocks; inside a running event loop use "
+        f"'async with engine.Engine(store=...) as eng: await eng.{name}(...)'"
+    )
 
 
-def runs(*, status: str | None = None, tag: str | None = None, limit: int = 50) -> list[Any]:
-    """Recorded runs of the default journal, latest first, optionally filtered."""
+def runs(
+    *,
+    task: str | Task[Any, Any] | None = None,
+    status: str | None = None,
+    tag: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+    store: str | os.PathLike[str] | None = None,
+    load_code: bool = True,
+) -> list[RecordedRun[object]]:
+    """Recorded runs, latest first, decoded: of one task (a task or its name), status, tag, since a time.
 
-    async def query() -> list[Any]:
-        async with Engine() as eng:
-            return await eng.runs(status=status, tag=tag, limit=limit)
+    ``store``: the journal to read (default: the configured one).
+    ``load_code=False`` reads without importing the runs' tasks or
+    unpickling anything (see :class:`engine.RecordedRun`).
+    """
 
-    return _query(query())
+    async def query() -> list[RecordedRun[object]]:
+        async with Engine(store) as eng:
+            return await eng.runs(task=task, status=status, tag=tag, since=since, limit=limit, load_code=load_code)
+
+    return _query(query(), "runs")
 
 
-def get_run(run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000) -> Any:
-    """One recorded run, with counts by task and optionally a page of its actions."""
+def get_run(
+    run_id: str,
+    *,
+    actions: bool = False,
+    offset: int = 0,
+    limit: int = 1000,
+    store: str | os.PathLike[str] | None = None,
+    load_code: bool = True,
+) -> RecordedRun[object]:
+    """One recorded run with its arguments and result decoded (a :class:`engine.RecordedRun`).
 
-    async def query() -> Any:
-        async with Engine() as eng:
-            return await eng.get_run(run_id, actions=actions, offset=offset, limit=limit)
+    ``actions=True`` also reads a page of its actions into
+    ``action_records`` (``offset``, ``limit``); ``run.actions(...)`` reads
+    any page later.  Raises :class:`engine.RunNotFound` for an unknown id.
+    """
 
-    return _query(query())
+    async def query() -> RecordedRun[object]:
+        async with Engine(store) as eng:
+            return await eng.get_run(run_id, actions=actions, offset=offset, limit=limit, load_code=load_code)
+
+    return _query(query(), "get_run")
+
+
+@overload
+def latest_run(
+    task: Task[P, Coroutine[Any, Any, R]], *, status: str | None = "succeeded",
+    store: str | os.PathLike[str] | None = None, load_code: bool = True,
+) -> RecordedRun[R] | None: ...
+@overload
+def latest_run(
+    task: Task[P, R], *, status: str | None = "succeeded", store: str | os.PathLike[str] | None = None,
+    load_code: bool = True,
+) -> RecordedRun[R] | None: ...
+@overload
+def latest_run(
+    task: str, *, status: str | None = "succeeded", store: str | os.PathLike[str] | None = None,
+    load_code: bool = True,
+) -> RecordedRun[object] | None: ...
+
+
+def latest_run(
+    task: Task[Any, Any] | str,
+    *,
+    status: str | None = "succeeded",
+    store: str | os.PathLike[str] | None = None,
+    load_code: bool = True,
+) -> RecordedRun[Any] | None:
+    """The latest run of ``task`` (a task or its name) that has ``status`` (None: any), or None.
+
+    ``engine.latest_run(train).result`` is the last successful training
+    run's result, typed by ``train``'s return annotation.
+    """
+
+    async def query() -> RecordedRun[Any] | None:
+        async with Engine(store) as eng:
+            return await eng.latest_run(task, status=status, load_code=load_code)
+
+    return _query(query(), "latest_run")
 
 
 def report(run_id: str, path: str | os.PathLike[str] | None = None) -> Path:
@@ -161,4 +233,4 @@ def report(run_id: str, path: str | os.PathLike[str] | None = None) -> Path:
         async with Engine() as eng:
             return await eng.report(run_id, path)
 
-    return _query(query())
+    return _query(query(), "report")

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._config import Config, load_config
 from ._errors import ConfigError, EngineError, InputError, ResourceError
@@ -20,16 +20,22 @@ from ._task import Task
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
     from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime
 
     from ._action import Action
     from ._blobs import BlobStore
+    from ._client import RecordedRun
     from ._journal import Journal
     from ._placement import Remote
     from ._pool import WorkerPool
+    from ._records import RunSummary
 
 __all__ = ["Engine"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 #: Threads for sync tasks called from other sync tasks (created as needed).
@@ -86,6 +92,12 @@ class Engine:
     and closed by ``aclose()``, after the runs are cancelled and before the
     journal closes.
 
+    ``overrides``: task options by task name, for every call of those
+    tasks in this engine's runs, as ``task.override(...)`` gives them:
+    ``{"train": {"timeout": 600, "retries": 3}}`` (``shoal run --with
+    train.timeout=600`` fills it).  They win over the options in code;
+    ``offload`` above wins over them.
+
     ``sleep`` and ``rng`` drive retry backoff; tests inject them so that
     they never sleep.
 
@@ -109,10 +121,18 @@ class Engine:
         clock: Callable[[], float] | None = None,
         targets: Mapping[str, Any] | None = None,
         offload: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.targets = _check_targets(targets)
         self.offload = _check_offload(offload)
+        from ._overrides import check_overrides
+
+        # Options by task name for every call in this engine's runs (``shoal
+        # run --with``); ``_overridden`` caches the handle made for each task
+        # object, so that each has one placement and one set of slots.
+        self.overrides = check_overrides(overrides)
+        self._overridden: dict[Task[Any, Any], Task[Any, Any]] = {}
         if max_concurrency is None:
             max_concurrency = self.config.max_concurrency
         if max_concurrency is not None and (
@@ -433,7 +453,17 @@ class Engine:
             self._start(run)
         return run
 
+    def overridden(self, task: Task[Any, Any]) -> Task[Any, Any]:
+        """``task`` with this engine's ``overrides`` for its name applied (itself if there are none)."""
+        handle = self._overridden.get(task)
+        if handle is None:
+            options = self.overrides.get(task.name)
+            handle = self._overridden[task] = task if options is None else task.with_options(options)
+        return handle
+
     def _start(self, run: Run) -> None:
+        if self.overrides:
+            run.task = self.overridden(run.task)
         self.runs_in_flight[run.id] = run
         run.start()
 
@@ -452,13 +482,60 @@ class Engine:
     def run_finished(self, run: Run) -> None:
         self.runs_in_flight.pop(run.id, None)
 
-    async def runs(self, *, status: str | None = None, tag: str | None = None, limit: int = 50) -> list[Any]:
-        """Recorded runs, latest first (see :func:`engine.runs`)."""
-        journal = await self.journal()
-        return await journal.list_runs(status=status, tag=tag, limit=limit)
+    async def runs(
+        self,
+        *,
+        task: str | Task[Any, Any] | None = None,
+        status: str | None = None,
+        tag: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        load_code: bool = True,
+    ) -> list[RecordedRun[object]]:
+        """Recorded runs, latest first, decoded (see :func:`engine.runs`)."""
+        from ._client import read_runs
 
-    async def get_run(self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000) -> Any:
-        """One recorded run with per-task counts, and optionally a page of its actions."""
+        name = task.name if isinstance(task, Task) else task
+        return await read_runs(
+            self, task=name, status=status, tag=tag, since=since, limit=limit, load_code=load_code
+        )
+
+    async def get_run(
+        self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000, load_code: bool = True
+    ) -> RecordedRun[object]:
+        """One recorded run, decoded (see :func:`engine.get_run`); ``actions=True`` fills ``action_records``."""
+        from ._client import read_run
+
+        return await read_run(self, run_id, actions=actions, offset=offset, limit=limit, load_code=load_code)
+
+    @overload
+    async def latest_run(
+        self, task: Task[P, Coroutine[Any, Any, R]], *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[R] | None: ...
+    @overload
+    async def latest_run(
+        self, task: Task[P, R], *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[R] | None: ...
+    @overload
+    async def latest_run(
+        self, task: str, *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[object] | None: ...
+
+    async def latest_run(
+        self, task: Task[Any, Any] | str, *, status: str | None = "succeeded", load_code: bool = True
+    ) -> RecordedRun[Any] | None:
+        """The latest recorded run of ``task`` (a task or its name) with ``status`` (None: any), or None."""
+        found = await self.runs(task=task, status=status, limit=1, load_code=load_code)
+        return found[0] if found else None
+
+    async def run_summary(
+        self, run_id: str, *, actions: bool = False, offset: int = 0, limit: int = 1000
+    ) -> RunSummary:
+        """The journal's own view of a run: raw records (encoded outputs, Unix timestamps), per-task counts.
+
+        For tools that look at how values are stored; :meth:`get_run` is
+        the decoded view.
+        """
         journal = await self.journal()
         return await journal.run_details(run_id, actions=actions, offset=offset, limit=limit)
 
@@ -480,6 +557,18 @@ class Engine:
 
         journal = await self.journal()
         return await write_report(journal, run_id, path)
+
+    def usable_here(self) -> bool:
+        """Whether this engine is open and its journal (if opened) belongs to the running loop."""
+        if self._closed:
+            return False
+        journal = self._journal
+        return journal is None or journal.loop is asyncio.get_running_loop()
+
+    @property
+    def blob_spec(self) -> Any:
+        """The blob store as it was given (a URL, a path, an object, or None for the default)."""
+        return self._blob_spec
 
     # -- admission -----------------------------------------------------------
 
@@ -517,9 +606,10 @@ class Engine:
         held: list[tuple[Slots, float]] = []
         try:
             if task.concurrency is not None:
-                slots = self._task_slots.get(task)
+                owner = task.limiter  # override handles share their task's limit
+                slots = self._task_slots.get(owner)
                 if slots is None:
-                    slots = self._task_slots[task] = Slots(task.concurrency, task.name)
+                    slots = self._task_slots[owner] = Slots(task.concurrency, task.name)
                 await slots.acquire(1)
                 held.append((slots, 1))
             res = task.resources

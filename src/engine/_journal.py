@@ -150,6 +150,11 @@ class Journal(JournalQueries):
         self._writing_now = 0
         self._waiters: list[asyncio.Future[None]] = []
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this journal belongs to (its futures and callbacks live there)."""
+        return self._loop
+
     # -- thread plumbing -----------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:

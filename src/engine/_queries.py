@@ -118,9 +118,24 @@ class JournalQueries:
             raise RunNotFound(f"no run {run_id!r} in journal {self.path}; list runs with 'shoal runs'")
         return row
 
-    async def list_runs(self, *, status: str | None, tag: str | None, limit: int) -> list[RunSummary]:
+    async def list_runs(
+        self,
+        *,
+        status: str | None,
+        tag: str | None,
+        limit: int,
+        task: str | None = None,
+        since: float | None = None,
+    ) -> list[RunSummary]:
         def go(db: sqlite3.Connection) -> list[RunSummary]:
-            where, params = [], []
+            where: list[str] = []
+            params: list[Any] = []
+            if task:
+                where.append("task=?")
+                params.append(task)
+            if since is not None:
+                where.append("started>=?")
+                params.append(since)
             if status:
                 # A dead owner's "running" run is reported failed: fetch
                 # both and sort them out below.
@@ -199,6 +214,59 @@ class JournalQueries:
             )
 
         result: RunSummary = await self.read(go)
+        return result
+
+    async def action_page(
+        self,
+        run_id: str,
+        *,
+        task: str | None = None,
+        state: str | None = None,
+        group: str | None = None,
+        key: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[ActionRecord]:
+        """A page of the run's current action records in start order, filtered, with their attempts.
+
+        ``key`` keeps the actions whose key starts with it.
+        """
+
+        def go(db: sqlite3.Connection) -> list[ActionRecord]:
+            row = self._run_row(db, run_id)
+            where = current_rows(db, run_id)
+            params: dict[str, Any] = {"run": run_id, "limit": limit, "offset": offset}
+            for column, value in (("task", task), ("state", state), ("grp", group)):
+                if value is not None:
+                    where += f" AND {column}=:{column}"
+                    params[column] = value
+            if key is not None:
+                where += " AND substr(key, 1, :klen)=:key"
+                params["key"], params["klen"] = key, len(key)
+            found = _with_origins(
+                db,
+                run_id,
+                (
+                    action_record(r)
+                    for r in db.execute(
+                        f"SELECT * FROM actions WHERE {where} ORDER BY started, key LIMIT :limit OFFSET :offset",
+                        params,
+                    )
+                ),
+            )
+            attempts = _attempts(db, run_id)
+            records = list(_placed(found, attempts, run_record(row)))
+            if row[6] == "running" and offset == 0 and state in (None, "running"):
+                # Running actions have no action row yet.
+                live = [
+                    r for r in _in_flight(db, run_id, attempts)
+                    if (task is None or r.task == task) and (group is None or r.group == group)
+                    and (key is None or r.key.startswith(key))
+                ]
+                records += live[: max(0, limit - len(records))]
+            return records
+
+        result: list[ActionRecord] = await self.read(go)
         return result
 
     async def failed_actions(self, run_id: str, limit: int = 20) -> list[ActionRecord]:

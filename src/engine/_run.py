@@ -219,6 +219,8 @@ class Run:
 
     def call(self, task: Task[Any, Any], parent: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
         """Create the action for one call of ``task`` under ``parent``."""
+        if self.engine.overrides:
+            task = self.engine.overridden(task)
         values, named = task.signature.bind(args, kwargs)
         if task.placed or self.offloading:
             self.placement(task)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import inspect
 import threading
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from ._action import named_execute
 from ._context import action_var
@@ -23,6 +24,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 TASK_OPTIONS = ("name", "retries", "timeout", "cache", "concurrency", "resources", "offload")
+#: What ``task.override(...)`` may change: everything but the name, which
+#: keys, replay and the cache depend on.
+OVERRIDE_OPTIONS = ("retries", "timeout", "cache", "concurrency", "resources", "offload")
+
+
+class Keep(enum.Enum):
+    """The default of each ``override`` option: keep the task's own setting."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 class Task(Generic[P, R]):
@@ -38,13 +51,16 @@ class Task(Generic[P, R]):
         "__dict__",
         "__weakref__",
         "_execute",
+        "_handles",
         "admitted",
         "cache_version",
         "concurrency",
         "fn",
         "is_async",
+        "limiter",
         "name",
         "offload",
+        "origin",
         "placed",
         "plain",
         "resources",
@@ -120,6 +136,16 @@ class Task(Generic[P, R]):
         self.admitted = concurrency is not None or (resources is not None and offload is None)
         # Whether a call must check where the action can run (resources, offload).
         self.placed = resources is not None or offload is not None
+        # Invariant: ``origin`` is the task as declared (itself, unless this
+        # is a handle made by ``override``), and ``limiter`` the task whose
+        # ``concurrency`` slots its actions share: its origin's, unless the
+        # handle was given a ``concurrency`` of its own.
+        self.origin: Task[P, R] = self
+        self.limiter: Task[Any, Any] = self
+        # The handles made by ``with_options``, by their options, so that a
+        # handle made again (``square.override(concurrency=2)`` in a loop)
+        # is the same one: one placement, one set of concurrency slots.
+        self._handles: dict[tuple[tuple[str, Any], ...], Task[P, R]] = {}
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -141,6 +167,72 @@ class Task(Generic[P, R]):
         # Pickled by reference to the module attribute, like a function.
         return str(self.fn.__qualname__)
 
+    def override(
+        self,
+        *,
+        retries: int | Retry | Literal[Keep.KEEP] | None = KEEP,
+        timeout: float | Literal[Keep.KEEP] | None = KEEP,
+        cache: bool | str | Literal[Keep.KEEP] = KEEP,
+        resources: Resources | Literal[Keep.KEEP] | None = KEEP,
+        concurrency: int | Literal[Keep.KEEP] | None = KEEP,
+        offload: object = KEEP,
+        **unknown: object,
+    ) -> Task[P, R]:
+        """This task with other options, for some calls (``await train.override(retries=3)(cfg)``).
+
+        The handle calls the same function under the same name, so its
+        actions have the same keys: replay, resume and the cache treat them
+        as calls of this task.  Options not given are this task's own.  A
+        ``concurrency`` given here limits the handle's calls on their own;
+        otherwise they share this task's limit.  ``offload=`` places the
+        handle's calls (``"local"``: this process); an engine's
+        ``offload=`` map, which names tasks, still wins, as it does over
+        ``@task(offload=)``.  An unknown option is a :class:`ConfigError`.
+        """
+        if unknown:
+            name = next(iter(unknown))
+            if name == "name":
+                raise ConfigError(
+                    f"task {self.name!r}: override() cannot change the name (action keys, replay "
+                    f"and the cache depend on it); declare another task for another name"
+                )
+            _unknown_option(name, OVERRIDE_OPTIONS, where=f"task {self.name!r}: override()")
+        given = {
+            option: value
+            for option, value in (
+                ("retries", retries), ("timeout", timeout), ("cache", cache), ("resources", resources),
+                ("concurrency", concurrency), ("offload", offload),
+            )
+            if value is not KEEP
+        }
+        return self.with_options(given)
+
+    def with_options(self, given: dict[str, Any]) -> Task[P, R]:
+        """A handle of this task with the options in ``given`` (names checked by the caller)."""
+        memo: tuple[tuple[str, Any], ...] | None = tuple(sorted(given.items()))
+        try:
+            found = self._handles.get(memo)  # type: ignore[arg-type]
+        except TypeError:  # an option value that cannot be hashed: not remembered
+            memo = found = None
+        if found is not None:
+            return found
+        options: dict[str, Any] = {
+            "retries": self.retry,
+            "timeout": self.timeout,
+            "cache": self.cache_version or False,
+            "concurrency": self.concurrency,
+            "resources": self.resources,
+            "offload": self.offload,
+        }
+        options.update(given)
+        handle: Task[P, R] = Task(self.fn, name=self.name, **options)
+        handle.signature = self.signature
+        handle.origin = self.origin
+        handle.limiter = handle if "concurrency" in given else self.limiter
+        if memo is not None:
+            self._handles[memo] = handle
+        return handle
+
     @property
     def import_path(self) -> str:
         """``module:qualname`` of the function."""
@@ -157,18 +249,18 @@ def _source_version(fn: Callable[..., Any]) -> str:
     return "src-" + hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
 
 
-def check_options(options: dict[str, Any], *, where: str) -> None:
-    unknown = [k for k in options if k not in TASK_OPTIONS]
+def check_options(options: dict[str, Any], *, where: str, known: tuple[str, ...] = TASK_OPTIONS) -> None:
+    unknown = [k for k in options if k not in known]
     if unknown:
-        import difflib
+        _unknown_option(unknown[0], known, where=where)
 
-        name = unknown[0]
-        close = difflib.get_close_matches(name, TASK_OPTIONS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"{where} got an unknown option {name!r}.{hint} "
-            f"Options are: {', '.join(TASK_OPTIONS)}."
-        )
+
+def _unknown_option(name: str, known: tuple[str, ...], *, where: str) -> None:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{where} got an unknown option {name!r}.{hint} Options are: {', '.join(known)}.")
 
 
 @overload

@@ -36,7 +36,6 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .._codec import MSGPACK, decode_value
 from .._engine import Engine
 from .._errors import (
     ConfigError,
@@ -46,6 +45,7 @@ from .._errors import (
     RunNotFound,
     UnusableFolder,
 )
+from .._overrides import parse_with
 from . import _render as render
 from ._params import (
     HelpRequested,
@@ -63,6 +63,7 @@ from ._session import Outcome, resume_with_progress, run_with_progress
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from .._client import LogLine, RecordedAction, RecordedRun
     from .._journal import Journal
     from .._task import Task
 
@@ -88,6 +89,16 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 ResultJsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 MaxConcurrencyOption = Annotated[
     int | None, typer.Option("--max-concurrency", min=1, help="Most actions running at once.")
+]
+WithOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--with",
+        metavar="TASK.OPTION=VALUE",
+        help="Run TASK with another option for this run: retries, timeout, cache, concurrency, resources "
+        "(cpu=2,memory=4Gi,gpu=1) or offload, e.g. --with square.retries=3; repeatable.",
+        show_default=False,
+    ),
 ]
 OffloadOption = Annotated[
     list[str] | None,
@@ -120,7 +131,8 @@ USAGE = {
 
 RUN_EPILOG = (
     "Run options: --tag TEXT (repeatable), --max-concurrency N, --store PATH|memory, "
-    "--offload TASK=TARGET (repeatable), --json (print the result as JSON); see 'shoal run --help'."
+    "--offload TASK=TARGET (repeatable), --with TASK.OPTION=VALUE (repeatable), --json (print the result "
+    "as JSON); see 'shoal run --help'."
 )
 
 
@@ -191,33 +203,6 @@ async def _open(eng: Engine, run_id: str | None = None) -> Journal:
 
 class _NoJournal(Exception):
     """No journal file yet: nothing was ever run with this store."""
-
-
-async def _recorded(journal: Journal, run_id: str) -> render.Recorded:
-    """The run's arguments and result as recorded, decoded for display.
-
-    Pickled values are not unpickled here (that would run the pickled
-    classes' code in ``shoal show``); a result kept in the blob store is
-    fetched from it.
-    """
-    record, output, output_kind = await journal.load_run(run_id)
-    recorded = render.Recorded()
-    if record.args_kind == MSGPACK:
-        values, named = decode_value(record.args_kind, record.args)
-        recorded.args, recorded.kwargs = list(values), dict(named)
-    else:
-        recorded.args_note = f"({record.args_kind}-encoded; not shown)"
-    if output_kind is None:
-        recorded.result_note = "(none: the run did not succeed)" if record.status != "succeeded" else None
-    elif output_kind in (MSGPACK, "blob-msgpack"):
-        try:
-            recorded.result = await journal.decode(output_kind, output, Any)
-            recorded.has_result = True
-        except EngineError as exc:  # a blob store that lost it, or is unreachable
-            recorded.result_note = f"(in the blob store, unreadable: {exc})"
-    else:
-        recorded.result_note = f"({output_kind}-encoded; not shown)"
-    return recorded
 
 
 def _echo(text: str) -> None:
@@ -393,6 +378,7 @@ def build_app() -> typer.Typer:
         max_concurrency: MaxConcurrencyOption = None,
         store: StoreOption = None,
         offload: OffloadOption = None,
+        with_: WithOption = None,
         as_json: ResultJsonOption = False,
     ) -> None:
         argv = list(ctx.args)
@@ -406,10 +392,11 @@ def build_app() -> typer.Typer:
             task = pick_task(target)
             parsed = parse_task_args(task, argv)
             check_offload_tasks(placement, file_tasks(target), split_target(target)[0])
+            overrides = parse_with(with_ or (), file_tasks(target))
         except HelpRequested:
             _stdout().print(task_help(target, task))
             raise typer.Exit(0) from None
-        except UsageProblem as exc:
+        except (UsageProblem, ConfigError) as exc:
             usage_error(str(exc), "run")
         console = _stderr()
         try:
@@ -417,8 +404,8 @@ def build_app() -> typer.Typer:
                 outcome = asyncio.run(
                     run_with_progress(
                         task, parsed.args, parsed.kwargs, tags=tag or (), store=store,
-                        max_concurrency=max_concurrency, offload=placement, console=console,
-                        live=console.is_terminal,
+                        max_concurrency=max_concurrency, offload=placement, overrides=overrides,
+                        console=console, live=console.is_terminal,
                     )
                 )
         except (InputError, ConfigError, ImportFailed, UnusableFolder) as exc:
@@ -503,12 +490,12 @@ def build_app() -> typer.Typer:
                 "runs",
             )
 
-        async def query(eng: Engine) -> list[Any]:
+        async def query(eng: Engine) -> list[RecordedRun[object]]:
             try:
                 await _open(eng)
             except _NoJournal:
                 return []
-            return await eng.runs(status=status, tag=tag, limit=limit)
+            return await eng.runs(status=status, tag=tag, limit=limit, load_code=False)
 
         runs = _query("runs", store, query)
         if as_json:
@@ -534,17 +521,17 @@ def build_app() -> typer.Typer:
         --limit).
         """
 
-        async def query(eng: Engine) -> tuple[Any, Any, render.Recorded]:
-            journal = await _open(eng, run_id)
-            summary = await eng.get_run(run_id, actions=actions, offset=offset, limit=limit)
-            failed = await journal.failed_actions(run_id, limit=render.MAX_FAILED)
-            return summary, failed, await _recorded(journal, run_id)
+        async def query(eng: Engine) -> tuple[RecordedRun[object], list[RecordedAction]]:
+            await _open(eng, run_id)
+            run = await eng.get_run(run_id, actions=actions, offset=offset, limit=limit, load_code=False)
+            failed = [a async for a in run.aactions(state="failed", limit=render.MAX_FAILED)]
+            return run, failed
 
-        summary, failed, recorded = _query("show", store, query)
+        run, failed = _query("show", store, query)
         if as_json:
-            _echo(render.json_text(render.run_json(summary, failed, recorded, actions=actions, offset=offset)))
+            _echo(render.json_text(render.run_json(run, failed, actions=actions, offset=offset)))
         else:
-            _stdout().print(render.show(summary, failed, recorded, actions=actions, offset=offset))
+            _stdout().print(render.show(run, failed, actions=actions, offset=offset))
 
     @app.command("logs")
     def logs_cmd(
@@ -561,38 +548,38 @@ def build_app() -> typer.Typer:
         action); an ACTION that matches no action of the run exits 2.
         """
 
-        async def query(eng: Engine) -> tuple[list[tuple[str, float, str, str]], dict[str, str]]:
-            journal = await _open(eng, run_id)
-            await journal.load_run(run_id)  # RunNotFound for an unknown id
-            rows = await journal.logs(run_id)
+        async def query(eng: Engine) -> list[LogLine]:
+            await _open(eng, run_id)
+            run = await eng.get_run(run_id, load_code=False)  # RunNotFound for an unknown id
             if action is None:
-                return rows, await journal.action_tasks(run_id, logged=True)
-            rows = [r for r in rows if r[0].startswith(action)]
-            tasks = await journal.action_tasks(run_id, prefix=action)
-            if not rows and not tasks:
+                return await run.alogs()
+            lines = [line for line in await run.alogs() if line.action.startswith(action)]
+            if not lines and not [a async for a in run.aactions(key=action, limit=1)]:
                 raise UsageProblem(
                     f"run {run_id} has no action {action!r} (nor one whose id starts with it); "
                     f"list its actions with 'shoal show {run_id} --actions'"
                 )
-            return rows, tasks
+            return lines
 
-        rows, tasks = _query("logs", store, query)
+        lines = _query("logs", store, query)
         if as_json:
-            _echo(render.json_text(render.logs_json(rows, tasks)))
+            _echo(render.json_text(render.logs_json(lines)))
             return
+        rows = [(line.action, line.at, line.stream, line.text) for line in lines]
+        tasks = {line.action: line.task for line in lines if line.task}
         if not rows:
             what = f"action {action} of run {run_id}" if action else f"run {run_id}"
             _stderr().print(f"no output recorded for {what}")
             return
         # One action asked for, one found: its lines alone, as it printed them.
         show_action = action is None or len({key for key, *_ in rows}) > 1
-        lines = []
+        out = []
         for key, _at, stream, text in rows:
             task = tasks.get(key)
             prefix = (f"{key} {task}: " if task else f"{key}: ") if show_action else ""
             mark = "" if stream == "stdout" else f"[{stream}] "
-            lines.append(f"{prefix}{mark}{text}")
-        _echo("\n".join(lines))
+            out.append(f"{prefix}{mark}{text}")
+        _echo("\n".join(out))
 
     @app.command("cancel")
     def cancel_cmd(
@@ -620,7 +607,7 @@ def build_app() -> typer.Typer:
                 deadline = loop.time() + timeout
                 while status == "running" and loop.time() < deadline:
                     await asyncio.sleep(0.1)
-                    status = (await eng.get_run(run_id)).status
+                    status = (await eng.get_run(run_id, load_code=False)).status
             return before, status
 
         before, status = _query("cancel", store, query)

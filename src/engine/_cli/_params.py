@@ -448,7 +448,7 @@ def check_offload_tasks(offload: dict[str, str], tasks: list[str], where: str) -
             )
 
 
-def check_offload_targets(offload: dict[str, str], config: Config) -> None:
+def check_offload_targets(offload: dict[str, str], config: Config, *, flag: str = "--offload {task}={target}") -> None:
     """Refuse an ``--offload`` to a target that config does not define, before the run starts.
 
     (The engine would refuse it only when the task is first called, failing
@@ -467,6 +467,6 @@ def check_offload_targets(offload: dict[str, str], config: Config) -> None:
             where = f"targets defined in {config.source}: {known or 'none'}"
             table = f"{config.target_table(target, with_file=False)} table there"
         raise ConfigError(
-            f"--offload {task}={target}: there is no offload target {target!r}{hint} ({where}); "
+            f"{flag.format(task=task, target=target)}: there is no offload target {target!r}{hint} ({where}); "
             f"define it in a {table}, or give {task}=local to run the task in this process"
         )

@@ -1,7 +1,9 @@
 """How recorded runs look: rich tables and trees for people, JSON for machines.
 
-Times are shown in local time (``2024-05-01 14:03:22``); JSON carries the
-journal's Unix timestamps unchanged, plus ``duration`` in seconds.
+Runs are read through the client (:class:`engine.RecordedRun`, with
+``load_code=False``: showing a run runs none of its code).  Times are shown
+in local time (``2024-05-01 14:03:22``); JSON carries them as Unix
+timestamps, as the journal has them, plus ``duration`` in seconds.
 
 ``shoal show`` cuts what could be long for a terminal (a value's repr at
 :data:`MAX_VALUE` characters, a traceback at its last :data:`TRACEBACK_LINES`
@@ -28,11 +30,12 @@ from rich.tree import Tree
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from datetime import datetime
 
-    from .._records import ActionRecord, RunSummary, TaskSummary
+    from .._client import LogLine, RecordedAction, RecordedRun
+    from .._records import TaskSummary
 
 __all__ = [
-    "Recorded",
     "actions_table",
     "duration",
     "escape_markup",
@@ -47,7 +50,7 @@ __all__ = [
     "where_text",
 ]
 
-#: Failed actions listed by ``shoal show`` (the first to fail).
+#: Failed actions listed by ``shoal show`` (the first to start, as the client lists them).
 MAX_FAILED = 20
 #: Failed actions whose traceback ``shoal show`` prints.
 TRACEBACKS_SHOWN = 3
@@ -80,11 +83,15 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def stamp(ts: float | None) -> str:
-    """A Unix time as local ``YYYY-MM-DD HH:MM:SS``."""
-    if ts is None:
+def stamp(at: datetime | None) -> str:
+    """A time as local ``YYYY-MM-DD HH:MM:SS``."""
+    if at is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at.timestamp()))
+
+
+def unix(at: datetime | None) -> float | None:
+    return None if at is None else at.timestamp()
 
 
 def escape_markup(text: str) -> str:
@@ -117,37 +124,26 @@ def traceback_tail(text: str, lines: int = TRACEBACK_LINES) -> str:
     return "\n".join([f"... ({cut} earlier line{'s' if cut != 1 else ''})", *all_lines[cut:]])
 
 
-class Recorded:
-    """A run's arguments and result as recorded, decoded (see ``shoal show``).
+def call_text(run: RecordedRun[object]) -> str:
+    """The run's arguments as a call: positional values, then ``name=value``."""
+    if not run.args and run.note and "arguments" in run.note:
+        return "(not shown: " + run.note + ")"
+    parts = [repr(v) if k.isdigit() else f"{k}={v!r}" for k, v in run.args.items()]
+    return clip(", ".join(parts)) if parts else "(none)"
 
-    A value that is not shown (pickled, or no result because the run did
-    not succeed) has a note saying why instead.
-    """
 
-    def __init__(self) -> None:
-        self.args: list[Any] = []
-        self.kwargs: dict[str, Any] = {}
-        self.args_note: str | None = None
-        self.has_result = False
-        self.result: Any = None
-        self.result_note: str | None = None
-
-    def call_text(self) -> str:
-        if self.args_note is not None:
-            return self.args_note
-        parts = [repr(v) for v in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
-        return clip(", ".join(parts)) if parts else "(none)"
-
-    def result_text(self) -> str | None:
-        if self.has_result:
-            return clip(repr(self.result))
-        return self.result_note
+def result_text(run: RecordedRun[object]) -> str | None:
+    if run.status != "succeeded":
+        return "(none: the run did not succeed)"
+    if run.result is None and run.note and "result" in run.note:
+        return f"({run.note})"
+    return clip(repr(run.result))
 
 
 # -- runs ----------------------------------------------------------------------------
 
 
-def runs_table(runs: Iterable[RunSummary]) -> Table:
+def runs_table(runs: Iterable[RecordedRun[object]]) -> Table:
     """``shoal runs``: one row per run, latest first."""
     table = Table(header_style="bold", box=box.SIMPLE_HEAD)
     for name in ("id", "task", "status", "actions", "duration", "started", "tags"):
@@ -161,15 +157,15 @@ def runs_table(runs: Iterable[RunSummary]) -> Table:
             run.id,
             escape(run.task),
             status_text(run.status),
-            f"{run.actions:,}",
+            f"{run.action_count:,}",
             duration(run.duration),
-            stamp(run.started),
+            stamp(run.started_at),
             escape(", ".join(run.tags)),
         )
     return table
 
 
-def run_panel(run: RunSummary, recorded: Recorded | None = None) -> RenderableType:
+def run_panel(run: RecordedRun[object]) -> RenderableType:
     """The head of ``shoal show``: what, with which arguments, when, how it ended."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -178,20 +174,19 @@ def run_panel(run: RunSummary, recorded: Recorded | None = None) -> RenderableTy
     grid.add_row("task", f"{escape(run.task)} ({escape(run.root)})")
     grid.add_row("status", status_text(run.status))
     grid.add_row("attempt", str(run.attempt))
-    grid.add_row("started", stamp(run.started))
-    grid.add_row("finished", stamp(run.finished))
-    if run.attempt > 1 and run.attempt_started is not None:
+    grid.add_row("started", stamp(run.started_at))
+    grid.add_row("finished", stamp(run.finished_at))
+    if run.attempt > 1 and run.attempt_started_at is not None:
         grid.add_row("duration", f"{duration(run.attempt_duration)} (attempt {run.attempt}; {duration(run.duration)} since the first)")
     else:
         grid.add_row("duration", duration(run.duration))
-    grid.add_row("actions", f"{run.actions:,}")
+    grid.add_row("actions", f"{run.action_count:,}")
     if run.tags:
         grid.add_row("tags", escape(", ".join(run.tags)))
-    if recorded is not None:
-        grid.add_row("arguments", Text(recorded.call_text()))
-        result = recorded.result_text()
-        if result is not None:
-            grid.add_row("result", Text(result))
+    grid.add_row("arguments", Text(call_text(run)))
+    result = result_text(run)
+    if result is not None:
+        grid.add_row("result", Text(result))
     if run.error is not None:
         grid.add_row("error", Text(f"{run.error.type}: {first_line(run.error.message)}", style="red"))
     return grid
@@ -217,7 +212,7 @@ def _counts(task: TaskSummary) -> Text:
     return text
 
 
-def task_tree(run: RunSummary) -> Tree:
+def task_tree(run: RecordedRun[object]) -> Tree:
     """The run's tasks under their groups (``engine.group`` labels, nested by ``/``)."""
     tree = Tree(Text.assemble(("run ", "bold"), run.id, " ", status_text(run.status)))
     groups: dict[str, Tree] = {}
@@ -236,7 +231,7 @@ def task_tree(run: RunSummary) -> Tree:
     return tree
 
 
-def failed_table(records: Iterable[ActionRecord]) -> Table:
+def failed_table(records: Iterable[RecordedAction]) -> Table:
     """Failed actions: id, task, attempt, group, error type and first line."""
     table = Table(header_style="bold", title="failed actions", title_justify="left")
     for name in ("action", "task", "attempt", "group", "error"):
@@ -247,7 +242,7 @@ def failed_table(records: Iterable[ActionRecord]) -> Table:
     return table
 
 
-def where_text(rec: ActionRecord) -> str:
+def where_text(rec: RecordedAction) -> str:
     """Where an action's last attempt ran, compactly: ``gpu host1:4242``, ``local host0:311``.
 
     The target's name, then the host and pid or the Batch job id (blank for
@@ -264,13 +259,13 @@ def where_text(rec: ActionRecord) -> str:
     return text
 
 
-def actions_table(records: Iterable[ActionRecord]) -> Table:
+def actions_table(records: Iterable[RecordedAction]) -> Table:
     """``shoal show --actions``: a page of the run's actions, with where each last ran."""
     table = Table(header_style="bold", title="actions", title_justify="left")
     for name in ("action", "task", "state", "attempt", "where", "group", "duration", "parent"):
         table.add_column(name, no_wrap=name in ("action", "state", "parent"))
     for rec in records:
-        took = None if rec.started is None or rec.finished is None else rec.finished - rec.started
+        took = rec.duration
         state = "cached" if rec.cached else rec.state
         table.add_row(
             rec.key, escape(rec.task), status_text(state), str(rec.attempt), escape(where_text(rec)),
@@ -279,7 +274,7 @@ def actions_table(records: Iterable[ActionRecord]) -> Table:
     return table
 
 
-def tracebacks(run: RunSummary, records: list[ActionRecord]) -> RenderableType:
+def tracebacks(run: RecordedRun[object], records: list[RecordedAction]) -> RenderableType:
     """The tracebacks of the first failed actions, each cut to its last lines."""
     parts: list[RenderableType] = []
     shown = [r for r in records if r.error is not None and r.error.traceback][:TRACEBACKS_SHOWN]
@@ -304,19 +299,17 @@ def page_note(what: str, shown: int, total: int, offset: int) -> Text | None:
     return Text(text, style="dim")
 
 
-def show(
-    run: RunSummary, failed: list[ActionRecord], recorded: Recorded, *, actions: bool, offset: int = 0
-) -> RenderableType:
-    parts: list[RenderableType] = [run_panel(run, recorded), Text(), task_tree(run)]
+def show(run: RecordedRun[object], failed: list[RecordedAction], *, actions: bool, offset: int = 0) -> RenderableType:
+    parts: list[RenderableType] = [run_panel(run), Text(), task_tree(run)]
     if failed:
         parts += [Text(), failed_table(failed)]
         total_failed = sum(t.failed for t in run.tasks)
         if total_failed > len(failed):
-            parts.append(Text(f"{len(failed):,} of {total_failed:,} failed actions shown (the first to fail)", style="dim"))
+            parts.append(Text(f"{len(failed):,} of {total_failed:,} failed actions shown (the first started)", style="dim"))
         parts += [Text(), tracebacks(run, failed)]
     if actions:
         parts += [Text(), actions_table(run.action_records)]
-        note = page_note("actions", len(run.action_records), run.actions, offset)
+        note = page_note("actions", len(run.action_records), run.action_count, offset)
         if note is not None:
             parts.append(note)
     return Group(*parts)
@@ -325,34 +318,48 @@ def show(
 # -- JSON ------------------------------------------------------------------------------
 
 
-def _action_json(rec: ActionRecord) -> dict[str, Any]:
-    data = msgspec.to_builtins(rec)
-    # Outputs are encoded values, meaningful only to the engine.
-    data.pop("output", None)
-    data.pop("type", None)
-    return data  # type: ignore[no-any-return]
+def _attempt_json(a: Any) -> dict[str, Any]:
+    return {
+        "attempt": a.attempt, "state": a.state, "target": a.target, "backend": a.backend, "where": a.where,
+        "started_at": unix(a.started_at), "finished_at": unix(a.finished_at),
+    }
+
+
+def _action_json(rec: RecordedAction) -> dict[str, Any]:
+    # The journal's fields, times as Unix timestamps; outputs are not
+    # included (``output_kind`` says how each is stored).
+    return {
+        "run_id": rec.run_id, "key": rec.key, "parent": rec.parent, "task": rec.task, "state": rec.state,
+        "attempt": rec.attempt, "run_attempt": rec.run_attempt, "started": unix(rec.started_at),
+        "finished": unix(rec.finished_at), "group": rec.group, "output_kind": rec.output_kind,
+        "error": None if rec.error is None else msgspec.to_builtins(rec.error), "kind": rec.kind,
+        "cache_key": rec.cache_key, "cached": rec.cached, "attempts": [_attempt_json(a) for a in rec.attempts],
+    }
 
 
 def run_json(
-    run: RunSummary,
-    failed: list[ActionRecord] | None = None,
-    recorded: Recorded | None = None,
+    run: RecordedRun[object],
+    failed: list[RecordedAction] | None = None,
     *,
     actions: bool = False,
     offset: int = 0,
 ) -> dict[str, Any]:
     """A run as JSON: ``actions`` is always the run's number of actions (as in ``shoal runs``)."""
-    data: dict[str, Any] = msgspec.to_builtins(run)
-    data["duration"] = run.duration
-    data["attempt_duration"] = run.attempt_duration
-    data.pop("action_records", None)
+    data: dict[str, Any] = {
+        "id": run.id, "task": run.task, "root": run.root, "status": run.status, "attempt": run.attempt,
+        "started": unix(run.started_at), "finished": unix(run.finished_at), "tags": list(run.tags),
+        "actions": run.action_count, "error": None if run.error is None else msgspec.to_builtins(run.error),
+        "attempt_started": unix(run.attempt_started_at), "bundle": run.bundle, "bundle_size": run.bundle_size,
+        "duration": run.duration, "attempt_duration": run.attempt_duration,
+    }
     if failed is not None:
+        data["tasks"] = msgspec.to_builtins(run.tasks)
         data["failed_actions"] = [_action_json(r) for r in failed]
-    else:
-        data.pop("tasks", None)
-    if recorded is not None:
-        data["args"] = None if recorded.args_note else _jsonable({"args": recorded.args, "kwargs": recorded.kwargs})
-        data["result"] = _jsonable(recorded.result) if recorded.has_result else None
+        positional = [v for k, v in run.args.items() if k.isdigit()]
+        named = {k: v for k, v in run.args.items() if not k.isdigit()}
+        shown = bool(run.args) or not (run.note and "arguments" in run.note)
+        data["args"] = _jsonable({"args": positional, "kwargs": named}) if shown else None
+        data["result"] = _jsonable(run.result) if run.status == "succeeded" else None
     if actions:
         data["action_records"] = [_action_json(r) for r in run.action_records]
         data["action_offset"] = offset
@@ -368,11 +375,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def logs_json(
-    rows: Iterable[tuple[str, float, str, str]], tasks: dict[str, str] | None = None
-) -> list[dict[str, Any]]:
-    tasks = tasks or {}
-    return [{"action": a, "task": tasks.get(a), "at": at, "stream": s, "text": t} for a, at, s, t in rows]
+def logs_json(lines: Iterable[LogLine]) -> list[dict[str, Any]]:
+    return [
+        {"action": line.action, "task": line.task, "at": line.at.timestamp(), "stream": line.stream, "text": line.text}
+        for line in lines
+    ]
 
 
 def json_text(value: Any) -> str:

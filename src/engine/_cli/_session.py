@@ -86,14 +86,20 @@ async def run_with_progress(
     offload: Mapping[str, str],
     console: Console,
     live: bool,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Outcome:
     """Run ``task`` with a progress display on ``console`` until it finishes or Ctrl-C.
 
     ``offload`` is ``--offload``'s ``{TASK: TARGET}``; a target that config
     does not define is a :class:`~engine.ConfigError` before the run starts.
+    ``overrides`` is ``--with``'s ``{TASK: {OPTION: VALUE}}``.
     """
-    async with Engine(store, max_concurrency=max_concurrency, offload=offload or None) as eng:
+    async with Engine(
+        store, max_concurrency=max_concurrency, offload=offload or None, overrides=overrides
+    ) as eng:
         check_offload_targets(dict(offload), eng.config)
+        placed = {name: options["offload"] for name, options in (overrides or {}).items() if "offload" in options}
+        check_offload_targets(placed, eng.config, flag="--with {task}.offload={target}")
 
         async def start() -> Run:
             return await eng.submit(task, *args, tags=tags, **kwargs)
