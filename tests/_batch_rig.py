@@ -287,7 +287,7 @@ def main() -> None:
     rig = Rig(args.slots, args.scratch)
     # Statuses change only when the runner sets them, never on being described.
     state_manager.set_transition("batch::job", {"progression": "manual", "times": 10**9})
-    models.Job.run = lambda self: rig.run_job(self)
+    models.Job.run = lambda self: rig.run_job(self)  # type: ignore[method-assign]
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

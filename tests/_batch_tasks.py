@@ -13,35 +13,35 @@ class Unlucky(Exception):
     """A task's own exception type: it must come back as itself."""
 
 
-@engine.task
+@engine.task(offload="aws", retries=0)
 def square(x: int) -> int:
     return x * x
 
 
-@engine.task
+@engine.task(offload="aws", retries=0)
 async def where() -> dict[str, str]:
     return {k: os.environ.get(k, "") for k in ("AWS_BATCH_JOB_ID", "AWS_BATCH_JOB_ARRAY_INDEX", "HOME")}
 
 
-@engine.task
+@engine.task(offload="aws", retries=0)
 def unlucky(n: int) -> int:
     raise Unlucky(f"no luck with {n}")
 
 
-@engine.task
+@engine.task(offload="aws", retries=0)
 def chatty(n: int) -> int:
     print(f"hello {n} from a job")  # noqa: T201 - output to capture
     print(f"warning {n} on stderr", file=sys.stderr)  # noqa: T201 - output to capture
     return n
 
 
-@engine.task
+@engine.task(offload="aws", retries=0)
 async def slow(seconds: float) -> float:
     print("started", flush=True)  # noqa: T201 - output to capture
     await asyncio.sleep(seconds)
     return seconds
 
 
-@engine.task
+@engine.task(offload="aws", retries=0)
 def size_of(data: bytes) -> int:
     return len(data)

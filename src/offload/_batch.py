@@ -59,7 +59,6 @@ import hashlib
 import math
 import random
 import re
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from engine import ConfigError, OffloadError
@@ -68,6 +67,8 @@ from engine.extend import HostLost, Outcome, Reclaimed, SubmitFailed
 from ._errors_map import THROTTLING_CODES, error_code, is_retryable
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from engine.extend import AttemptHooks, BackendContext, Handle, Payload
 
     from ._s3 import S3BlobStore
@@ -202,7 +203,11 @@ class Batch:
         self._hooks: dict[str, AttemptHooks] = {}
         self._tasks: dict[str, str] = {}
         # Summaries of array parents seen by the last round: (succeeded, failed).
+        # A child counted there has been listed; those listed before anyone
+        # waited for them are kept in _ended, since the counts will not
+        # grow again for them.
         self._summaries: dict[str, tuple[int, int]] = {}
+        self._ended: dict[str, dict[str, Any]] = {}
         self._poller: asyncio.Task[None] | None = None
         # Set when a job is first watched: the next round comes at the base interval.
         self._fresh = False
@@ -569,6 +574,10 @@ class Batch:
         watch = self._watched.get(job_id)
         if watch is None:
             watch = self._watched[job_id] = _Watch(job_id, asyncio.get_running_loop().create_future())
+            ended = self._ended.pop(job_id, None)
+            if ended is not None:
+                self._settle(job_id, ended)
+                return watch
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         self._fresh = True
@@ -607,23 +616,27 @@ class Batch:
                 self._settle(job_id, job)
                 ended += 1
         for parent in parents:
-            job = described.get(parent)
+            array = described.get(parent)
             children = [j for j in self._watched if j.startswith(parent + ":")]
-            if job is None:
-                for child in children:
-                    self._settle(child, HostLost(f"AWS Batch array job {parent} in job queue {self.job_queue!r} is gone: AWS no longer knows it"))
+            if array is None:
+                for child_id in children:
+                    self._settle(child_id, HostLost(f"AWS Batch array job {parent} in job queue {self.job_queue!r} is gone: AWS no longer knows it"))
                 ended += len(children)
                 continue
-            summary = (job.get("arrayProperties") or {}).get("statusSummary") or {}
+            summary = (array.get("arrayProperties") or {}).get("statusSummary") or {}
             counts = (int(summary.get("SUCCEEDED", 0)), int(summary.get("FAILED", 0)))
             before = self._summaries.get(parent, (0, 0))
             self._summaries[parent] = counts
             for status, now, then in (("SUCCEEDED", counts[0], before[0]), ("FAILED", counts[1], before[1])):
-                if now > then or (job.get("status") in TERMINAL and now):
+                if now > then:
                     for child in await self._list_children(parent, status):
-                        if child["jobId"] in self._watched:
-                            self._settle(child["jobId"], child)
+                        child_id = child["jobId"]
+                        if child_id in self._watched:
+                            self._settle(child_id, child)
                             ended += 1
+                        elif child_id in self._live:
+                            # Ended before anyone waited for it: kept for the wait to come.
+                            self._ended[child_id] = child
         return ended > 0
 
     async def _describe(self, job_ids: list[str], what: str) -> dict[str, dict[str, Any]]:
