@@ -14,7 +14,8 @@ that process:
   (this server).  At most ``--slots`` jobs run at once; the others wait in
   RUNNABLE, as on a real queue.  ``terminate_job`` kills the process group
   and fails the job with the reason given (how a test injects a spot
-  reclaim); ``attemptDurationSeconds`` kills it too.  What the job printed
+  reclaim), and terminating an array job terminates its children, as on
+  AWS; ``attemptDurationSeconds`` kills it too.  What the job printed
   goes to CloudWatch Logs (``/aws/batch/job``) under its ``logStreamName``.
 - An image whose name starts with ``missing/`` fails the job without
   running it, as AWS does when it cannot pull the image
@@ -288,6 +289,16 @@ def main() -> None:
     # Statuses change only when the runner sets them, never on being described.
     state_manager.set_transition("batch::job", {"progression": "manual", "times": 10**9})
     models.Job.run = lambda self: rig.run_job(self)  # type: ignore[method-assign]
+    terminate = models.BatchBackend.terminate_job
+
+    def terminate_job(backend: Any, job_id: str, reason: str) -> None:
+        # AWS terminates an array job's children with it; moto stops only the parent.
+        terminate(backend, job_id, reason)
+        parent = backend.get_job_by_id(job_id)
+        for child in getattr(parent, "_child_jobs", None) or ():
+            child.terminate(reason)
+
+    models.BatchBackend.terminate_job = terminate_job  # type: ignore[method-assign,assignment]
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

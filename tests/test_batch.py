@@ -114,6 +114,7 @@ async def test_a_map_of_fifty_takes_a_handful_of_submits(eng: engine.Engine, bat
     assert batch_rig.calls()["SubmitJob"] <= 3
 
 
+@pytest.mark.slow
 async def test_max_array_size_splits_a_fan_out_and_array_false_sends_plain_jobs(
     batch_env: str, batch_rig: BatchRig
 ) -> None:
@@ -148,9 +149,34 @@ async def test_what_the_job_prints_is_captured_under_the_action(eng: engine.Engi
     assert ("stderr", "warning 5 on stderr") in lines
 
 
+@pytest.mark.slow
 async def test_a_large_argument_travels_through_s3(eng: engine.Engine) -> None:
     data = os.urandom(9 << 20)  # over the S3 store's multipart threshold
     assert (await eng.run(tasks.size_of, data)).result == len(data)
+
+
+async def test_a_config_table_with_backend_batch_and_its_own_storage(
+    tmp_path: Path, batch_env: str, batch_rig: BatchRig
+) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        f"""
+[tool.shoal.offload.aws]
+backend = "batch"
+job_queue = "{QUEUE}"
+image = "shoal-test:1"
+python = "{PYTHON}"
+storage = "s3://{batch_env}/shoal"
+endpoint_url = "{batch_rig.endpoint}"
+region = "us-east-1"
+poll_interval = {POLL}
+env = {{ GREETING = "hi" }}
+"""
+    )
+    # The engine's blob store is local: storage= is where the jobs' objects go.
+    async with engine.Engine(blob_store=str(tmp_path / "blobs")) as eng:
+        assert (await eng.run(tasks.square, 3)).result == 9
+    keys = [o["Key"] for o in batch_rig.client("s3").list_objects_v2(Bucket=batch_env)["Contents"]]
+    assert any(k.startswith("shoal/batch/results/") for k in keys), keys
 
 
 async def test_throttled_calls_are_retried(eng: engine.Engine, batch_rig: BatchRig) -> None:
@@ -160,6 +186,7 @@ async def test_throttled_calls_are_retried(eng: engine.Engine, batch_rig: BatchR
     assert batch_rig.calls()["SubmitJob"] == 3
 
 
+@pytest.mark.slow
 async def test_the_job_definition_is_registered_once_across_runs(batch_env: str, batch_rig: BatchRig) -> None:
     image = f"shoal-test:{batch_env}"  # an image no other test used
     for _ in range(2):
@@ -193,6 +220,23 @@ async def test_cancelling_a_run_terminates_its_job(eng: engine.Engine, batch_rig
     await until(lambda: job_id not in batch_rig.processes(), "the job's process to be killed")
     (job,) = batch_rig.client("batch").describe_jobs(jobs=[job_id])["jobs"]
     assert job["status"] == "FAILED" and "cancelled" in job["statusReason"]
+    assert batch_rig.calls()["TerminateJob"] == 1
+
+
+async def test_cancelling_a_whole_fan_out_terminates_its_array_job_in_one_call(
+    eng: engine.Engine, batch_rig: BatchRig
+) -> None:
+    @engine.task
+    async def root(n: int) -> list[float]:
+        calls: list[Any] = [tasks.slow(60.0 + i) for i in range(n)]
+        return list(await asyncio.gather(*calls))
+
+    running = asyncio.ensure_future(eng.run(root, 3))
+    await until(lambda: len(batch_rig.processes()) == 3, "the array's children to start")
+    running.cancel()
+    with pytest.raises((asyncio.CancelledError, engine.EngineError)):
+        await running
+    await until(lambda: not batch_rig.processes(), "every child's process to be killed")
     assert batch_rig.calls()["TerminateJob"] == 1
 
 

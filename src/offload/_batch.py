@@ -211,6 +211,8 @@ class Batch:
         self._poller: asyncio.Task[None] | None = None
         # Set when a job is first watched: the next round comes at the base interval.
         self._fresh = False
+        #: Poll rounds made since open() (what the benchmark divides calls by).
+        self._rounds = 0
         self._bundle_path: Callable[[str], Any] | None = None
         self._cancels: set[str] = set()
         self._cancelling: asyncio.Task[None] | None = None
@@ -587,6 +589,7 @@ class Batch:
         interval = self.poll_interval
         while self._watched:
             self._fresh = False
+            self._rounds += 1
             changed = await self._poll_round()
             if changed or self._fresh:
                 interval = self.poll_interval
