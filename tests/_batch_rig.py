@@ -240,6 +240,8 @@ class Rig:
         job.exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         if timed_out:
             job.job_stopped_reason = "Job attempt duration exceeded timeout"
+        elif proc.returncode != 0 and not job.stop:
+            job.job_stopped_reason = "Essential container in task exited"
         job._mark_stopped(success=proc.returncode == 0 and not job.stop and not timed_out)
 
     def _logs(self, job: Any, path: str) -> None:
@@ -299,6 +301,16 @@ def main() -> None:
             child.terminate(reason)
 
     models.BatchBackend.terminate_job = terminate_job  # type: ignore[method-assign,assignment]
+    details = models.Job._container_details
+
+    def container_details(job: Any) -> dict[str, Any]:
+        # AWS gives a stopped job's exit code in describe_jobs; moto 5.2 leaves it out.
+        found: dict[str, Any] = details(job)
+        if job.exit_code is not None:
+            found["exitCode"] = job.exit_code
+        return found
+
+    models.Job._container_details = container_details  # type: ignore[method-assign,assignment]
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 
 import engine
 
@@ -45,3 +46,15 @@ async def slow(seconds: float) -> float:
 @engine.task(offload="aws", retries=0)
 def size_of(data: bytes) -> int:
     return len(data)
+
+
+@engine.task(offload="aws", retries=0)
+def die(code: int) -> None:
+    print("about to die", flush=True)  # noqa: T201 - output to capture
+    time.sleep(0.5)  # the worker sends output on every 0.1 s: let it reach the job's log
+    os._exit(code)
+
+
+@engine.task(offload="aws", retries=0, timeout=1.5)
+async def overdue() -> None:
+    await asyncio.sleep(60)

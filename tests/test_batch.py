@@ -140,6 +140,40 @@ async def test_a_task_exception_comes_back_as_its_own_type_with_the_remote_trace
     assert "raise Unlucky" in str(error.__cause__)
 
 
+async def test_a_job_that_dies_without_a_result_says_its_exit_code_and_log(eng: engine.Engine) -> None:
+    error = await failure(eng, tasks.die, 3)
+    assert isinstance(error, engine.OffloadError) and not isinstance(error, engine.extend.InfrastructureError)
+    message = str(error)
+    assert "failed without a result" in message and "(exit code 3)" in message
+    assert "about to die" in message  # the end of its CloudWatch log
+
+
+async def test_a_timeout_stops_the_job_and_travels_as_attempt_duration(
+    eng: engine.Engine, batch_rig: BatchRig
+) -> None:
+    error = await failure(eng, tasks.overdue)
+    assert isinstance(error, engine.ActionTimeout)
+    batch = batch_rig.client("batch")
+    (summary,) = batch.list_jobs(jobQueue=QUEUE, filters=[{"name": "JOB_NAME", "values": ["shoal-overdue"]}])["jobSummaryList"]
+    (job,) = batch.describe_jobs(jobs=[summary["jobId"]])["jobs"]
+    assert job["timeout"] == {"attemptDurationSeconds": 60}  # AWS's floor, so it holds without us
+    await until(lambda: not batch_rig.processes(), "the job to be stopped")
+
+
+async def test_an_existing_job_definition_is_used_as_it_is(batch_env: str, batch_rig: BatchRig) -> None:
+    batch = batch_rig.client("batch")
+    batch.register_job_definition(
+        jobDefinitionName=f"mine-{batch_env}",
+        type="container",
+        containerProperties={"image": "shoal-test:1", "vcpus": 1, "memory": 512, "command": ["true"]},
+    )
+    batch_rig.reset()
+    target = offload.Batch(QUEUE, job_definition=f"mine-{batch_env}", python=PYTHON, poll_interval=POLL)
+    async with engine.Engine(targets={"aws": target}, blob_store=f"s3://{batch_env}/b") as eng:
+        assert (await eng.run(tasks.square, 6)).result == 36
+    assert "RegisterJobDefinition" not in batch_rig.calls()
+
+
 async def test_what_the_job_prints_is_captured_under_the_action(eng: engine.Engine) -> None:
     run = await eng.run(tasks.chatty, 5)
     assert run.result == 5
