@@ -48,7 +48,6 @@ _HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _HERE] + [_HERE]
 
 import _offload_tasks as tasks  # noqa: E402
-
 import engine  # noqa: E402
 import offload  # noqa: E402
 

@@ -64,7 +64,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from engine import ConfigError, OffloadError
 from engine.extend import HostLost, Outcome, Reclaimed, SubmitFailed
 
-from ._errors_map import THROTTLING_CODES, error_code, is_retryable
+from ._errors_map import (
+    error_code,
+    is_aws_error,
+    is_retryable,
+    map_batch_error,
+    mapped_batch_errors,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -271,7 +277,7 @@ class Batch:
         config = AioConfig(retries={"total_max_attempts": 1}, max_pool_connections=32)
         session = get_session()
         stack = self._stack = contextlib.AsyncExitStack()
-        with _mapped(f"connect to AWS Batch for job queue {self.job_queue!r}"):
+        with mapped_batch_errors(f"connect to AWS Batch for job queue {self.job_queue!r}"):
             try:
                 self._batch = await stack.enter_async_context(
                     session.create_client("batch", region_name=self.region, endpoint_url=self.endpoint_url, config=config)
@@ -404,14 +410,14 @@ class Batch:
             try:
                 return await fn()
             except Exception as exc:
-                if not _is_aws_error(exc):
+                if not is_aws_error(exc):
                     raise
                 if attempt < CALL_ATTEMPTS and is_retryable(exc):
                     delay = min(CALL_BACKOFF * 2.0 ** (attempt - 1), CALL_MAX_DELAY)
                     await self._sleep(delay * (0.5 + 0.5 * self._rng.random()))
                     attempt += 1
                     continue
-                raise _map_error(exc, what, attempts=attempt, submit=submit) from exc
+                raise map_batch_error(exc, what, attempts=attempt, submit=submit) from exc
 
     # -- submitting -------------------------------------------------------------
 
@@ -834,60 +840,3 @@ def _job_name(task: str) -> str:
     """A job name AWS accepts (letters, digits, - and _, at most 128) that says which task."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", task).strip("-") or "task"
     return f"shoal-{name}"[:128]
-
-
-def _is_aws_error(exc: BaseException) -> bool:
-    import aiohttp
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return isinstance(exc, BotoCoreError | ClientError | aiohttp.ClientError | asyncio.TimeoutError)
-
-
-@contextlib.contextmanager
-def _mapped(what: str) -> Any:
-    try:
-        yield
-    except Exception as exc:
-        if _is_aws_error(exc):
-            raise _map_error(exc, what) from exc
-        raise
-
-
-def _map_error(exc: BaseException, what: str, *, attempts: int = 1, submit: bool = False) -> OffloadError:
-    """The OffloadError that says what ``exc`` means for ``what`` (which names the queue or job)."""
-    from botocore.exceptions import (
-        ClientError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        NoRegionError,
-        PartialCredentialsError,
-    )
-
-    tried = f" after {attempts} attempts" if attempts > 1 else ""
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return OffloadError(
-            f"cannot {what}: no AWS credentials found ({exc}); set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or configure ~/.aws/credentials"
-        )
-    if isinstance(exc, NoRegionError):
-        return OffloadError(f"cannot {what}: no AWS region configured; pass region= or set AWS_DEFAULT_REGION")
-    if isinstance(exc, ClientError):
-        code, status = error_code(exc)
-        message = exc.response.get("Error", {}).get("Message", "") or str(exc)
-        if code in THROTTLING_CODES or status == 429 or status >= 500:
-            error_type: type[OffloadError] = SubmitFailed if submit else OffloadError
-            return error_type(
-                f"cannot {what}{tried}: AWS Batch answered {code or status} ({message}); the "
-                "service is throttling or unavailable, try again later"
-            )
-        if status in (401, 403) or code in ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"):
-            return OffloadError(
-                f"cannot {what}: denied ({code}: {message}); check the AWS credentials and their "
-                "IAM permissions for AWS Batch"
-            )
-        return OffloadError(f"cannot {what}: {code or status}: {message}")
-    if isinstance(exc, EndpointConnectionError):
-        error_type = SubmitFailed if submit else OffloadError
-        return error_type(f"cannot {what}{tried}: cannot reach AWS Batch ({exc}); check endpoint_url, region and the network")
-    error_type = SubmitFailed if submit else OffloadError
-    return error_type(f"cannot {what}{tried}: {type(exc).__name__}: {exc}")
