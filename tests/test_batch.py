@@ -225,6 +225,18 @@ async def test_throttled_calls_are_retried(eng: engine.Engine, batch_rig: BatchR
     assert batch_rig.calls()["SubmitJob"] == 3
 
 
+async def test_a_poll_round_that_fails_through_its_retries_does_not_fail_the_wait(
+    batch_env: str, batch_rig: BatchRig
+) -> None:
+    async def quick(seconds: float) -> None:  # backoff without the wait
+        await asyncio.sleep(min(seconds, 0.05))
+
+    async with engine.Engine(targets={"aws": aws()}, blob_store=f"s3://{batch_env}/b", sleep=quick) as eng:
+        batch_rig.fault("DescribeJobs", status=503, code="ServiceUnavailable", times=10)
+        assert (await eng.run(tasks.square, 5)).result == 25
+    assert batch_rig.calls()["DescribeJobs"] > 10
+
+
 @pytest.mark.slow
 async def test_the_job_definition_is_registered_once_across_runs(batch_env: str, batch_rig: BatchRig) -> None:
     image = f"shoal-test:{batch_env}"  # an image no other test used

@@ -93,6 +93,8 @@ DESCRIBE_LIMIT: Final = 100
 CALL_ATTEMPTS: Final = 8
 CALL_BACKOFF: Final = 0.1
 CALL_MAX_DELAY: Final = 5.0
+#: Poll rounds failing in a row (each call retried CALL_ATTEMPTS times) before the waits fail.
+POLL_FAILURES: Final = 5
 #: How many attempts may be in flight on the target at once (the queue, not
 #: this process, decides how many run).
 CAPACITY: Final = 100_000
@@ -593,10 +595,25 @@ class Batch:
 
     async def _poll(self) -> None:
         interval = self.poll_interval
+        failed = 0
         while self._watched:
             self._fresh = False
             self._rounds += 1
-            changed = await self._poll_round()
+            try:
+                changed = await self._poll_round()
+            except OffloadError as exc:
+                # Each call was already retried; a longer outage fails the
+                # waits only after POLL_FAILURES rounds in a row.
+                failed += 1
+                if failed >= POLL_FAILURES:
+                    self._fail_watched(exc)
+                    return
+                changed = False
+            except Exception as exc:  # never leave a wait hanging on a dead poller
+                self._fail_watched(OffloadError(f"polling job queue {self.job_queue!r} failed: {type(exc).__name__}: {exc}"))
+                raise
+            else:
+                failed = 0
             if changed or self._fresh:
                 interval = self.poll_interval
             else:
@@ -605,17 +622,18 @@ class Batch:
                 break
             await self._sleep(interval)
 
+    def _fail_watched(self, error: BaseException) -> None:
+        for job_id in list(self._watched):
+            watch = self._watched.pop(job_id)
+            if not watch.future.done():
+                watch.future.set_exception(error)
+
     async def _poll_round(self) -> bool:
         """Ask about every watched job once; settle those that ended. Whether any did."""
         plain = [j for j in self._watched if ":" not in j]
         parents = sorted({j.split(":", 1)[0] for j in self._watched if ":" in j})
         ended = 0
-        try:
-            described = await self._describe(plain + parents, "poll jobs")
-        except OffloadError as exc:
-            for watch in list(self._watched.values()):
-                self._settle(watch.job_id, exc)
-            return True
+        described = await self._describe(plain + parents, "poll jobs")
         for job_id in plain:
             job = described.get(job_id)
             if job is None:
