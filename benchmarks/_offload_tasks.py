@@ -12,3 +12,8 @@ def echo_plain(x: int) -> int:
 @engine.task(offload="box")
 async def echo(x: int) -> int:
     return x
+
+
+@engine.task(offload="aws")
+async def echo_batch(x: int) -> int:
+    return x

@@ -1,7 +1,18 @@
-"""Offloaded actions on ``offload.Local`` workers, against a plain process pool.
+"""Offloaded actions on ``offload.Local`` workers, against a plain process pool; or on AWS Batch.
 
     python benchmarks/offload.py            # N = 2,000
     python benchmarks/offload.py --quick    # N = 300
+    python benchmarks/offload.py batch [--items N] [--slots S]   # AWS Batch on the moto rig
+
+``batch`` (see :func:`batch_main`) runs against the tests' moto rig (a
+moto server whose Batch jobs really run as local processes, ``--slots`` at
+a time): an ``engine.map`` of N items (default 10,000) to a task that
+returns its input, against a plain boto3 loop that submits one job per
+item (a hand-written job: boto3 writes its item to S3), polls them with
+``describe_jobs`` of 100 ids a call at the same interval, and reads each
+result back.  Reported: SubmitJob calls (target <= 10),
+DescribeJobs calls per 100 jobs per poll round (target <= 1), and wall
+times.
 
 In one process, taking turns over several rounds:
 
@@ -29,6 +40,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 # This script's folder is first on sys.path, and this script is named
 # offload.py: moved to the end, so that `import offload` finds the package.
@@ -105,11 +117,124 @@ async def main(n: int, rounds: int, colds: int) -> None:
     )
 
 
+POLL = 1.0
+
+
+def _rig_environment(rig: Any) -> str:
+    """Point this process's AWS settings at the rig; a fresh bucket's name."""
+    import os
+    import uuid
+
+    os.environ.update(
+        AWS_ENDPOINT_URL=rig.endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    rig.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
+#: What each job of the boto3 loop runs: a hand-written job that writes its item back to S3.
+PLAIN_JOB = (
+    "import os, sys, boto3; boto3.client('s3').put_object(Bucket=sys.argv[1], "
+    "Key='plain/' + os.environ['AWS_BATCH_JOB_ID'], Body=sys.argv[2].encode())"
+)
+
+
+def boto3_loop(rig: Any, bucket: str, n: int) -> tuple[float, int]:
+    """One SubmitJob per item, describe_jobs of 100 ids a call every POLL s, then each result read: (wall, rounds)."""
+    from _moto_batch import QUEUE
+
+    batch = rig.client("batch")
+    s3 = rig.client("s3")
+    start = time.perf_counter()
+    definition = batch.register_job_definition(
+        jobDefinitionName="bench-plain",
+        type="container",
+        containerProperties={"image": "bench:1", "vcpus": 1, "memory": 512, "command": [sys.executable, "-c", "pass"]},
+    )["jobDefinitionArn"]
+    ids = [
+        batch.submit_job(
+            jobName=f"item-{i}",
+            jobQueue=QUEUE,
+            jobDefinition=definition,
+            containerOverrides={"command": [sys.executable, "-c", PLAIN_JOB, bucket, str(i)]},
+        )["jobId"]
+        for i in range(n)
+    ]
+    pending = set(ids)
+    rounds = 0
+    while pending:
+        time.sleep(POLL)
+        rounds += 1
+        listed = sorted(pending)
+        for i in range(0, len(listed), 100):
+            for job in batch.describe_jobs(jobs=listed[i : i + 100])["jobs"]:
+                if job["status"] in ("SUCCEEDED", "FAILED"):
+                    pending.discard(job["jobId"])
+    results = [int(s3.get_object(Bucket=bucket, Key=f"plain/{job_id}")["Body"].read()) for job_id in ids]
+    assert results == list(range(n))
+    return time.perf_counter() - start, rounds
+
+
+@engine.task
+async def batch_fan(n: int) -> int:
+    results = [x async for x in engine.map(tasks.echo_batch, range(n), concurrency=n)]
+    assert results == list(range(n))
+    return len(results)
+
+
+async def shoal_batch(bucket: str, n: int) -> tuple[float, int]:
+    from _moto_batch import QUEUE
+
+    target = offload.Batch(QUEUE, image="bench:1", python=sys.executable, poll_interval=POLL)
+    start = time.perf_counter()
+    async with engine.Engine(store="memory", targets={"aws": target}, blob_store=f"s3://{bucket}/blobs") as eng:
+        run = await eng.run(batch_fan, n)
+        assert run.result == n, run.error
+        rounds = target._rounds
+    return time.perf_counter() - start, rounds
+
+
+def batch_main(n: int, slots: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from _moto_batch import start_rig
+
+    with tempfile.TemporaryDirectory() as scratch:
+        proc, rig = start_rig(scratch, slots=slots)
+        try:
+            bucket = _rig_environment(rig)
+            base, base_rounds = boto3_loop(rig, bucket, n)
+            base_calls = rig.calls()
+            rig.reset()
+            mine, rounds = asyncio.run(shoal_batch(bucket, n))
+            calls = rig.calls()
+        finally:
+            proc.kill()
+            proc.wait()
+    per_round = calls.get("DescribeJobs", 0) / max(rounds, 1) / (n / 100)
+    base_per_round = base_calls.get("DescribeJobs", 0) / max(base_rounds, 1) / (n / 100)
+    print(f"offload.Batch vs a boto3 loop, N = {n:,} items, moto rig running {slots} jobs at a time, poll every {POLL:g} s")
+    print(f"  boto3 loop:    SubmitJob {base_calls.get('SubmitJob', 0):6,}   DescribeJobs {base_calls.get('DescribeJobs', 0):6,} "
+          f"({base_per_round:.2f} per 100 jobs per round, {base_rounds} rounds)   wall {base:7.1f} s")
+    print(f"  offload.Batch: SubmitJob {calls.get('SubmitJob', 0):6,} (target <= 10)   DescribeJobs {calls.get('DescribeJobs', 0):6,} "
+          f"({per_round:.2f} per 100 jobs per round, target <= 1; {rounds} rounds)   ListJobs {calls.get('ListJobs', 0):,}   "
+          f"wall {mine:7.1f} s = {mine / base:.2f}x the loop")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("mode", nargs="?", choices=["local", "batch"], default="local")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--items", type=int, default=10_000, help="batch: items in the map")
+    parser.add_argument("--slots", type=int, default=8, help="batch: jobs the rig runs at once")
     args = parser.parse_args()
-    if args.quick:
+    if args.mode == "batch":
+        batch_main(200 if args.quick else args.items, args.slots)
+    elif args.quick:
         asyncio.run(main(300, 3, 3))
     else:
         asyncio.run(main(2000, 5, 5))

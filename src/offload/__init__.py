@@ -5,6 +5,8 @@ are resolved by name when a run first needs them.
 
 - :class:`Local`: warm worker processes on this machine (``python -m
   offload.worker`` over pipes).
+- :class:`Batch`: AWS Batch jobs (array jobs for fan-outs), re-attached
+  by job id after a crash.
 - The infrastructure failures a backend reports, all
   :class:`engine.OffloadError`: :class:`WorkerLost`, :class:`HostLost`,
   :class:`Reclaimed`, :class:`SubmitFailed`.  The engine retries them
@@ -19,13 +21,14 @@ from engine.extend import Reclaimed as Reclaimed
 from engine.extend import SubmitFailed as SubmitFailed
 from engine.extend import WorkerLost as WorkerLost
 
-__all__ = ["HostLost", "Local", "Reclaimed", "SubmitFailed", "WorkerLost"]
+__all__ = ["Batch", "HostLost", "Local", "Reclaimed", "SubmitFailed", "WorkerLost"]
 
 # Imported on first use (PEP 562): `import offload` stays cheap for the
 # programs that only need one backend or a blob store.
-_LAZY = {"Local": "._local"}
+_LAZY = {"Batch": "._batch", "Local": "._local"}
 
 if TYPE_CHECKING:
+    from ._batch import Batch as Batch
     from ._local import Local as Local
 
 

@@ -1,4 +1,4 @@
-"""Turn botocore and aiohttp errors into shoal's BlobError family, at the S3 boundary.
+"""Map botocore and aiohttp errors to shoal errors at the AWS boundary: BlobError (S3), OffloadError (Batch).
 
 Nothing outside ``offload`` knows botocore exists: every S3 call made by
 :mod:`offload._s3` is wrapped so callers only ever see ``engine`` errors,
@@ -13,12 +13,21 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from engine import BlobError, BlobNotFound
+from engine import BlobError, BlobNotFound, OffloadError
+from engine.extend import SubmitFailed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["error_code", "is_retryable", "map_s3_error", "map_s3_errors"]
+__all__ = [
+    "error_code",
+    "is_aws_error",
+    "is_retryable",
+    "map_batch_error",
+    "map_s3_error",
+    "map_s3_errors",
+    "mapped_batch_errors",
+]
 
 #: Error codes S3 (and S3-compatible stores) use to ask a client to slow down.
 THROTTLING_CODES = frozenset(
@@ -162,3 +171,65 @@ def _is_third_party(exc: BaseException) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     return isinstance(exc, BotoCoreError | ClientError | aiohttp.ClientError | asyncio.TimeoutError)
+
+
+# -- AWS Batch (offload.Batch) ---------------------------------------------------
+
+
+def is_aws_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from botocore or aiohttp (and is mapped at this boundary)."""
+    import aiohttp
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(exc, BotoCoreError | ClientError | aiohttp.ClientError | asyncio.TimeoutError)
+
+
+@contextlib.contextmanager
+def mapped_batch_errors(what: str) -> Iterator[None]:
+    """Re-raise botocore/aiohttp errors from the block as OffloadError about ``what``, chained."""
+    try:
+        yield
+    except Exception as exc:
+        if is_aws_error(exc):
+            raise map_batch_error(exc, what) from exc
+        raise
+
+
+def map_batch_error(exc: BaseException, what: str, *, attempts: int = 1, submit: bool = False) -> OffloadError:
+    """The OffloadError that says what ``exc`` means for ``what`` (which names the queue or job)."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        NoRegionError,
+        PartialCredentialsError,
+    )
+
+    tried = f" after {attempts} attempts" if attempts > 1 else ""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return OffloadError(
+            f"cannot {what}: no AWS credentials found ({exc}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or configure ~/.aws/credentials"
+        )
+    if isinstance(exc, NoRegionError):
+        return OffloadError(f"cannot {what}: no AWS region configured; pass region= or set AWS_DEFAULT_REGION")
+    if isinstance(exc, ClientError):
+        code, status = error_code(exc)
+        message = exc.response.get("Error", {}).get("Message", "") or str(exc)
+        if code in THROTTLING_CODES or status == 429 or status >= 500:
+            error_type: type[OffloadError] = SubmitFailed if submit else OffloadError
+            return error_type(
+                f"cannot {what}{tried}: AWS Batch answered {code or status} ({message}); the "
+                "service is throttling or unavailable, try again later"
+            )
+        if status in (401, 403) or code in ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"):
+            return OffloadError(
+                f"cannot {what}: denied ({code}: {message}); check the AWS credentials and their "
+                "IAM permissions for AWS Batch"
+            )
+        return OffloadError(f"cannot {what}: {code or status}: {message}")
+    if isinstance(exc, EndpointConnectionError):
+        error_type = SubmitFailed if submit else OffloadError
+        return error_type(f"cannot {what}{tried}: cannot reach AWS Batch ({exc}); check endpoint_url, region and the network")
+    error_type = SubmitFailed if submit else OffloadError
+    return error_type(f"cannot {what}{tried}: {type(exc).__name__}: {exc}")

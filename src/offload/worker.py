@@ -1,5 +1,8 @@
 """``python -m offload.worker [--cache DIR]``: serve offloaded attempts over stdin and stdout.
 
+(``python -m offload.worker --batch S3_URI --pack DIGEST`` instead runs the
+one attempt of an AWS Batch job: see :mod:`offload._batch_job`.)
+
 Started by a backend (``offload.Local`` through pipes, SSH through a
 channel), never by hand.  The protocol's frames travel over the original
 stdin and stdout file descriptors; before anything else runs, the worker
@@ -37,11 +40,21 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Run a worker on this process's stdin and stdout; its exit status."""
-    proto_in, proto_out = _take_stdio()
     parser = argparse.ArgumentParser(prog="python -m offload.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default="~/.cache/shoal", help="folder for code bundles and the worker's home")
+    parser.add_argument("--batch", metavar="S3_URI", help="run one attempt of an AWS Batch job, stored under S3_URI")
+    parser.add_argument("--pack", metavar="DIGEST", help="with --batch: the pack holding the job's payload")
     args = parser.parse_args(argv)
     cache = Path(args.cache).expanduser().absolute()
+    if args.batch:
+        # A Batch job: no protocol stream; stdout and stderr are the job's log.
+        if not args.pack:
+            parser.error("--batch needs --pack")
+        from ._batch_job import run_job
+
+        _private_home(cache)
+        return asyncio.run(run_job(args.batch, args.pack, cache))
+    proto_in, proto_out = _take_stdio()
     _private_home(cache)
     abandoned = asyncio.run(_serve(proto_in, proto_out, cache))
     if abandoned and os.getpgrp() == os.getpid():
