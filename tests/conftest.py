@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import _sshd
 import engine
 from _fakes import FakeSleep
 
@@ -16,6 +17,8 @@ pytest_plugins = ["pytester"]
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
+
+    from _sshd import SSHHost, SSHRig
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +41,30 @@ async def eng(fake_sleep: FakeSleep) -> AsyncIterator[engine.Engine]:
     """An engine that keeps nothing and never sleeps between retries."""
     async with engine.Engine(store="memory", sleep=fake_sleep, rng=random.Random(7)) as e:
         yield e
+
+
+# -- real OpenSSH servers (see _sshd) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sshd_rig() -> Iterator[SSHRig]:
+    """Keys, a known_hosts file, and every sshd the session starts (stopped at its end)."""
+    yield from _sshd.open_rig()
+
+
+@pytest.fixture(scope="session")
+def ssh_host(sshd_rig: SSHRig) -> SSHHost:
+    """sshd on loopback (it shares this machine's files)."""
+    return sshd_rig.start()
+
+
+@pytest.fixture(scope="session")
+def honest_host(sshd_rig: SSHRig) -> SSHHost:
+    """sshd on loopback that sees none of the tests' files (private /tmp, hostname "honest")."""
+    return sshd_rig.start(honest=True, hostname="honest")
+
+
+@pytest.fixture
+def ns_hosts(sshd_rig: SSHRig) -> Iterator[list[SSHHost]]:
+    """Four honest hosts h1..h4 in network namespaces, fresh for each test (it may cut their links)."""
+    yield from _sshd.namespace_hosts(sshd_rig)
