@@ -7,10 +7,13 @@ are resolved by name when a run first needs them.
   offload.worker`` over pipes).
 - :class:`Batch`: AWS Batch jobs (array jobs for fan-outs), re-attached
   by job id after a crash.
+- :class:`SSH` and :class:`Host`: a pool of hosts reached over SSH.
 - The infrastructure failures a backend reports, all
   :class:`engine.OffloadError`: :class:`WorkerLost`, :class:`HostLost`,
   :class:`Reclaimed`, :class:`SubmitFailed`.  The engine retries them
   within the target's own ``retries=``, without using up the task's.
+- A target set up wrongly, not retried: :class:`HostKeyError` (a host key
+  that cannot be verified), :class:`AuthenticationFailed` (a login refused).
 """
 
 import importlib
@@ -21,15 +24,31 @@ from engine.extend import Reclaimed as Reclaimed
 from engine.extend import SubmitFailed as SubmitFailed
 from engine.extend import WorkerLost as WorkerLost
 
-__all__ = ["Batch", "HostLost", "Local", "Reclaimed", "SubmitFailed", "WorkerLost"]
+from ._errors import AuthenticationFailed as AuthenticationFailed
+from ._errors import HostKeyError as HostKeyError
+
+__all__ = [
+    "SSH",
+    "AuthenticationFailed",
+    "Batch",
+    "Host",
+    "HostKeyError",
+    "HostLost",
+    "Local",
+    "Reclaimed",
+    "SubmitFailed",
+    "WorkerLost",
+]
 
 # Imported on first use (PEP 562): `import offload` stays cheap for the
 # programs that only need one backend or a blob store.
-_LAZY = {"Batch": "._batch", "Local": "._local"}
+_LAZY = {"Batch": "._batch", "Local": "._local", "SSH": "._ssh", "Host": "._ssh"}
 
 if TYPE_CHECKING:
     from ._batch import Batch as Batch
     from ._local import Local as Local
+    from ._ssh import SSH as SSH
+    from ._ssh import Host as Host
 
 
 def _claim(value: Any) -> None:

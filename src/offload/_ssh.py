@@ -1,0 +1,637 @@
+"""``offload.SSH``: a pool of hosts reached over SSH (asyncssh), and their connections.
+
+What lives here: the target's options and their checks, the hosts and how
+a host string is read, and one :class:`_Link` per host, which owns that
+host's connection: opened lazily, reused by everything sent to the host,
+with keepalives on, and closed by :meth:`SSH.aclose`.
+
+Trust: a host's key is always verified against ``known_hosts``.  There is
+no default that turns this off; ``known_hosts=None`` is refused unless
+``insecure_no_host_check=True`` says so as well.
+
+Errors: every asyncssh error and ``OSError`` is mapped at this boundary
+(:func:`_mapped`) to an ``engine.OffloadError`` subclass that names the
+host: :class:`~offload.HostKeyError` and
+:class:`~offload.AuthenticationFailed` for a target set up wrongly (not
+retried), :class:`~offload.HostLost` for a host that cannot be reached or
+whose connection dropped (an infrastructure failure, retried by the
+engine).  A lost host gets no new connection until its backoff has passed
+(1 s, doubling up to a minute, reset by a good connect).
+
+asyncssh is imported only when a connection is first opened, so that
+``offload.SSH(...)`` and ``import offload`` stay cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import getpass
+import ipaddress
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from engine import ConfigError, OffloadError
+from engine.extend import BackendContext, HostLost
+
+from ._errors import AuthenticationFailed, HostKeyError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from types import TracebackType
+
+    import asyncssh
+
+__all__ = ["SSH", "Host", "parse_host"]
+
+#: First wait before a lost host is connected to again; doubled per failure.
+RECONNECT_BACKOFF: Final = 1.0
+#: Longest wait between two connects to a host that stays down.
+RECONNECT_MAX: Final = 60.0
+
+_log = logging.getLogger("offload.ssh")
+
+# A host name or address as ssh takes it: letters, digits, and . - _ (an
+# alias from ~/.ssh/config is one too); IPv6 literals are checked apart.
+_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """One host of an :class:`SSH` target, with what the target's options leave open.
+
+    ``username`` and ``workers`` override the target's for this host;
+    ``cpus`` and ``gpus`` give its slots instead of what its worker reports
+    at hello (a shared box of which a run may use only part).
+    """
+
+    name: str
+    port: int = 22
+    username: str | None = None
+    workers: int | None = None
+    cpus: int | None = None
+    gpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _valid_name(self.name):
+            raise ConfigError(
+                f"offload.Host name= takes a host name or address (letters, digits, '.', '-', "
+                f"'_', or an IPv6 address), got {self.name!r}"
+            )
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"offload.Host port= takes a TCP port (1-65535), got {self.port!r}")
+        if self.username is not None and (not isinstance(self.username, str) or not _USER.match(self.username)):
+            raise ConfigError(f"offload.Host username= takes a user name, got {self.username!r}")
+        for option, least in (("workers", 1), ("cpus", 1), ("gpus", 0)):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ConfigError(
+                    f"offload.Host {option}= takes a whole number >= {least} (or None), got {value!r}"
+                )
+
+    def __str__(self) -> str:
+        """``name:port``, bracketed for IPv6 (what messages name the host by)."""
+        name = f"[{self.name}]" if ":" in self.name else self.name
+        return f"{name}:{self.port}"
+
+
+def _valid_name(name: str) -> bool:
+    if _NAME.match(name):
+        return True
+    try:
+        return isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def parse_host(text: str) -> Host:
+    """A :class:`Host` from ``"name"``, ``"user@name"``, ``"name:port"``, ``"user@[v6]:port"``...
+
+    A bare IPv6 address (``"::1"``) is a name without a port; give a port
+    with brackets (``"[::1]:2222"``).  Anything else is a ``ConfigError``
+    that shows the forms taken.
+    """
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(
+            f"offload.SSH cannot read the host {text!r}: {why}; write it as 'name', 'user@name', "
+            f"'name:port', 'user@name:port' or '[ipv6]:port', or pass offload.Host(name, port=...)"
+        )
+
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"offload.SSH hosts= takes host strings or offload.Host objects, got {text!r} "
+            f"({type(text).__qualname__})"
+        )
+    if not text or text != text.strip() or any(c.isspace() for c in text):
+        raise bad("it is empty or has spaces")
+    username: str | None = None
+    rest = text
+    if "@" in text:
+        username, _, rest = text.rpartition("@")
+        if not _USER.match(username):
+            raise bad(f"{username!r} is not a user name")
+    port = 22
+    if rest.startswith("["):
+        close = rest.find("]")
+        if close < 0:
+            raise bad("a '[' without its ']'")
+        name, after = rest[1:close], rest[close + 1 :]
+        if after:
+            if not after.startswith(":"):
+                raise bad(f"{after!r} after the ']'")
+            port = _port(after[1:], bad)
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise bad(f"{name!r} in brackets is not an IPv6 address") from None
+    elif rest.count(":") == 1:
+        name, _, digits = rest.partition(":")
+        port = _port(digits, bad)
+    else:
+        name = rest  # a name, or a bare IPv6 address
+    if not name or not _valid_name(name):
+        raise bad(f"{name!r} is not a host name or address")
+    return Host(name, port=port, username=username)
+
+
+def _port(digits: str, bad: Callable[[str], ConfigError]) -> int:
+    if not digits.isdigit() or not 0 < int(digits) < 65536:
+        raise bad(f"the port {digits!r} is not a number from 1 to 65535")
+    return int(digits)
+
+
+class SSH:
+    """Run offloaded attempts on a pool of hosts reached over SSH.
+
+    ``hosts``: host strings (``"gpu1"``, ``"me@gpu2:2222"``, ``"[::1]:22"``)
+    or :class:`Host` objects.  A name may be an alias of ``~/.ssh/config``,
+    whose settings apply.  ``known_hosts``: the file host keys are verified
+    against (``None`` only together with ``insecure_no_host_check=True``).
+    ``client_keys``: private key files to log in with (default: the SSH
+    agent and ``~/.ssh/id_*``, as ``ssh`` does).  ``username``: default the
+    local user (or ``~/.ssh/config``'s).  ``workers``: worker processes per
+    host (default: the host's CPUs); ``concurrency``: attempts at once per
+    worker.  ``python``: the interpreter on the hosts, which must have the
+    same shoal installed; ``remote_dir``: the hosts' folder for code bundles
+    and blobs; ``env``: variables set for the workers.  ``connect_timeout``
+    bounds a connect and login; a connection whose ``keepalive_count_max``
+    keepalives in a row (one each ``keepalive_interval`` seconds) go
+    unanswered is lost.  ``retries``: infrastructure retries per attempt.
+
+    One connection per host, opened when the target is opened (by the
+    engine, on first use, or ``async with``) and reused; a host that cannot
+    be reached then is left out and tried again later, with backoff.
+    """
+
+    kind: ClassVar[str] = "ssh"
+    reattachable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        hosts: Sequence[str | Host] | str | Host,
+        *,
+        known_hosts: str | os.PathLike[str] | None = "~/.ssh/known_hosts",
+        client_keys: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
+        username: str | None = None,
+        workers: int | None = None,
+        python: str = "python3",
+        remote_dir: str = "~/.cache/shoal",
+        env: Mapping[str, str] | None = None,
+        connect_timeout: float = 10.0,
+        keepalive_interval: float = 5.0,
+        keepalive_count_max: int = 3,
+        retries: int = 3,
+        concurrency: int = 1,
+        insecure_no_host_check: bool = False,
+    ) -> None:
+        if isinstance(hosts, str | Host):
+            hosts = [hosts]
+        if not isinstance(hosts, list | tuple) or not hosts:
+            raise ConfigError(
+                f"offload.SSH hosts= takes a non-empty list of host strings or offload.Host "
+                f"objects, got {hosts!r}"
+            )
+        parsed = tuple(h if isinstance(h, Host) else parse_host(h) for h in hosts)
+        seen: set[tuple[str, int]] = set()
+        for host in parsed:
+            if (host.name, host.port) in seen:
+                raise ConfigError(f"offload.SSH hosts= names {host} twice; name each host once")
+            seen.add((host.name, host.port))
+        self.hosts: tuple[Host, ...] = parsed
+        if known_hosts is None:
+            if insecure_no_host_check is not True:
+                raise ConfigError(
+                    "offload.SSH known_hosts=None would accept any host key, so a host could be "
+                    "impersonated; name a known_hosts file (default ~/.ssh/known_hosts), or pass "
+                    "insecure_no_host_check=True as well if you accept that risk"
+                )
+            self.known_hosts: str | None = None
+        elif isinstance(known_hosts, str | os.PathLike) and str(known_hosts):
+            self.known_hosts = str(known_hosts)
+        else:
+            raise ConfigError(f"offload.SSH known_hosts= takes the path of a known_hosts file, got {known_hosts!r}")
+        if not isinstance(insecure_no_host_check, bool):
+            raise ConfigError(f"offload.SSH insecure_no_host_check= takes True or False, got {insecure_no_host_check!r}")
+        self.insecure_no_host_check = insecure_no_host_check
+        if isinstance(client_keys, str | os.PathLike):
+            client_keys = [client_keys]
+        if client_keys is not None and (
+            not isinstance(client_keys, list | tuple)
+            or not all(isinstance(k, str | os.PathLike) and str(k) for k in client_keys)
+        ):
+            raise ConfigError(
+                f"offload.SSH client_keys= takes a list of private key files (or None for the "
+                f"SSH agent and ~/.ssh/id_*), got {client_keys!r}"
+            )
+        self.client_keys: tuple[str, ...] | None = (
+            None if client_keys is None else tuple(str(k) for k in client_keys)
+        )
+        if username is not None and (not isinstance(username, str) or not _USER.match(username)):
+            raise ConfigError(f"offload.SSH username= takes a user name, got {username!r}")
+        self.username = username
+        self.workers = None if workers is None else _count("workers", workers, 1)
+        for option, text in (("python", python), ("remote_dir", remote_dir)):
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"offload.SSH {option}= takes a non-empty string, got {text!r}")
+        self.python = python
+        self.remote_dir = remote_dir
+        env = {} if env is None else env
+        if not hasattr(env, "items") or not all(
+            isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ConfigError(
+                f"offload.SSH env= takes a mapping of variable names to string values, got {env!r}"
+            )
+        self.env: dict[str, str] = dict(env)
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.keepalive_interval = _seconds("keepalive_interval", keepalive_interval)
+        self.keepalive_count_max = _count("keepalive_count_max", keepalive_count_max, 1)
+        self.retries = _count("retries", retries, 0)
+        self.concurrency = _count("concurrency", concurrency, 1)
+        self._context: BackendContext | None = None
+        # Invariant: ``_links`` has one link per host, in the order of
+        # ``hosts``, from open() until aclose(); empty otherwise.
+        self._links: list[_Link] = []
+        # What every connect uses, read once by open().
+        self._trust: Any = None
+        self._keys: Any = None
+
+    def __repr__(self) -> str:
+        hosts = ", ".join(repr(str(h)) for h in self.hosts)
+        return f"offload.SSH(hosts=[{hosts}], workers={self.workers}, python={self.python!r})"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def open(self, context: BackendContext) -> None:
+        """Read the known_hosts file and client keys, then connect to every host at once.
+
+        A host key that cannot be verified or a login refused fails the
+        open (the target is set up wrongly); a host that cannot be reached
+        is left out until its backoff has passed, unless none can be reached.
+        """
+        self._context = context
+        self._trust, self._keys = await asyncio.to_thread(self._credentials)
+        clock = context.monotonic or time.monotonic
+        self._links = [_Link(self, host, clock) for host in self.hosts]
+        results = await asyncio.gather(*(link.connection() for link in self._links), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        fatal = [e for e in errors if not isinstance(e, HostLost)]
+        if fatal:
+            await self.aclose()
+            raise fatal[0]
+        if errors and len(errors) == len(self._links):
+            await self.aclose()
+            if len(errors) == 1:
+                raise errors[0]
+            raise HostLost(
+                f"no host of {self!r} can be reached:\n"
+                + "\n".join(f"  - {e}" for e in errors)
+            )
+        for error in errors:
+            _log.warning("%s; it gets no work until it can be reached", error)
+
+    async def __aenter__(self) -> SSH:
+        if self._context is None:
+            await self.open(BackendContext(home=Path(os.devnull)))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every host's connection."""
+        links, self._links = self._links, []
+        self._context = None
+        await asyncio.gather(*(link.close() for link in links))
+
+    def _credentials(self) -> tuple[Any, Any]:
+        """The known hosts and client keys every connect uses (read in a thread: files)."""
+        import asyncssh
+
+        trust: Any = None
+        if self.known_hosts is not None:
+            path = Path(self.known_hosts).expanduser()
+            names = ", ".join(str(h) for h in self.hosts)
+            if not path.is_file():
+                raise HostKeyError(
+                    f"cannot verify the host keys of {names}: the known_hosts file {path} does not "
+                    f"exist; create it with the hosts' keys (ssh-keyscan -p PORT HOST >> {path}, then "
+                    f"check each fingerprint with the host's owner), or give known_hosts= the file "
+                    f"that lists them",
+                    host=str(self.hosts[0]),
+                    known_hosts=str(path),
+                )
+            try:
+                trust = asyncssh.read_known_hosts(str(path))
+            except (OSError, ValueError, asyncssh.Error) as exc:
+                raise HostKeyError(
+                    f"cannot verify the host keys of {names}: the known_hosts file {path} cannot "
+                    f"be read ({exc}); fix or replace it",
+                    host=str(self.hosts[0]),
+                    known_hosts=str(path),
+                ) from exc
+        keys: Any = ()  # asyncssh's default: the agent and ~/.ssh/id_*
+        if self.client_keys is not None:
+            keys = [self._read_key(Path(k).expanduser()) for k in self.client_keys]
+        return trust, keys
+
+    @staticmethod
+    def _read_key(path: Path) -> Any:
+        import asyncssh
+
+        if not path.is_file():
+            raise ConfigError(
+                f"offload.SSH client_keys= names {path}, which does not exist; give the path of "
+                f"a private key file (ssh-keygen -t ed25519 makes one)"
+            )
+        try:
+            return asyncssh.read_private_key(str(path))
+        except asyncssh.KeyEncryptionError as exc:
+            raise ConfigError(
+                f"offload.SSH cannot use the client key {path}: it is encrypted ({exc}); load it "
+                f"into an SSH agent and leave client_keys= unset, or use a key without a passphrase"
+            ) from exc
+        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(
+                f"offload.SSH cannot read the client key {path}: {exc}; give the path of an "
+                f"OpenSSH or PEM private key file"
+            ) from exc
+
+    def _link(self, host: Host | str) -> _Link:
+        """The link to one of this target's hosts (by its Host, or its host string)."""
+        wanted = parse_host(host) if isinstance(host, str) else host
+        for link in self._links:
+            if (link.host.name, link.host.port) == (wanted.name, wanted.port):
+                return link
+        if not self._links:
+            raise OffloadError(
+                f"{self!r} is not open: use it through an engine, or `async with offload.SSH(...)`"
+            )
+        raise ConfigError(f"{host} is not a host of {self!r}")
+
+
+class Completed:
+    """What a command run on a host gave: its exit status and output."""
+
+    __slots__ = ("exit_status", "stderr", "stdout")
+
+    def __init__(self, exit_status: int, stdout: str, stderr: str) -> None:
+        self.exit_status = exit_status
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return f"Completed(exit_status={self.exit_status}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+class _Link:
+    """The connection to one host: opened when first needed, reused, and watched.
+
+    The connection is opened with keepalives; when it closes without
+    :meth:`close` having asked (the host went down, keepalives went
+    unanswered, sshd was killed), the link notes the loss and the host
+    waits out its backoff before it is connected to again.
+    """
+
+    def __init__(self, target: SSH, host: Host, clock: Callable[[], float]) -> None:
+        self.target = target
+        self.host = host
+        self.username = host.username or target.username
+        self._clock = clock
+        # Invariant: ``_conn`` is the open connection, or None; it is set
+        # only by ``connection()``, under ``_lock``, so a host never has two.
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = asyncio.Lock()
+        #: How many connects in a row failed or were lost (0: healthy).
+        self.failures = 0
+        #: Before this time (of ``clock``) no connect is tried; why the host is down.
+        self.down_until = 0.0
+        self.down_because = ""
+        #: How many connections this link opened (a reconnect makes it 2...).
+        self.connects = 0
+        self._closing = False
+        self._losses: list[Callable[[str], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<_Link {self.host} {'open' if self._conn is not None else 'closed'}>"
+
+    @property
+    def up(self) -> bool:
+        """Whether the host may be given work now: connected, or its backoff has passed."""
+        return self._conn is not None or self._clock() >= self.down_until
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` each time the connection is lost (not when it is closed)."""
+        self._losses.append(callback)
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        """The open connection, connecting first if there is none (``HostLost`` while down)."""
+        conn = self._conn
+        if conn is not None:
+            return conn
+        async with self._lock:
+            if self._conn is not None:
+                return self._conn
+            if self._closing:
+                raise OffloadError(f"the connection to host {self.host} is closed: {self.target!r} was closed")
+            wait = self.down_until - self._clock()
+            if wait > 0:
+                raise HostLost(
+                    f"host {self.host} is down ({self.down_because}); it is connected to again in "
+                    f"{wait:.1f}s"
+                )
+            try:
+                conn = await self._connect()
+            except HostLost as exc:
+                self._failed(str(exc))
+                raise
+            self.failures = 0
+            self.connects += 1
+            self._conn = conn
+            return conn
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        import asyncssh
+
+        target = self.target
+        link = self
+
+        class _Client(asyncssh.SSHClient):
+            def connection_lost(self, exc: Exception | None) -> None:
+                link._lost(conn_of.get("conn"), exc)
+
+        conn_of: dict[str, Any] = {}
+        options: dict[str, Any] = {
+            "known_hosts": target._trust,
+            "client_keys": target._keys,
+            "connect_timeout": target.connect_timeout,
+            "keepalive_interval": target.keepalive_interval,
+            "keepalive_count_max": target.keepalive_count_max,
+        }
+        if self.username is not None:
+            options["username"] = self.username
+        with self._mapped("connecting"):
+            # connect_timeout bounds the TCP connect and the whole handshake.
+            async with asyncio.timeout(target.connect_timeout + 1.0):
+                conn = await asyncssh.connect(
+                    self.host.name, self.host.port, client_factory=_Client, **options
+                )
+        conn_of["conn"] = conn
+        return conn
+
+    def _lost(self, conn: Any, exc: Exception | None) -> None:
+        """asyncssh says a connection ended: unless ``close`` asked for it, the host is lost."""
+        if conn is None or conn is not self._conn:
+            return
+        self._conn = None
+        if self._closing:
+            return
+        why = _reason(exc) if exc is not None else "the host closed the connection"
+        self._failed(f"the connection to host {self.host} was lost: {why}")
+        _log.warning("the connection to host %s was lost: %s", self.host, why)
+        for callback in list(self._losses):
+            try:
+                callback(why)
+            except Exception:
+                _log.exception("offload.SSH: reporting the loss of host %s failed", self.host)
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        delay = min(RECONNECT_MAX, RECONNECT_BACKOFF * 2 ** (self.failures - 1))
+        self.down_until = self._clock() + delay
+        self.down_because = why
+
+    async def run(self, command: str, *, input: str | None = None) -> Completed:
+        """Run a shell command on the host over the shared connection; its status and output.
+
+        A connection that drops meanwhile, or a command that ends without
+        an exit status (the host went away under it), is ``HostLost``.
+        """
+        conn = await self.connection()
+        with self._mapped(f"running {command!r}"):
+            result = await conn.run(command, input=input, check=False)
+        if result.exit_status is None or (result.exit_status == -1 and result.exit_signal is None):
+            raise HostLost(
+                f"the command {command!r} on host {self.host} ended without an exit status: the "
+                f"connection was lost under it{self._since()}"
+            )
+        return Completed(int(result.exit_status), _text(result.stdout), _text(result.stderr))
+
+    async def close(self) -> None:
+        """Close the connection for good (no loss is reported)."""
+        self._closing = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await conn.wait_closed()
+
+    def _since(self) -> str:
+        return f" ({self.down_because})" if self.down_because else ""
+
+    @contextlib.contextmanager
+    def _mapped(self, doing: str) -> Iterator[None]:
+        """Map what asyncssh and the network raise to the errors of this package, naming the host."""
+        import asyncssh
+
+        host = self.host
+        target = self.target
+        try:
+            yield
+        except asyncssh.HostKeyNotVerifiable as exc:
+            file = target.known_hosts or "(none)"
+            raise HostKeyError(
+                f"the host key of {host} is not trusted: it is not listed in {file}, or it differs "
+                f"from the key listed there ({exc.reason}); if this is the host you mean, add its "
+                f"key (ssh-keyscan -p {host.port} {host.name} >> {file}, then check the "
+                f"fingerprint with the host's owner) — a changed key can also mean that another "
+                f"machine answers in its place",
+                host=str(host),
+                known_hosts=file,
+            ) from exc
+        except asyncssh.PermissionDenied as exc:
+            user = self.username or getpass.getuser()
+            keys = ", ".join(target.client_keys) if target.client_keys else "the SSH agent's and ~/.ssh/id_*"
+            raise AuthenticationFailed(
+                f"host {host} refused the login of user {user!r} ({exc.reason}): none of the client "
+                f"keys offered ({keys}) was accepted; add the public key to ~{user}/.ssh/"
+                f"authorized_keys on that host, or give offload.SSH the client_keys= and "
+                f"username= that it accepts",
+                host=str(host),
+                username=user,
+            ) from exc
+        except TimeoutError as exc:
+            if doing != "connecting":
+                raise HostLost(f"host {host} did not finish {doing} in time{self._since()}") from exc
+            raise HostLost(
+                f"host {host} did not answer within connect_timeout={target.connect_timeout:g}s "
+                f"while {doing}; check that it is up and reachable, or raise connect_timeout="
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            why = _reason(exc)
+            if doing == "connecting":
+                raise HostLost(
+                    f"cannot connect to host {host}: {why}; check that the host is up, that sshd "
+                    f"listens on port {host.port} and that nothing blocks it"
+                ) from exc
+            raise HostLost(
+                f"the connection to host {host} failed while {doing}: {why}{self._since()}"
+            ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    text = reason if isinstance(reason, str) and reason else (str(exc) or type(exc).__name__)
+    if isinstance(exc, OSError) and exc.strerror and exc.strerror not in text:
+        text = f"{exc.strerror} ({text})"
+    return text
+
+
+def _text(data: Any) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return str(data)
+
+
+def _count(name: str, value: Any, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"offload.SSH {name}= takes a whole number >= {least}, got {value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"offload.SSH {name}= takes a number of seconds > 0, got {value!r}")
+    return float(value)

@@ -1,0 +1,416 @@
+"""offload.SSH against real OpenSSH servers: options, host strings, trust, logins and lost hosts.
+
+The servers come from ``_sshd`` (see its docstring): sshd on loopback,
+an "honest" one that sees none of this machine's temporary files, and four
+hosts in network namespaces whose links the tests take down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+
+import offload
+from engine import ConfigError
+from engine.extend import BackendContext
+from offload import AuthenticationFailed, Host, HostKeyError, HostLost
+from offload._ssh import SSH, parse_host
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from _sshd import SSHHost, SSHRig
+
+
+class Clock:
+    """A monotonic clock that moves only when told (backoff without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def target(rig: SSHRig, hosts: Sequence[str | Host], **options: object) -> SSH:
+    options.setdefault("known_hosts", str(rig.known_hosts))
+    options.setdefault("client_keys", [str(rig.client_key)])
+    return SSH(list(hosts), **options)  # type: ignore[arg-type]
+
+
+async def opened(backend: SSH, clock: Clock | None = None, home: Path | None = None) -> SSH:
+    await backend.open(BackendContext(home=home or Path(os.devnull), monotonic=clock))
+    return backend
+
+
+def established(port: int) -> int:
+    """This process's open TCP connections to ``port``."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+# -- options and host strings (no server) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [
+        ("gpu1", Host("gpu1")),
+        ("me@gpu2", Host("gpu2", username="me")),
+        ("gpu2:2222", Host("gpu2", port=2222)),
+        ("me@gpu2:2222", Host("gpu2", port=2222, username="me")),
+        ("10.0.0.7:22", Host("10.0.0.7")),
+        ("[::1]:2200", Host("::1", port=2200)),
+        ("root@[fe80::1]", Host("fe80::1", username="root")),
+        ("::1", Host("::1")),
+        ("lab-box_3.example.org", Host("lab-box_3.example.org")),
+    ],
+)
+def test_host_strings_are_read_as_ssh_writes_them(text: str, host: Host) -> None:
+    assert parse_host(text) == host
+    assert SSH([text], known_hosts="kh").hosts == (host,)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " gpu1", "gpu 1", "me@", "@gpu1", "gpu1:", "gpu1:0", "gpu1:70000", "gpu1:ssh", "[::1",
+     "[::1]x", "[gpu1]:22", "a/b", "me@gpu1:22:33", "-oProxyCommand=x"],
+)
+def test_a_host_string_that_does_not_parse_is_a_config_error_showing_the_forms(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        SSH([text], known_hosts="kh")
+    message = str(caught.value)
+    assert repr(text) in message
+    assert "'user@name:port'" in message and "offload.Host(" in message
+
+
+def test_known_hosts_none_is_refused_unless_the_insecure_flag_says_so() -> None:
+    with pytest.raises(ConfigError, match="insecure_no_host_check=True"):
+        SSH(["gpu1"], known_hosts=None)
+    with pytest.raises(ConfigError, match="insecure_no_host_check=True"):
+        SSH(["gpu1"], known_hosts=None, insecure_no_host_check="yes")  # type: ignore[arg-type]
+    assert SSH(["gpu1"], known_hosts=None, insecure_no_host_check=True).known_hosts is None
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"hosts": []}, "non-empty list"),
+        ({"hosts": ["gpu1", "gpu1:22"]}, "names gpu1:22 twice"),
+        ({"hosts": [7]}, "host strings or offload.Host"),
+        ({"workers": 0}, "workers= takes a whole number >= 1"),
+        ({"retries": -1}, "retries= takes a whole number >= 0"),
+        ({"concurrency": True}, "concurrency= takes a whole number"),
+        ({"connect_timeout": 0}, "connect_timeout= takes a number of seconds > 0"),
+        ({"keepalive_interval": -1.0}, "keepalive_interval="),
+        ({"keepalive_count_max": 0}, "keepalive_count_max="),
+        ({"env": {"1BAD": "x"}}, "env= takes a mapping"),
+        ({"env": {"OK": 1}}, "env= takes a mapping"),
+        ({"python": " "}, "python= takes a non-empty string"),
+        ({"remote_dir": ""}, "remote_dir= takes a non-empty string"),
+        ({"username": "a b"}, "username= takes a user name"),
+        ({"client_keys": [""]}, "client_keys= takes a list of private key files"),
+        ({"known_hosts": ""}, "known_hosts= takes the path"),
+    ],
+)
+def test_bad_options_are_config_errors_naming_the_option(options: dict[str, object], words: str) -> None:
+    options.setdefault("hosts", ["gpu1"])
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        SSH(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [({"name": "a b"}, "name="), ({"port": 0}, "port="), ({"workers": 0}, "workers="),
+     ({"cpus": 0}, "cpus="), ({"gpus": -1}, "gpus=")],
+)
+def test_bad_host_fields_are_config_errors(options: dict[str, object], words: str) -> None:
+    fields: dict[str, object] = {"name": "gpu1", **options}
+    with pytest.raises(ConfigError, match=words):
+        Host(**fields)  # type: ignore[arg-type]
+
+
+def test_the_ssh_names_are_offloads_and_importing_them_loads_no_asyncssh() -> None:
+    for name in ("SSH", "Host", "HostKeyError", "AuthenticationFailed", "HostLost"):
+        assert name in offload.__all__
+        value = getattr(offload, name)
+        assert value.__module__ == "offload", name
+        assert value.__doc__, name
+    code = (
+        "import sys, offload; lab = offload.SSH(['gpu1', 'me@gpu2:2222'], workers=2); "
+        "print(lab.hosts[1], 'asyncssh' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["gpu2:2222", "False"]
+
+
+# -- one loopback host ---------------------------------------------------------------
+
+
+async def test_one_connection_per_host_opened_on_open_and_reused(sshd_rig: SSHRig, ssh_host: SSHHost) -> None:
+    before = ssh_host.logins()
+    backend = target(sshd_rig, [ssh_host.spec])
+    assert ssh_host.logins() == before  # nothing happens until the target is opened
+    async with backend:
+        link = backend._link(ssh_host.spec)
+        results = await asyncio.gather(*(link.run(f"echo {i}") for i in range(12)))
+        again = await link.run("hostname")
+        assert established(ssh_host.port) == 1
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(12)]
+    assert again.exit_status == 0 and again.stdout.strip() == ssh_host.hostname
+    assert ssh_host.logins() == before + 1
+    assert link.connects == 1
+    # aclose() closed it.
+    assert established(ssh_host.port) == 0
+
+
+async def test_an_honest_host_sees_none_of_this_machines_temporary_files(
+    sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path
+) -> None:
+    (tmp_path / "here.txt").write_text("only on the engine's machine")
+    async with target(sshd_rig, [honest_host.spec]) as backend:
+        link = backend._link(honest_host.spec)
+        name = await link.run("hostname")
+        seen = await link.run(f"test -e {tmp_path / 'here.txt'}")
+        python = await link.run("python3 -c 'import offload, sys; print(sys.prefix)'")
+    assert name.stdout.strip() == "honest"
+    assert seen.exit_status == 1
+    assert python.exit_status == 0, python.stderr
+    assert python.stdout.strip() == sys.prefix
+
+
+async def test_an_unknown_host_key_is_a_host_key_error_naming_host_and_file(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyError) as caught:
+        async with target(sshd_rig, [ssh_host.spec], known_hosts=str(empty)):
+            pass
+    message = str(caught.value)
+    assert f"127.0.0.1:{ssh_host.port}" in message and str(empty) in message
+    assert f"ssh-keyscan -p {ssh_host.port} 127.0.0.1" in message
+    assert caught.value.host == f"127.0.0.1:{ssh_host.port}"
+    assert caught.value.known_hosts == str(empty)
+
+
+async def test_a_changed_host_key_is_a_host_key_error(sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path) -> None:
+    import asyncssh
+
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{ssh_host.port} {other}\n")
+    before = ssh_host.logins()
+    with pytest.raises(HostKeyError, match=r"differs\s+from the key listed there"):
+        async with target(sshd_rig, [ssh_host.spec], known_hosts=str(wrong)):
+            pass
+    assert ssh_host.logins() == before  # never logged in to a host it could not trust
+
+
+async def test_a_missing_known_hosts_file_is_a_host_key_error_before_any_connect(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    with pytest.raises(HostKeyError, match=r"known_hosts file .*nowhere.* does not exist"):
+        async with target(sshd_rig, [ssh_host.spec], known_hosts=str(tmp_path / "nowhere")):
+            pass
+
+
+async def test_the_insecure_flag_connects_without_checking(sshd_rig: SSHRig, ssh_host: SSHHost) -> None:
+    backend = target(sshd_rig, [ssh_host.spec], known_hosts=None, insecure_no_host_check=True)
+    async with backend:
+        result = await backend._link(ssh_host.spec).run("echo ok")
+    assert result.stdout == "ok\n"
+
+
+async def test_a_refused_client_key_is_an_authentication_error(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    import asyncssh
+
+    stranger = tmp_path / "stranger"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
+    with pytest.raises(AuthenticationFailed) as caught:
+        async with target(sshd_rig, [f"root@{ssh_host.spec}"], client_keys=[str(stranger)]):
+            pass
+    message = str(caught.value)
+    assert f"127.0.0.1:{ssh_host.port}" in message and "'root'" in message and str(stranger) in message
+    assert "authorized_keys" in message
+    assert caught.value.username == "root"
+
+
+async def test_a_missing_or_unreadable_client_key_file_is_a_config_error(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"names .*no-key, which does not exist"):
+        async with target(sshd_rig, [ssh_host.spec], client_keys=[str(tmp_path / "no-key")]):
+            pass
+    garbage = tmp_path / "garbage"
+    garbage.write_text("not a key\n")
+    with pytest.raises(ConfigError, match=r"cannot read the client key .*garbage"):
+        async with target(sshd_rig, [ssh_host.spec], client_keys=[str(garbage)]):
+            pass
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_an_unreachable_host_is_host_lost_naming_it(sshd_rig: SSHRig) -> None:
+    port = _closed_port()
+    with pytest.raises(HostLost, match=rf"cannot connect to host 127.0.0.1:{port}: .*sshd\s+listens on port {port}"):
+        async with target(sshd_rig, [f"127.0.0.1:{port}"]):
+            pass
+
+
+async def test_a_host_down_at_open_is_left_out_and_retried_after_its_backoff(
+    sshd_rig: SSHRig, ssh_host: SSHHost
+) -> None:
+    port = _closed_port()
+    sshd_rig.trust("127.0.0.1", port)
+    clock = Clock()
+    backend = await opened(target(sshd_rig, [ssh_host.spec, f"127.0.0.1:{port}"]), clock)
+    try:
+        good, dead = backend._link(ssh_host.spec), backend._link(f"127.0.0.1:{port}")
+        assert good.up and not dead.up
+        assert (await good.run("echo ok")).stdout == "ok\n"
+        with pytest.raises(HostLost, match=rf"host 127.0.0.1:{port} is down \(cannot connect.*\); it is connected to again in 1.0s"):
+            await dead.run("true")
+        # The host comes up; it gets no work until the backoff has passed.
+        late = sshd_rig.start(port=port)
+        try:
+            with pytest.raises(HostLost, match="is down"):
+                await dead.run("true")
+            assert late.logins() == 0
+            clock.now += 1.0
+            assert dead.up
+            assert (await dead.run("echo back")).stdout == "back\n"
+            assert late.logins() == 1 and dead.failures == 0
+        finally:
+            await backend.aclose()
+            late.stop()
+            sshd_rig.hosts.remove(late)
+    finally:
+        await backend.aclose()
+
+
+async def test_backoff_doubles_while_a_host_stays_down(sshd_rig: SSHRig, ssh_host: SSHHost) -> None:
+    port = _closed_port()
+    clock = Clock()
+    backend = await opened(target(sshd_rig, [ssh_host.spec, f"127.0.0.1:{port}"]), clock)
+    try:
+        dead = backend._link(f"127.0.0.1:{port}")
+        waits = []
+        for _ in range(8):
+            waits.append(dead.down_until - clock.now)
+            clock.now = dead.down_until
+            with pytest.raises(HostLost, match="cannot connect"):
+                await dead.connection()
+        assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_connection_lost_under_a_command_is_host_lost_and_reported(sshd_rig: SSHRig) -> None:
+    host = sshd_rig.start(honest=True, hostname="doomed")
+    lost: list[str] = []
+    try:
+        backend = await opened(target(sshd_rig, [host.spec]), Clock())
+        try:
+            link = backend._link(host.spec)
+            link.on_lost(lost.append)
+            running = asyncio.ensure_future(link.run("sleep 60"))
+            await asyncio.sleep(0.2)
+            host.stop()  # the host dies (its sshd and everything it ran)
+            with pytest.raises(HostLost, match=rf"host 127.0.0.1:{host.port}"):
+                await running
+            assert lost and not link.up
+            with pytest.raises(HostLost, match="is down"):
+                await link.run("true")
+        finally:
+            await backend.aclose()
+    finally:
+        host.stop()
+        sshd_rig.hosts.remove(host)
+
+
+# -- four hosts in network namespaces -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["down", pytest.param("drop", marks=pytest.mark.slow)])
+async def test_a_host_whose_link_goes_away_mid_command_is_host_lost_and_the_others_carry_on(
+    sshd_rig: SSHRig, ns_hosts: list[SSHHost], how: str
+) -> None:
+    clock = Clock()
+    backend = await opened(
+        target(sshd_rig, [h.spec for h in ns_hosts], keepalive_interval=0.3, keepalive_count_max=2), clock
+    )
+    try:
+        links = [backend._link(h.spec) for h in ns_hosts]
+        names = await asyncio.gather(*(link.run("hostname") for link in links))
+        assert [n.stdout.strip() for n in names] == ["h1", "h2", "h3", "h4"]
+        doomed = asyncio.ensure_future(links[0].run("sleep 60"))
+        others = [asyncio.ensure_future(link.run("sleep 1; hostname")) for link in links[1:]]
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        ns_hosts[0].cut(how)
+        with pytest.raises(HostLost, match=r"10\.200\.\d+\.2:22"):
+            await doomed
+        noticed = time.monotonic() - started
+        assert [(await o).stdout.strip() for o in others] == ["h2", "h3", "h4"]
+        assert not links[0].up
+        assert all(link.up for link in links[1:])
+        # Back once its link is and its backoff has passed: a new connection.
+        ns_hosts[0].mend()
+        with pytest.raises(HostLost, match="is down"):
+            await links[0].run("hostname")
+        clock.now += 1.0
+        assert (await links[0].run("hostname")).stdout.strip() == "h1"
+        assert links[0].connects == 2
+        # Keepalives noticed it (0.3 s x 2), long before TCP would have.
+        assert noticed < 30
+    finally:
+        await backend.aclose()
+    assert established(22) == 0
+
+
+async def test_a_host_down_at_start_leaves_the_others_working(sshd_rig: SSHRig, ns_hosts: list[SSHHost]) -> None:
+    ns_hosts[1].cut("down")
+    clock = Clock()
+    backend = await opened(target(sshd_rig, [h.spec for h in ns_hosts], connect_timeout=2.0), clock)
+    try:
+        links = [backend._link(h.spec) for h in ns_hosts]
+        assert [link.up for link in links] == [True, False, True, True]
+        names = await asyncio.gather(*(links[i].run("hostname") for i in (0, 2, 3)))
+        assert [n.stdout.strip() for n in names] == ["h1", "h3", "h4"]
+        ns_hosts[1].mend()
+        clock.now += 1.0
+        assert (await links[1].run("hostname")).stdout.strip() == "h2"
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.slow
+async def test_when_no_host_can_be_reached_open_says_so_for_each(sshd_rig: SSHRig, ns_hosts: list[SSHHost]) -> None:
+    for host in ns_hosts[:2]:
+        host.cut("down")
+    with pytest.raises(HostLost) as caught:
+        await opened(target(sshd_rig, [h.spec for h in ns_hosts[:2]], connect_timeout=2.0))
+    message = str(caught.value)
+    assert "no host of offload.SSH" in message
+    assert ns_hosts[0].address in message and ns_hosts[1].address in message
