@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from _sshd import SSHHost, SSHRig
+    from engine import Config
 
 
 class Clock:
@@ -414,3 +415,193 @@ async def test_when_no_host_can_be_reached_open_says_so_for_each(sshd_rig: SSHRi
     message = str(caught.value)
     assert "no host of offload.SSH" in message
     assert ns_hosts[0].address in message and ns_hosts[1].address in message
+
+
+# -- config tables -------------------------------------------------------------------
+
+
+def _lab_table(tmp_path: Path, body: str) -> tuple[str, Any, Config]:
+    from engine._config import load_config
+
+    file = tmp_path / "shoal.toml"
+    file.write_text(f'[offload.lab]\nbackend = "ssh"\n{body}')
+    config = load_config(file)
+    return str(file), config.offload["lab"], config
+
+
+async def test_a_config_table_with_backend_ssh_is_an_ssh_target_that_connects(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    from engine._registry import build_target
+
+    _, table, config = _lab_table(
+        tmp_path,
+        f'hosts = ["{ssh_host.spec}"]\nknown_hosts = "{sshd_rig.known_hosts}"\n'
+        f'client_keys = ["{sshd_rig.client_key}"]\nworkers = 2\nkeepalive_interval = 1.5\n'
+        'env = { OMP_NUM_THREADS = "1" }\n',
+    )
+    lab = build_target("lab", table, config)
+    assert isinstance(lab, offload.SSH)
+    assert lab.hosts == (parse_host(ssh_host.spec),)
+    assert (lab.workers, lab.keepalive_interval, lab.env) == (2, 1.5, {"OMP_NUM_THREADS": "1"})
+    assert lab.known_hosts == str(sshd_rig.known_hosts) and lab.retries == 3
+    async with lab:
+        assert (await lab._link(ssh_host.spec).run("echo from-config")).stdout == "from-config\n"
+
+
+def test_a_bad_host_in_a_config_table_names_the_target_the_file_and_the_host(tmp_path: Path) -> None:
+    from engine._registry import build_target
+
+    file, table, config = _lab_table(tmp_path, 'hosts = ["gpu1", "me@gpu2:port"]\n')
+    with pytest.raises(ConfigError) as caught:
+        build_target("lab", table, config)
+    message = str(caught.value)
+    assert "offload target 'lab'" in message and file in message and "'me@gpu2:port'" in message
+
+
+def test_a_config_table_without_host_checks_is_refused_unless_it_says_insecure(tmp_path: Path) -> None:
+    from engine._registry import build_target
+
+    with pytest.raises(ConfigError, match="insecure_no_host_check"):
+        _lab_table(tmp_path, 'hosts = ["gpu1"]\nknown_hosts = ""\n')
+    _, table, config = _lab_table(tmp_path, 'hosts = ["gpu1"]\nknown_hosts = ""\ninsecure_no_host_check = true\n')
+    lab = build_target("lab", table, config)
+    assert lab.known_hosts is None and lab.insecure_no_host_check is True
+
+
+# -- what open() checks on each host ------------------------------------------------------
+
+
+async def test_open_probes_each_host_for_its_interpreter_shoal_cpus_and_folder(
+    sshd_rig: SSHRig, honest_host: SSHHost
+) -> None:
+    from engine.extend import VERSION, usable_cpus
+
+    async with target(sshd_rig, [honest_host.spec], workers=3, concurrency=2) as backend:
+        facts = backend._link(honest_host.spec).facts
+        assert backend.capacity() == 3 * 2
+    assert facts is not None
+    assert (facts.hostname, facts.shoal) == ("honest", VERSION)
+    assert Path(facts.executable).parent == Path(sys.executable).parent  # python3 from PATH
+    import pwd
+
+    assert facts.dir == f"{pwd.getpwuid(os.getuid()).pw_dir}/.cache/shoal"
+    assert facts.cpus == usable_cpus()  # the same machine underneath
+
+
+async def test_capacity_defaults_to_each_hosts_cpus_and_unfit_names_every_host(
+    sshd_rig: SSHRig, ssh_host: SSHHost, honest_host: SSHHost
+) -> None:
+    from engine.extend import usable_cpus
+
+    hosts: list[str | Host] = [Host("127.0.0.1", port=ssh_host.port, cpus=64, gpus=2), honest_host.spec]
+    async with target(sshd_rig, hosts) as backend:
+        assert backend.capacity() == 64 + usable_cpus()
+        assert backend.unfit(64, 2) is None
+        assert backend.unfit(1, 0) is None
+        why = backend.unfit(65, 3)
+    assert why is not None
+    assert f"127.0.0.1:{ssh_host.port} has 64 CPUs and 2 GPUs" in why
+    assert f"127.0.0.1:{honest_host.port} has {usable_cpus()} CPUs and 0 GPUs" in why
+
+
+@pytest.fixture
+def plain_python() -> Path:
+    """The system's interpreter, which has no shoal (skip where it is missing or has one)."""
+    plain = Path("/usr/bin/python3")
+    found = subprocess.run([str(plain), "-c", "import engine"], capture_output=True, check=False) if plain.exists() else None
+    if found is None or found.returncode == 0:
+        pytest.skip(f"{plain} is missing or has shoal installed: no interpreter without shoal here")
+    return plain
+
+
+async def test_a_remote_interpreter_without_shoal_says_which_host_which_interpreter_and_what_to_install(
+    sshd_rig: SSHRig, honest_host: SSHHost, plain_python: Path
+) -> None:
+    plain = plain_python
+    from engine import OffloadError
+
+    with pytest.raises(OffloadError) as caught:
+        async with target(sshd_rig, [honest_host.spec], python=str(plain)):
+            pass
+    message = str(caught.value)
+    assert f"host 127.0.0.1:{honest_host.port}" in message
+    assert f"the interpreter '{plain}'" in message and "does not have shoal installed" in message
+    assert "-m pip install shoal==" in message
+
+
+async def test_a_missing_remote_interpreter_is_named(sshd_rig: SSHRig, honest_host: SSHHost) -> None:
+    from engine import OffloadError
+
+    with pytest.raises(OffloadError, match=r"there is no interpreter '/opt/none/python3'.*python= the path"):
+        async with target(sshd_rig, [honest_host.spec], python="/opt/none/python3"):
+            pass
+
+
+async def test_another_remote_shoal_version_names_both_versions(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    from engine import OffloadError
+    from engine.extend import VERSION
+
+    # Another shoal's metadata first on the host's sys.path (the loopback host shares this folder).
+    other = tmp_path / "other"
+    (other / "shoal-0.0.1.dist-info").mkdir(parents=True)
+    (other / "shoal-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: shoal\nVersion: 0.0.1\n")
+    with pytest.raises(OffloadError) as caught:
+        async with target(sshd_rig, [ssh_host.spec], env={"PYTHONPATH": str(other)}):
+            pass
+    message = str(caught.value)
+    assert f"host 127.0.0.1:{ssh_host.port}" in message
+    assert f"has shoal 0.0.1 and this engine runs shoal {VERSION}" in message
+    assert f"pip install shoal=={VERSION}" in message
+
+
+@pytest.mark.parametrize("folder", ["/proc/shoal", "/etc/hostname/shoal"])
+async def test_an_unusable_remote_dir_is_refused_naming_host_and_folder(
+    sshd_rig: SSHRig, honest_host: SSHHost, folder: str
+) -> None:
+    from engine import OffloadError
+
+    with pytest.raises(OffloadError) as caught:
+        async with target(sshd_rig, [honest_host.spec], remote_dir=folder):
+            pass
+    message = str(caught.value)
+    assert f"host 127.0.0.1:{honest_host.port}: remote_dir={folder!r} cannot be used" in message
+    assert "give offload.SSH remote_dir= a folder" in message
+
+
+# -- the code bundle ------------------------------------------------------------------------
+
+
+async def test_a_code_bundle_goes_to_a_host_once_even_across_runs(
+    sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path
+) -> None:
+    import uuid
+
+    from offload._bundle import build_bundle
+
+    project = tmp_path / "project"
+    project.mkdir()
+    marker = uuid.uuid4().hex
+    (project / "flow.py").write_text(f"MARKER = {marker!r}\n")
+    bundle = build_bundle(project, dest=tmp_path / "bundles")
+    async with target(sshd_rig, [honest_host.spec]) as first:
+        link = first._link(honest_host.spec)
+        sent = await asyncio.gather(*(link.bundle(bundle.digest, bundle.path) for _ in range(5)))
+        assert link.uploads == 1 and sent == [True] * 5
+        assert link.facts is not None
+        folder = f"{link.facts.dir}/bundles/{bundle.digest}"
+        content = await link.run(f"cat {folder}/flow.py")
+        inode = await link.run(f"stat -c %i {folder}")
+        beside = await link.run(f"ls -a {link.facts.dir}")
+    assert content.stdout == f"MARKER = {marker!r}\n"
+    # Nothing half-sent is left beside the bundles.
+    assert not [name for name in beside.stdout.split() if name.startswith(".bundle-")]
+    # The next run (a new target object, a new connection) sends nothing.
+    async with target(sshd_rig, [honest_host.spec]) as second:
+        link = second._link(honest_host.spec)
+        assert await link.bundle(bundle.digest, bundle.path) is False
+        assert link.uploads == 0
+        again = await link.run(f"stat -c %i {folder}")
+    assert again.stdout == inode.stdout  # the same folder, not unpacked again

@@ -40,6 +40,7 @@ from engine import ConfigError, OffloadError
 from engine.extend import BackendContext, HostLost
 
 from ._errors import AuthenticationFailed, HostKeyError
+from ._ssh_remote import Facts, ensure_bundle, probe
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -291,17 +292,19 @@ class SSH:
     # -- lifecycle -------------------------------------------------------------
 
     async def open(self, context: BackendContext) -> None:
-        """Read the known_hosts file and client keys, then connect to every host at once.
+        """Read the known_hosts file and client keys, then connect to and probe every host at once.
 
-        A host key that cannot be verified or a login refused fails the
-        open (the target is set up wrongly); a host that cannot be reached
-        is left out until its backoff has passed, unless none can be reached.
+        A host key that cannot be verified, a login refused, a
+        ``remote_dir`` that cannot be used or an interpreter without the
+        same shoal fails the open (the target is set up wrongly); a host
+        that cannot be reached is left out until its backoff has passed,
+        unless none can be reached.
         """
         self._context = context
         self._trust, self._keys = await asyncio.to_thread(self._credentials)
         clock = context.monotonic or time.monotonic
         self._links = [_Link(self, host, clock) for host in self.hosts]
-        results = await asyncio.gather(*(link.connection() for link in self._links), return_exceptions=True)
+        results = await asyncio.gather(*(link.prepare() for link in self._links), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         fatal = [e for e in errors if not isinstance(e, HostLost)]
         if fatal:
@@ -400,6 +403,38 @@ class SSH:
         raise ConfigError(f"{host} is not a host of {self!r}")
 
 
+    # -- slots -------------------------------------------------------------------
+
+    def _workers_on(self, link: _Link) -> int:
+        """Worker processes on a host: its own ``workers``, the target's, else its CPUs (0: unknown yet)."""
+        host = link.host
+        count = host.workers or self.workers
+        if count is None:
+            count = host.cpus or (link.facts.cpus if link.facts is not None else 0)
+        return count
+
+    def capacity(self) -> int:
+        """How many attempts may run at once on the hosts known now (workers x concurrency)."""
+        return max(1, sum(self._workers_on(link) for link in self._links)) * self.concurrency
+
+    def unfit(self, cpu: float, gpu: int) -> str | None:
+        """Why no host can ever run an attempt needing ``cpu`` CPUs and ``gpu`` GPUs, or None.
+
+        A host whose CPUs or GPUs are not known yet (down since the open,
+        no ``Host(cpus=, gpus=)``) might fit, so it is never ruled out.
+        """
+        seen: list[str] = []
+        for link in self._links or [_Link(self, h, time.monotonic) for h in self.hosts]:
+            host, facts = link.host, link.facts
+            cpus = host.cpus if host.cpus is not None else (facts.cpus if facts is not None else None)
+            gpus = host.gpus if host.gpus is not None else (facts.gpus if facts is not None else None)
+            if cpus is None or gpus is None or (cpu <= cpus and gpu <= gpus):
+                return None
+            seen.append(f"{host} has {cpus} CPUs and {gpus} GPUs")
+        need = f"{cpu:g} CPUs" + (f" and {gpu} GPUs" if gpu else "")
+        return f"it asks for {need}, and " + "; ".join(seen)
+
+
 class Completed:
     """What a command run on a host gave: its exit status and output."""
 
@@ -441,9 +476,64 @@ class _Link:
         self.connects = 0
         self._closing = False
         self._losses: list[Callable[[str], None]] = []
+        # The SFTP session of the current connection (None: none yet).
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._sftp_of: asyncssh.SSHClientConnection | None = None
+        self._sftp_lock = asyncio.Lock()
+        #: What the probe of the current connection found (None: not probed yet).
+        self.facts: Facts | None = None
+        self._facts_of: asyncssh.SSHClientConnection | None = None
+        # Invariant: ``_bundles`` maps each digest that is on the host, or
+        # being put there, to the task doing it; a failed one is dropped
+        # (tried again by the next attempt that needs it).
+        self._bundles: dict[str, asyncio.Task[bool]] = {}
+        #: How many code bundles this link sent (an unchanged one is not sent again).
+        self.uploads = 0
 
     def __repr__(self) -> str:
         return f"<_Link {self.host} {'open' if self._conn is not None else 'closed'}>"
+
+    @property
+    def login(self) -> str:
+        """The user logged in as, for messages (ssh's default: the local user)."""
+        return self.username or getpass.getuser()
+
+    async def prepare(self) -> Facts:
+        """Connect if needed, and probe the host once per connection (see ``_ssh_remote``)."""
+        conn = await self.connection()
+        if self.facts is None or self._facts_of is not conn:
+            facts = await probe(self)
+            self.facts, self._facts_of = facts, conn
+        return self.facts
+
+    async def sftp(self) -> asyncssh.SFTPClient:
+        """The SFTP session of the current connection, started on first use."""
+        conn = await self.connection()
+        async with self._sftp_lock:
+            if self._sftp is None or self._sftp_of is not conn:
+                with self._mapped("starting SFTP"):
+                    self._sftp = await conn.start_sftp_client()
+                self._sftp_of = conn
+            return self._sftp
+
+    async def bundle(self, digest: str, path: Path) -> bool:
+        """Make sure code bundle ``digest`` is unpacked on the host; whether it was sent now.
+
+        Once per host per digest: attempts that need it at the same time
+        wait for the same upload.
+        """
+        task = self._bundles.get(digest)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.get_running_loop().create_task(self._put_bundle(digest, path))
+            self._bundles[digest] = task
+        return await asyncio.shield(task)
+
+    async def _put_bundle(self, digest: str, path: Path) -> bool:
+        facts = await self.prepare()
+        sent = await ensure_bundle(self, facts, digest, path)
+        if sent:
+            self.uploads += 1
+        return sent
 
     @property
     def up(self) -> bool:
