@@ -284,12 +284,11 @@ class SSHRig:
 
     def namespace_host(self, index: int) -> SSHHost:
         """An honest host in a network namespace of its own, at 10.200.N.2:22."""
-        if not self._fence:
-            # Traffic to a host whose link is down must not follow the
-            # default route off this machine: a covering route refuses it.
-            # Left in place (harmless) if the run is killed.
-            _run("ip", "route", "replace", "unreachable", FENCE)
-            self._fence = True
+        # Traffic to a host whose link is down must not follow the default
+        # route off this machine: a covering route refuses it.  Left in
+        # place if the run is killed (harmless), until the next rig's sweep.
+        _run("ip", "route", "replace", "unreachable", FENCE)
+        self._fence = True
         subnet = _free_subnet()
         ns = f"{NS_PREFIX}{os.getpid()}-{index}"
         veth = f"shr{os.getpid() % 100000}x{index}"[:15]
@@ -335,7 +334,7 @@ def _free_subnet() -> int:
 
 
 def remove_stale_namespaces() -> None:
-    """Delete the network namespaces of earlier rigs whose process is gone."""
+    """Delete the network namespaces of earlier rigs whose process is gone (and the fence, once none is left)."""
     listing = _run("ip", "netns", "list", check=False).stdout
     for line in listing.splitlines():
         name = line.split()[0] if line.split() else ""
@@ -344,6 +343,8 @@ def remove_stale_namespaces() -> None:
         owner = name[len(NS_PREFIX):].split("-")[0]
         if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
             _run("ip", "netns", "del", name, check=False)
+    if NS_PREFIX not in _run("ip", "netns", "list", check=False).stdout:
+        _run("ip", "route", "del", "unreachable", FENCE, check=False)
 
 
 def _need_sshd() -> None:

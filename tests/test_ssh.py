@@ -605,3 +605,56 @@ async def test_a_code_bundle_goes_to_a_host_once_even_across_runs(
         assert link.uploads == 0
         again = await link.run(f"stat -c %i {folder}")
     assert again.stdout == inode.stdout  # the same folder, not unpacked again
+
+
+async def test_opening_an_open_target_again_keeps_its_one_connection(sshd_rig: SSHRig, ssh_host: SSHHost) -> None:
+    before = ssh_host.logins()
+    async with target(sshd_rig, [ssh_host.spec]) as backend:
+        link = backend._link(ssh_host.spec)
+        await opened(backend)
+        assert backend._link(ssh_host.spec) is link
+        assert (await link.run("echo one")).stdout == "one\n"
+    assert ssh_host.logins() == before + 1
+
+
+# -- the rig itself ------------------------------------------------------------------------
+
+_KILLED_RIG = """
+import sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import _sshd
+rig = _sshd.SSHRig(Path(tempfile.mkdtemp(prefix="shoal-sshd-")))
+host = rig.namespace_host(1)
+print(host.pid, host.netns, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_test_run_leaves_no_server_and_its_namespace_goes_at_the_next_start(
+    sshd_rig: SSHRig, tmp_path: Path
+) -> None:
+    import shutil
+    import signal
+
+    import _sshd
+
+    if shutil.which("ip") is None:
+        _sshd.missing("no ip (iproute2) to make network namespaces")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RIG, str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    with child.stdout:
+        pid, netns = child.stdout.readline().split()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the server outlived the test run that started it"
+        time.sleep(0.05)
+    assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    _sshd.remove_stale_namespaces()
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert _sshd.FENCE not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout

@@ -300,6 +300,8 @@ class SSH:
         that cannot be reached is left out until its backoff has passed,
         unless none can be reached.
         """
+        if self._links:
+            return  # open already: one connection per host, not two
         self._context = context
         self._trust, self._keys = await asyncio.to_thread(self._credentials)
         clock = context.monotonic or time.monotonic
@@ -323,6 +325,7 @@ class SSH:
 
     async def __aenter__(self) -> SSH:
         if self._context is None:
+            # On its own: nothing is kept on this machine, so no home is needed.
             await self.open(BackendContext(home=Path(os.devnull)))
         return self
 
