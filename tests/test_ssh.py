@@ -156,6 +156,22 @@ def test_the_ssh_names_are_offloads_and_importing_them_loads_no_asyncssh() -> No
     assert out.stdout.split() == ["gpu2:2222", "False"]
 
 
+def test_the_set_up_errors_keep_host_and_file_through_pickle_and_are_not_retried() -> None:
+    import pickle
+
+    from engine import OffloadError
+    from engine.extend import InfrastructureError
+
+    key = pickle.loads(pickle.dumps(HostKeyError("bad key", host="gpu1:22", known_hosts="/kh")))
+    auth = pickle.loads(pickle.dumps(AuthenticationFailed("refused", host="gpu1:22", username="me")))
+    assert (type(key), str(key), key.host, key.known_hosts) == (HostKeyError, "bad key", "gpu1:22", "/kh")
+    assert (type(auth), str(auth), auth.host, auth.username) == (AuthenticationFailed, "refused", "gpu1:22", "me")
+    for error in (key, auth):
+        # Set up wrongly: an OffloadError that the engine does not retry.
+        assert isinstance(error, OffloadError) and not isinstance(error, InfrastructureError)
+    assert issubclass(HostLost, InfrastructureError)
+
+
 # -- one loopback host ---------------------------------------------------------------
 
 
