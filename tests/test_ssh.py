@@ -674,3 +674,86 @@ def test_a_killed_test_run_leaves_no_server_and_its_namespace_goes_at_the_next_s
     _sshd.remove_stale_namespaces()
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert _sshd.FENCE not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+
+
+# -- processes started on a host --------------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def _until_gone(pid: int) -> bool:
+    for _ in range(100):
+        if _gone(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_spawned_command_leads_its_group_and_kill_group_ends_it_and_its_children(
+    sshd_rig: SSHRig, ssh_host: SSHHost
+) -> None:
+    async with target(sshd_rig, [ssh_host.spec]) as backend:
+        link = backend._link(ssh_host.spec)
+        process, pid = await link.spawn("sh -c 'sleep 600 & echo $!; wait'")
+        child = int(await process.stdout.readline())
+        # The loopback host shares this machine's processes: look at them directly.
+        assert os.getpgid(pid) == pid and os.getpgid(child) == pid
+        assert psutil.Process(pid).environ()["SHOAL_SSH_OWNER"] == backend.token
+        await link.kill_group(pid)
+        assert await _until_gone(pid) and await _until_gone(child)
+        await process.wait()
+        # The connection is still good for the next command.
+        assert (await link.run("echo alive")).stdout == "alive\n"
+
+
+async def test_aclose_kills_every_process_the_target_started(sshd_rig: SSHRig, ssh_host: SSHHost) -> None:
+    backend = await opened(target(sshd_rig, [ssh_host.spec]))
+    link = backend._link(ssh_host.spec)
+    pids = [(await link.spawn("sleep 600"))[1] for _ in range(3)]
+    assert not any(_gone(pid) for pid in pids)
+    await backend.aclose()
+    assert all([await _until_gone(pid) for pid in pids])
+
+
+async def test_a_command_that_cannot_start_is_an_offload_error_naming_the_host(
+    sshd_rig: SSHRig, ssh_host: SSHHost
+) -> None:
+    from engine import OffloadError
+
+    async with target(sshd_rig, [ssh_host.spec]) as backend:
+        link = backend._link(ssh_host.spec)
+        backend.remote_dir = "/proc/nowhere"  # the folder went away after the open
+        with pytest.raises(OffloadError, match=rf"host 127.0.0.1:{ssh_host.port} did not start 'sleep 1'.*remote_dir"):
+            await link.spawn("sleep 1")
+
+
+async def test_after_a_reconnect_what_the_lost_connection_started_is_killed(
+    sshd_rig: SSHRig, ns_hosts: list[SSHHost]
+) -> None:
+    clock = Clock()
+    host = ns_hosts[0]
+    backend = await opened(target(sshd_rig, [host.spec], keepalive_interval=0.3, keepalive_count_max=2), clock)
+    try:
+        link = backend._link(host.spec)
+        _, pid = await link.spawn("sleep 600")
+        assert (await link.run(f"kill -0 {pid} && echo running")).stdout == "running\n"
+        host.cut("down")
+        with pytest.raises(HostLost):
+            await link.run("sleep 60")
+        host.mend()
+        clock.now += 1.0
+        # The first command over the new connection finds the old process gone.
+        # (Killed, it may stay a zombie for a moment, until its sshd reaps it.)
+        check = await link.run(
+            f"for i in $(seq 100); do case $(ps -o stat= -p {pid}) in ''|Z*) echo gone; exit;; esac; "
+            f"sleep 0.05; done; echo running"
+        )
+        assert check.stdout == "gone\n"
+        assert link.connects == 2
+    finally:
+        await backend.aclose()

@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -40,10 +41,10 @@ from engine import ConfigError, OffloadError
 from engine.extend import BackendContext, HostLost
 
 from ._errors import AuthenticationFailed, HostKeyError
-from ._ssh_remote import Facts, ensure_bundle, probe
+from ._ssh_remote import Facts, ensure_bundle, probe, shell_prefix
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from types import TracebackType
 
     import asyncssh
@@ -278,6 +279,8 @@ class SSH:
         self.retries = _count("retries", retries, 0)
         self.concurrency = _count("concurrency", concurrency, 1)
         self._context: BackendContext | None = None
+        #: Marks the processes this target starts on its hosts (see _Link.spawn).
+        self.token = secrets.token_hex(8)
         # Invariant: ``_links`` has one link per host, in the order of
         # ``hosts``, from open() until aclose(); empty otherwise.
         self._links: list[_Link] = []
@@ -492,6 +495,11 @@ class _Link:
         self._bundles: dict[str, asyncio.Task[bool]] = {}
         #: How many code bundles this link sent (an unchanged one is not sent again).
         self.uploads = 0
+        # Invariant: ``_spawned`` holds the pid of every process this link
+        # started on the host (each leads its own process group) that may
+        # still run: a lost connection does not stop them, so they are
+        # killed when the link connects again (or by ``kill_group``).
+        self._spawned: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<_Link {self.host} {'open' if self._conn is not None else 'closed'}>"
@@ -571,6 +579,8 @@ class _Link:
             self.failures = 0
             self.connects += 1
             self._conn = conn
+            if self._spawned:
+                await self._sweep()
             return conn
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -630,7 +640,9 @@ class _Link:
         A connection that drops meanwhile, or a command that ends without
         an exit status (the host went away under it), is ``HostLost``.
         """
-        conn = await self.connection()
+        return await self._run_on(await self.connection(), command, input)
+
+    async def _run_on(self, conn: asyncssh.SSHClientConnection, command: str, input: str | None = None) -> Completed:
         with self._mapped(f"running {command!r}"):
             result = await conn.run(command, input=input, check=False)
         if result.exit_status is None or (result.exit_status == -1 and result.exit_signal is None):
@@ -640,9 +652,67 @@ class _Link:
             )
         return Completed(int(result.exit_status), _text(result.stdout), _text(result.stderr))
 
+    async def spawn(self, command: str) -> tuple[asyncssh.SSHClientProcess[bytes], int]:
+        """Start a long-lived ``command`` on the host, in ``remote_dir`` with the target's env; it and its pid.
+
+        Its stdin, stdout and stderr are byte streams of its own channel;
+        the caller must keep reading stderr (unread output holds the
+        channel).  The command leads its own process group (sshd starts
+        each session in a new one, and the shell ``exec``s the command), so
+        :meth:`kill_group` ends it and whatever it started.  It is marked
+        with this target's token, so that a pid reused by the host is never
+        taken for it.
+        """
+        conn = await self.connection()
+        line = (
+            f"{shell_prefix(self)}export SHOAL_SSH_OWNER={self.target.token}; echo $$; exec {command}"
+        )
+        with self._mapped(f"starting {command!r}"):
+            process = await conn.create_process(line, encoding=None)
+            first = await process.stdout.readline()
+        try:
+            pid = int(first)
+        except ValueError:
+            process.close()
+            err = _text(await process.stderr.read(2000)) if not first else first.decode(errors="replace")
+            raise OffloadError(
+                f"host {self.host} did not start {command!r}: {' '.join(err.split()) or 'it exited at once'}"
+            ) from None
+        self._spawned.add(pid)
+        return process, pid
+
+    async def kill_group(self, pid: int) -> None:
+        """SIGKILL the process group led by ``pid`` (started by :meth:`spawn`), over a command of its own."""
+        await self.run(self._kill_script([pid]))
+        self._spawned.discard(pid)
+
+    def _kill_script(self, pids: Iterable[int]) -> str:
+        # Only processes that still carry this target's token: the host may
+        # have given a dead one's pid to something else.
+        mark = f"SHOAL_SSH_OWNER={self.target.token}"
+        return " ".join(
+            f"if tr '\\0' '\\n' < /proc/{pid}/environ 2>/dev/null | grep -qx {mark}; "
+            f"then kill -KILL -- -{pid} 2>/dev/null; fi;"
+            for pid in sorted(pids)
+        ) + " true"
+
+    async def _sweep(self) -> None:
+        """After a reconnect: kill what this link started over its earlier connections."""
+        pids, self._spawned = self._spawned, set()
+        try:
+            await self.run(self._kill_script(pids))
+        except HostLost:
+            self._spawned |= pids  # lost again at once: the next connect tries again
+            raise
+
     async def close(self) -> None:
-        """Close the connection for good (no loss is reported)."""
+        """Kill what this link started on the host, then close the connection for good (no loss is reported)."""
         self._closing = True
+        if self._spawned and self._conn is not None:
+            pids, self._spawned = self._spawned, set()
+            with contextlib.suppress(OffloadError, TimeoutError):
+                async with asyncio.timeout(self.target.connect_timeout):
+                    await self._run_on(self._conn, self._kill_script(pids))
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
