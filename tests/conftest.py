@@ -68,3 +68,10 @@ def honest_host(sshd_rig: SSHRig) -> SSHHost:
 def ns_hosts(sshd_rig: SSHRig) -> Iterator[list[SSHHost]]:
     """Four honest hosts h1..h4 in network namespaces, fresh for each test (it may cut their links)."""
     yield from _sshd.namespace_hosts(sshd_rig)
+
+
+@pytest.fixture
+def ns_host(sshd_rig: SSHRig) -> Iterator[SSHHost]:
+    """One honest host h1 in a network namespace, fresh for each test."""
+    for hosts in _sshd.namespace_hosts(sshd_rig, count=1):
+        yield hosts[0]

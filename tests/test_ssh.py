@@ -733,10 +733,10 @@ async def test_a_command_that_cannot_start_is_an_offload_error_naming_the_host(
 
 
 async def test_after_a_reconnect_what_the_lost_connection_started_is_killed(
-    sshd_rig: SSHRig, ns_hosts: list[SSHHost]
+    sshd_rig: SSHRig, ns_host: SSHHost
 ) -> None:
     clock = Clock()
-    host = ns_hosts[0]
+    host = ns_host
     backend = await opened(target(sshd_rig, [host.spec], keepalive_interval=0.3, keepalive_count_max=2), clock)
     try:
         link = backend._link(host.spec)
