@@ -16,7 +16,7 @@ host: :class:`~offload.HostKeyError` and
 retried), :class:`~offload.HostLost` for a host that cannot be reached or
 whose connection dropped (an infrastructure failure, retried by the
 engine).  A lost host gets no new connection until its backoff has passed
-(1 s, doubling up to a minute, reset by a good connect).
+(:data:`RECONNECT`: 1 s, doubling up to a minute, reset by a good connect).
 
 asyncssh is imported only when a connection is first opened, so that
 ``offload.SSH(...)`` and ``import offload`` stay cheap.
@@ -31,6 +31,7 @@ import getpass
 import ipaddress
 import logging
 import os
+import random
 import re
 import secrets
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from engine import ConfigError, OffloadError
-from engine.extend import BackendContext, HostLost
+from engine.extend import BackendContext, Backoff, HostLost
 
 from ._errors import AuthenticationFailed, HostKeyError
 from ._ssh_remote import Facts, ensure_bundle, probe, shell_prefix
@@ -51,10 +52,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SSH", "Host", "parse_host"]
 
-#: First wait before a lost host is connected to again; doubled per failure.
-RECONNECT_BACKOFF: Final = 1.0
-#: Longest wait between two connects to a host that stays down.
-RECONNECT_MAX: Final = 60.0
+#: Waits before a lost host is connected to again: 1 s, doubled per failure
+#: in a row, up to a minute, spread by +-10% so that hosts lost together do
+#: not all come back at once.
+RECONNECT: Final = Backoff(base=1.0, max_delay=60.0, jitter=0.1)
 
 _log = logging.getLogger("offload.ssh")
 
@@ -469,6 +470,7 @@ class _Link:
         self.host = host
         self.username = host.username or target.username
         self._clock = clock
+        self._rng = random.Random()
         # Invariant: ``_conn`` is the open connection, or None; it is set
         # only by ``connection()``, under ``_lock``, so a host never has two.
         self._conn: asyncssh.SSHClientConnection | None = None
@@ -630,8 +632,7 @@ class _Link:
 
     def _failed(self, why: str) -> None:
         self.failures += 1
-        delay = min(RECONNECT_MAX, RECONNECT_BACKOFF * 2 ** (self.failures - 1))
-        self.down_until = self._clock() + delay
+        self.down_until = self._clock() + RECONNECT.delay(self.failures, self._rng)
         self.down_because = why
 
     async def run(self, command: str, *, input: str | None = None) -> Completed:
