@@ -24,9 +24,6 @@ from engine.extend import Reclaimed as Reclaimed
 from engine.extend import SubmitFailed as SubmitFailed
 from engine.extend import WorkerLost as WorkerLost
 
-from ._errors import AuthenticationFailed as AuthenticationFailed
-from ._errors import HostKeyError as HostKeyError
-
 __all__ = [
     "SSH",
     "AuthenticationFailed",
@@ -42,10 +39,19 @@ __all__ = [
 
 # Imported on first use (PEP 562): `import offload` stays cheap for the
 # programs that only need one backend or a blob store.
-_LAZY = {"Batch": "._batch", "Local": "._local", "SSH": "._ssh", "Host": "._ssh"}
+_LAZY = {
+    "Batch": "._batch",
+    "Local": "._local",
+    "SSH": "._ssh",
+    "Host": "._ssh",
+    "HostKeyError": "._errors",
+    "AuthenticationFailed": "._errors",
+}
 
 if TYPE_CHECKING:
     from ._batch import Batch as Batch
+    from ._errors import AuthenticationFailed as AuthenticationFailed
+    from ._errors import HostKeyError as HostKeyError
     from ._local import Local as Local
     from ._ssh import SSH as SSH
     from ._ssh import Host as Host

@@ -44,3 +44,10 @@ class AuthenticationFailed(OffloadError):
 
     def __reduce__(self) -> tuple[type[AuthenticationFailed], tuple[str], dict[str, str]]:
         return (type(self), (str(self),), {"host": self.host, "username": self.username})
+
+
+# Named as ``offload``'s wherever they are raised (tracebacks, pickles), even
+# before ``offload.HostKeyError`` is first looked up (it is imported lazily).
+for _cls in (HostKeyError, AuthenticationFailed):
+    _cls.__module__ = "offload"
+del _cls
