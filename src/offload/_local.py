@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from engine import ConfigError, OffloadError
 from engine.extend import (
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from engine.extend import AttemptHooks
 
-__all__ = ["Local"]
+__all__ = ["Local", "WorkerClient", "WorkerOwner"]
 
 #: Seconds a new worker has to say hello (a cold interpreter on a busy machine).
 START_TIMEOUT: Final = 60.0
@@ -167,7 +167,7 @@ class Local:
         """Stop every worker: Shutdown, a short wait, then SIGKILL of each process group."""
         self._generation += 1
         workers, self._workers = self._workers, []
-        await asyncio.gather(*(w.stop(SHUTDOWN_GRACE) for w in workers))
+        await asyncio.gather(*(w.stop(SHUTDOWN_GRACE, "offload.Local was closed") for w in workers))
         for attempt in self._attempts.values():
             attempt.future.cancel()
         self._attempts.clear()
@@ -266,7 +266,7 @@ class Local:
                     self._starting -= 1
                     self._wake(everyone=True)
                 if generation != self._generation:
-                    await worker.stop(0)
+                    await worker.stop(0, "offload.Local was closed")
                     raise _closed()
                 self._workers.append(worker)
                 return worker
@@ -375,19 +375,19 @@ class Local:
             )
         return message
 
-    async def _discard(self, worker: _Worker, why: str) -> None:
+    async def _discard(self, worker: WorkerClient, why: str) -> None:
         """Kill a worker and its process group, failing what else it ran; replaced lazily."""
         await worker.kill(why)
         self._wake(everyone=True)
 
-    def _forget(self, worker: _Worker) -> None:
+    def _forget(self, worker: Any) -> None:
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
         self._wake(everyone=True)
 
 
 class _Attempt:
-    def __init__(self, n: int, payload: Payload, hooks: AttemptHooks, handle: Handle, worker: _Worker) -> None:
+    def __init__(self, n: int, payload: Payload, hooks: AttemptHooks, handle: Handle, worker: WorkerClient) -> None:
         self.n = n
         self.payload = payload
         self.hooks = hooks
@@ -396,18 +396,39 @@ class _Attempt:
         self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
 
-class _Worker:
-    """One worker process and the attempts it runs."""
+class WorkerOwner(Protocol):
+    """What a :class:`WorkerClient` asks of the backend that started it."""
 
-    def __init__(
-        self, backend: Local, proc: asyncio.subprocess.Process, frames: Frames, hello: Hello, log: Path
-    ) -> None:
-        self.backend = backend
-        self.proc = proc
-        self.pid = proc.pid
+    _context: BackendContext | None
+
+    def _wake(self, *, everyone: bool = False) -> None: ...
+
+    def _forget(self, worker: Any) -> None: ...
+
+
+class WorkerClient:
+    """The engine's side of one worker connection, whatever carries it (pipes, an SSH channel).
+
+    It reads the worker's frames (Done, Log, Trace, NeedBundle) until the
+    stream ends, then fails what the worker still ran with ``lost_as``
+    (``WorkerLost``; the SSH backend makes it ``HostLost`` when the
+    connection went).  How the process is ended and reaped is the
+    transport's: subclasses give :meth:`terminate`, :meth:`exited` and
+    :meth:`stderr_tail`.
+    """
+
+    #: The error in-flight attempts fail with when the stream ends.
+    lost_as: type[OffloadError] = WorkerLost
+    #: What the lost attempt's message says happens next.
+    retry_note = "the attempt is retried on a new worker"
+
+    def __init__(self, owner: WorkerOwner, frames: Frames, hello: Hello, pid: int, what: str) -> None:
+        self.owner = owner
         self.frames = frames
         self.hello = hello
-        self.log = log
+        self.pid = pid
+        #: The worker in messages ("the local worker process 123 (python3)").
+        self.what = what
         self.serial = itertools.count(1)
         # Invariant: ``in_flight`` holds the attempts sent to this worker
         # and not answered with Done, by their id on this worker.
@@ -416,6 +437,22 @@ class _Worker:
         #: Why the engine killed this worker, if it did.
         self.killed: str | None = None
         self._bundle_tasks: set[asyncio.Task[None]] = set()
+
+    # -- what the transport gives ------------------------------------------------
+
+    async def terminate(self) -> None:
+        """SIGKILL the worker's process group."""
+        raise NotImplementedError
+
+    async def exited(self, within: float | None) -> str | None:
+        """Wait up to ``within`` seconds for the process to end; how it ended, or None if it still runs."""
+        raise NotImplementedError
+
+    def stderr_tail(self) -> str:
+        """The end of the worker's stderr, to quote in an error ('' when it wrote nothing)."""
+        return ""
+
+    # -- the protocol ------------------------------------------------------------
 
     async def read(self) -> None:
         """Take the worker's frames until its stream ends; then fail what it still ran."""
@@ -428,8 +465,10 @@ class _Worker:
                 self._take(message)
         except StreamBroken as exc:
             broken = str(exc)
-        except ConnectionError as exc:
+        except (ConnectionError, OffloadError) as exc:
             broken = f"its stream failed: {exc}"
+        except Exception as exc:  # a transport's own error (an SSH channel that closed)
+            broken = f"its stream failed: {type(exc).__name__}: {exc}"
         await self.lost(broken)
 
     def _take(self, message: Any) -> None:
@@ -444,19 +483,19 @@ class _Worker:
                     attempt.hooks.trace(message.key, message.name, message.kind, message.data)
             except Exception:
                 # The engine's hooks failing must not take the worker down.
-                _log.exception("offload.Local: reporting a %s of attempt %s failed", type(message).__name__, attempt.handle.id)
+                _log.exception("%s: reporting a %s of attempt %s failed", self.what, type(message).__name__, attempt.handle.id)
         elif isinstance(message, Done):
             attempt = self.in_flight.pop(message.id, None)
             if attempt is not None and not attempt.future.done():
                 attempt.future.set_result(message.outcome)
-            self.backend._wake()
+            self.owner._wake()
         elif isinstance(message, NeedBundle):
             task = asyncio.get_running_loop().create_task(self._send_bundle(message.digest))
             self._bundle_tasks.add(task)
             task.add_done_callback(self._bundle_tasks.discard)
 
     async def _send_bundle(self, digest: str) -> None:
-        context = self.backend._context
+        context = self.owner._context
         data = b""
         if context is not None and context.bundle_path is not None:
             # An unreadable bundle is sent empty: the worker fails the
@@ -466,37 +505,37 @@ class _Worker:
         with contextlib.suppress(ConnectionError):
             await self.frames.send(BundleData(digest, data))
 
+    def fail_all(self, error: OffloadError) -> None:
+        """Fail every attempt in flight with ``error`` now (the worker is not waited for)."""
+        attempts, self.in_flight = self.in_flight, {}
+        for attempt in attempts.values():
+            if not attempt.future.done():
+                attempt.future.set_exception(error)
+                # Retrieved by wait(); mark it so that an unawaited one is not reported.
+                attempt.future.exception()
+
     async def lost(self, broken: str | None) -> None:
-        """The worker's stream ended: reap it and its group, fail its attempts with WorkerLost."""
-        self.backend._forget(self)
-        try:
-            returncode = await asyncio.wait_for(self.proc.wait(), SHUTDOWN_GRACE)
-        except TimeoutError:
-            returncode = None
-        _killpg(self.pid)
-        if returncode is None:
-            returncode = await self.proc.wait()
+        """The worker's stream ended: reap it and its group, fail its attempts with ``lost_as``."""
+        self.owner._forget(self)
+        status = await self.exited(SHUTDOWN_GRACE)
+        await self.terminate()
+        if status is None:
+            status = await self.exited(None)
         with contextlib.suppress(Exception):
             await self.frames.aclose()
         attempts, self.in_flight = self.in_flight, {}
-        tail = "" if self.killed or not attempts else _tail(self.log)
-        # A worker that wrote nothing to stderr leaves no log file behind
-        # (one is made per worker started; cancels start new ones).
-        with contextlib.suppress(OSError):
-            if self.log.stat().st_size == 0:
-                self.log.unlink()
         if not attempts:
             return
-        how = self.killed or broken or f"it exited with {_status(returncode)}"
+        tail = "" if self.killed else self.stderr_tail()
+        how = self.killed or broken or f"it exited with {status or 'an unknown status'}"
         for attempt in attempts.values():
             if attempt.future.done():
                 continue
             p = attempt.payload
             attempt.future.set_exception(
-                WorkerLost(
-                    f"the local worker process {self.pid} ({self.backend.python}) running attempt "
-                    f"{p.attempt} of action {p.key} of task {p.task!r} was lost: {how}; the "
-                    f"attempt is retried on a new worker{tail}"
+                self.lost_as(
+                    f"{self.what} running attempt {p.attempt} of action {p.key} of task {p.task!r} "
+                    f"was lost: {how}; {self.retry_note}{tail}"
                 )
             )
             # Retrieved by wait(); mark it so that an unawaited one is not reported.
@@ -506,22 +545,53 @@ class _Worker:
         """SIGKILL the worker's process group and wait until the reader has failed its attempts."""
         if self.killed is None:
             self.killed = f"the engine killed it because {why}"
-        _killpg(self.pid)
+        await self.terminate()
         if self.reader is not None:
             await asyncio.shield(self.reader)
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, why: str) -> None:
         """Shutdown, up to ``grace`` seconds for it to exit, then SIGKILL of its group."""
-        self.killed = self.killed or "offload.Local was closed"
+        self.killed = self.killed or why
         with contextlib.suppress(ConnectionError):
             await self.frames.send(Shutdown())
         with contextlib.suppress(Exception):
             await self.frames.aclose()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), grace)
-        _killpg(self.pid)
+        await self.exited(grace)
+        await self.terminate()
         if self.reader is not None:
             await asyncio.shield(self.reader)
+
+
+class _Worker(WorkerClient):
+    """One local worker process, over its pipes."""
+
+    def __init__(
+        self, backend: Local, proc: asyncio.subprocess.Process, frames: Frames, hello: Hello, log: Path
+    ) -> None:
+        super().__init__(backend, frames, hello, proc.pid, f"the local worker process {proc.pid} ({backend.python})")
+        self.proc = proc
+        self.log = log
+
+    async def terminate(self) -> None:
+        _killpg(self.pid)
+
+    async def exited(self, within: float | None) -> str | None:
+        try:
+            returncode = await asyncio.wait_for(self.proc.wait(), within)
+        except TimeoutError:
+            return None
+        return _status(returncode)
+
+    def stderr_tail(self) -> str:
+        return _tail(self.log)
+
+    async def lost(self, broken: str | None) -> None:
+        await super().lost(broken)
+        # A worker that wrote nothing to stderr leaves no log file behind
+        # (one is made per worker started; cancels start new ones).
+        with contextlib.suppress(OSError):
+            if self.log.stat().st_size == 0:
+                self.log.unlink()
 
 
 def _closed() -> OffloadError:
