@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 
+import _ssh_tasks as t
+import engine
 import offload
 from engine import ConfigError
 from engine.extend import BackendContext
@@ -25,7 +27,7 @@ from offload import AuthenticationFailed, Host, HostKeyError, HostLost
 from offload._ssh import SSH, parse_host
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from _sshd import SSHHost, SSHRig
     from engine import Config
@@ -759,3 +761,156 @@ async def test_after_a_reconnect_what_the_lost_connection_started_is_killed(
         assert link.connects == 2
     finally:
         await backend.aclose()
+
+
+# -- attempts through the engine ----------------------------------------------------------
+
+
+def lab(rig: SSHRig, hosts: Sequence[SSHHost], **options: object) -> offload.SSH:
+    """The target "lab" of the engine tests: ``hosts`` of the rig."""
+    return target(rig, [h.spec for h in hosts], **options)
+
+
+@pytest.fixture
+async def lab_engine(sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path) -> AsyncIterator[engine.Engine]:
+    """A journaled engine whose target "lab" is the honest host, with two workers."""
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": lab(sshd_rig, [honest_host], workers=2)}) as eng:
+        yield eng
+
+
+async def test_an_action_sent_over_ssh_runs_on_the_host_and_says_where(lab_engine: engine.Engine) -> None:
+    run = await lab_engine.run(t.where, 21)
+    assert run.status == "succeeded", run.error
+    value, pid, hostname = run.result
+    assert (value, hostname) == (42, "honest") and pid != os.getpid()
+    shown = await lab_engine.get_run(run.id, actions=True)
+    [action] = [a for a in shown.action_records if a.task == "where"]
+    [attempt] = action.attempts
+    assert (attempt.state, attempt.target, attempt.backend, attempt.where) == ("succeeded", "lab", "ssh", f"honest:{pid}")
+
+
+async def test_a_hundred_tiny_actions_reuse_the_warm_workers(lab_engine: engine.Engine) -> None:
+    run = await lab_engine.run(t.many, 100)
+    assert run.status == "succeeded", run.error
+    assert [value for value, _ in run.result] == [i * i for i in range(100)]
+    pids = {pid for _, pid in run.result}
+    assert 1 <= len(pids) <= 2
+    again = await lab_engine.run(t.many, 10)
+    assert {pid for _, pid in again.result} <= pids  # still warm for the next run
+
+
+async def test_cancelling_an_ssh_action_kills_its_remote_process_group(
+    lab_engine: engine.Engine, honest_host: SSHHost
+) -> None:
+    import uuid
+
+    pidfile = f"/tmp/hangs-{uuid.uuid4().hex}"  # on the host (its own /tmp)
+    backend = lab_engine.targets["lab"]
+    run = await lab_engine.submit(t.call_hangs, pidfile)
+
+    async def pids() -> list[int]:
+        if not backend._links:
+            return []  # the engine has not opened its target yet
+        done = await backend._link(honest_host.spec).run(f"cat {pidfile} 2>/dev/null")
+        return [int(p) for p in done.stdout.split()]
+
+    for _ in range(400):
+        if await pids():
+            break
+        await asyncio.sleep(0.05)
+    link = backend._link(honest_host.spec)
+    worker, child = await pids()
+    # A fresh command on the host sees both running.
+    assert (await link.run(f"kill -0 {worker} {child} && echo running")).stdout == "running\n"
+    run.cancel()
+    await run.wait()
+    assert run.status == "cancelled"
+    check = await link.run(
+        f"for i in $(seq 200); do kill -0 {worker} 2>/dev/null || kill -0 {child} 2>/dev/null || "
+        f"{{ echo gone; exit; }}; sleep 0.05; done; echo running"
+    )
+    assert check.stdout == "gone\n"
+    shown = await lab_engine.get_run(run.id, actions=True)
+    [action] = [a for a in shown.action_records if a.task == "hangs"]
+    assert action.state == "cancelled" and action.attempts[-1].state == "cancelled"
+    # The next action gets a fresh worker.
+    assert (await lab_engine.run(t.where, 1)).status == "succeeded"
+
+
+async def test_a_gpu_request_no_host_can_give_is_a_resource_error_at_once(lab_engine: engine.Engine) -> None:
+    run = await lab_engine.run(t.call_on_gpu)
+    assert run.status == "failed"
+    assert isinstance(run.error, engine.ResourceError)
+    assert "gpu=1" in str(run.error) and "0 GPUs" in str(run.error) and "'lab'" in str(run.error)
+    shown = await lab_engine.get_run(run.id, actions=True)
+    [action] = [a for a in shown.action_records if a.task == "on_gpu"]
+    assert [a.backend for a in action.attempts] == ["in-process"]  # failed here: nothing was sent
+    backend = lab_engine.targets["lab"]
+    assert all(not link.workers for link in backend._links)
+
+
+async def test_a_gpu_attempt_sees_the_gpus_it_holds(sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path) -> None:
+    # Host(gpus=) gives the slots; each attempt holds one and is told which.
+    host = Host("127.0.0.1", port=honest_host.port, gpus=2)
+    backend = target(sshd_rig, [host], workers=2)
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        first, second = await asyncio.gather(eng.run(t.call_on_gpu), eng.run(t.call_on_gpu))
+    assert first.status == second.status == "succeeded"
+    assert {first.result, second.result} <= {"0", "1"}
+
+
+async def test_a_file_with_a_local_blob_store_is_refused_before_it_is_sent(lab_engine: engine.Engine, tmp_path: Path) -> None:
+    source = tmp_path / "data.txt"
+    source.write_text("local only")
+
+    @engine.task
+    async def send() -> int:
+        return await t.size_of(await engine.File.from_path(source))
+
+    run = await lab_engine.run(send)
+    assert run.status == "failed"
+    assert isinstance(run.error, engine.OffloadError)
+    assert "S3 blob store" in str(run.error) and "size_of" in str(run.error)
+    backend = lab_engine.targets["lab"]
+    assert all(not link.workers for link in backend._links)  # nothing was started for it
+
+
+@pytest.mark.slow
+async def test_a_host_lost_mid_run_has_its_attempts_retried_elsewhere_and_leaves_no_worker(
+    sshd_rig: SSHRig, ns_hosts: list[SSHHost], tmp_path: Path
+) -> None:
+    backend = lab(sshd_rig, ns_hosts, workers=2, keepalive_interval=0.3, keepalive_count_max=2, retries=5)
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        run = await eng.submit(t.spread, 24, 1.5)
+        for _ in range(400):
+            if backend._links:  # opened by the engine
+                break
+            await asyncio.sleep(0.05)
+        link = backend._link(ns_hosts[0].spec)
+        def running() -> bool:
+            # Attempts sent to h1's workers, its code bundle unpacked there.
+            bundles = list(link._bundles.values())
+            return bool(bundles) and all(b.done() for b in bundles) and any(w.in_flight for w in link.workers)
+
+        for _ in range(400):
+            if running():
+                break
+            await asyncio.sleep(0.05)
+        assert running()
+        await asyncio.sleep(0.2)
+        ns_hosts[0].cut("down")
+        await run.wait()
+        assert run.status == "succeeded", run.error
+        assert [value for value, _ in run.result] == [i + 1 for i in range(24)]
+        shown = await eng.get_run(run.id, actions=True)
+        attempts = [a for r in shown.action_records if r.task == "slow" for a in r.attempts]
+        lost = [a for a in attempts if a.state == "lost"]
+        assert lost and all(a.where.startswith("h1:") for a in lost)
+        assert {a.where.split(":")[0] for a in attempts if a.state == "succeeded"} >= {"h2", "h3", "h4"}
+        ns_hosts[0].mend()
+    # After aclose: no worker on any host (h1's, cut off, was killed over a new connection).
+    async with target(sshd_rig, [h.spec for h in ns_hosts]) as check:
+        left = await asyncio.gather(
+            *(check._link(h.spec).run("pgrep -f 'offload[.]worker' || true") for h in ns_hosts)
+        )
+    assert [r.stdout.strip() for r in left] == ["", "", "", ""]

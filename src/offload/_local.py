@@ -41,7 +41,7 @@ from engine.extend import (
 from ._frames import Frames, StreamBroken
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from types import TracebackType
 
     from engine.extend import AttemptHooks
@@ -505,12 +505,12 @@ class WorkerClient:
         with contextlib.suppress(ConnectionError):
             await self.frames.send(BundleData(digest, data))
 
-    def fail_all(self, error: OffloadError) -> None:
-        """Fail every attempt in flight with ``error`` now (the worker is not waited for)."""
+    def fail_all(self, error: Callable[[_Attempt], OffloadError]) -> None:
+        """Fail every attempt in flight now with ``error(attempt)`` (the worker is not waited for)."""
         attempts, self.in_flight = self.in_flight, {}
         for attempt in attempts.values():
             if not attempt.future.done():
-                attempt.future.set_exception(error)
+                attempt.future.set_exception(error(attempt))
                 # Retrieved by wait(); mark it so that an unawaited one is not reported.
                 attempt.future.exception()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import getpass
 import ipaddress
 import logging
@@ -38,10 +39,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+import msgspec
+
 from engine import ConfigError, OffloadError
-from engine.extend import BackendContext, Backoff, HostLost
+from engine.extend import BackendContext, Backoff, Handle, HostLost, Start
 
 from ._errors import AuthenticationFailed, HostKeyError
+from ._local import SHUTDOWN_GRACE, _Attempt
 from ._ssh_remote import Facts, ensure_bundle, probe, shell_prefix
 
 if TYPE_CHECKING:
@@ -50,12 +54,22 @@ if TYPE_CHECKING:
 
     import asyncssh
 
+    from engine.extend import AttemptHooks, Outcome, Payload
+
+    from ._local import WorkerClient
+    from ._ssh_workers import RemoteWorker
+
 __all__ = ["SSH", "Host", "parse_host"]
 
 #: Waits before a lost host is connected to again: 1 s, doubled per failure
 #: in a row, up to a minute, spread by +-10% so that hosts lost together do
 #: not all come back at once.
 RECONNECT: Final = Backoff(base=1.0, max_delay=60.0, jitter=0.1)
+#: Seconds a submit waiting for a slot looks again at hosts whose backoff may have passed.
+RECHECK: Final = 0.5
+#: How ``File``/``Dir`` references look inside encoded arguments and results
+#: (msgspec tags, and the module a pickled one names).
+_BLOB_MARKS: Final = (b"engine.File", b"engine.Dir", b"engine._files")
 
 _log = logging.getLogger("offload.ssh")
 
@@ -288,6 +302,16 @@ class SSH:
         # What every connect uses, read once by open().
         self._trust: Any = None
         self._keys: Any = None
+        # Invariant: ``_attempts`` holds every submitted attempt whose
+        # outcome has not yet been taken by ``wait`` or dropped by ``cancel``.
+        self._attempts: dict[str, _Attempt] = {}
+        # Submitters waiting for a slot; every change of the slots (an
+        # attempt ends, a worker starts or goes, a host comes back) wakes all.
+        self._waiters: list[asyncio.Future[None]] = []
+        # Reconnects of lost hosts going on in the background, by host.
+        self._reconnects: dict[Host, asyncio.Task[None]] = {}
+        # Bumped by aclose(): a submit or a worker start that finishes after it is not kept.
+        self._generation = 0
 
     def __repr__(self) -> str:
         hosts = ", ".join(repr(str(h)) for h in self.hosts)
@@ -310,6 +334,8 @@ class SSH:
         self._trust, self._keys = await asyncio.to_thread(self._credentials)
         clock = context.monotonic or time.monotonic
         self._links = [_Link(self, host, clock) for host in self.hosts]
+        for link in self._links:
+            link.on_lost(functools.partial(self._host_lost, link))
         results = await asyncio.gather(*(link.prepare() for link in self._links), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         fatal = [e for e in errors if not isinstance(e, HostLost)]
@@ -339,7 +365,23 @@ class SSH:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close every host's connection."""
+        """Stop every worker (Shutdown, then a kill of its process group), then close every connection.
+
+        Each link also kills whatever else it started on its host, so no
+        process of this target is left running on any host it can reach.
+        """
+        self._generation += 1
+        for task in self._reconnects.values():
+            task.cancel()
+        self._reconnects.clear()
+        workers = [w for link in self._links for w in link.workers]
+        for link in self._links:
+            link.workers.clear()
+        await asyncio.gather(*(w.stop(SHUTDOWN_GRACE, "offload.SSH was closed") for w in workers))
+        for attempt in self._attempts.values():
+            attempt.future.cancel()
+        self._attempts.clear()
+        self._wake()
         links, self._links = self._links, []
         self._context = None
         await asyncio.gather(*(link.close() for link in links))
@@ -442,6 +484,238 @@ class SSH:
         return f"it asks for {need}, and " + "; ".join(seen)
 
 
+    # -- attempts ----------------------------------------------------------------
+
+    async def submit(self, payload: Payload, hooks: AttemptHooks) -> Handle:
+        """Send one attempt to a worker of the least-loaded host that fits it; its handle.
+
+        The code bundle goes to that host first (once per digest, SFTP).
+        A GPU attempt gets ``CUDA_VISIBLE_DEVICES`` for the GPUs it holds
+        there.  No host up: ``HostLost`` (retried by the engine).
+        """
+        context = self._context
+        if context is None or not self._links:
+            raise OffloadError(
+                f"{self!r} is not open: use it through an engine, or `async with offload.SSH(...)`"
+            )
+        self._refuse_local_blobs(payload, payload.args, "its arguments reference")
+        link, worker, gpus = await self._place(payload)
+        # From here to registering the attempt there is no await: the
+        # worker's reader sees it if the worker or the host is lost.
+        if gpus:
+            env = {**payload.env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+            payload = msgspec.structs.replace(payload, env=env)
+        n = next(worker.serial)
+        handle = Handle("ssh", f"{link.host}/{worker.pid}:{n}", f"{worker.hello.hostname}:{worker.pid}")
+        attempt = _Attempt(n, payload, hooks, handle, worker)
+        worker.in_flight[n] = attempt
+        self._attempts[handle.id] = attempt
+        cpu = payload.cpu
+
+        def release(_: object) -> None:
+            self._release(link, cpu, gpus)
+
+        attempt.future.add_done_callback(release)
+        try:
+            if payload.bundle is not None and context.bundle_path is not None:
+                await link.bundle(payload.bundle, context.bundle_path(payload.bundle))
+        except BaseException:
+            worker.in_flight.pop(n, None)
+            self._attempts.pop(handle.id, None)
+            attempt.future.cancel()
+            raise
+        if not attempt.future.done():
+            with contextlib.suppress(ConnectionError):
+                # A worker gone meanwhile has failed the attempt already (wait() says how).
+                await worker.frames.send(Start(n, payload))
+        return handle
+
+    async def wait(self, handle: Handle) -> Outcome:
+        attempt = self._attempts.get(handle.id)
+        if attempt is None:
+            raise OffloadError(
+                f"offload.SSH has no attempt {handle.id} (it finished, was cancelled, or ran "
+                f"under another backend object): submit it again"
+            )
+        try:
+            # Shielded: a wait cancelled by the engine's timeout leaves the
+            # outcome for cancel() to deal with.
+            outcome = await asyncio.shield(attempt.future)
+        finally:
+            if attempt.future.done():
+                self._attempts.pop(handle.id, None)
+        if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
+            # Timed out on the worker: like a cancel, the worker goes with it.
+            await self._discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
+        if outcome.ok:
+            self._refuse_local_blobs(attempt.payload, outcome.value, "its result references")
+        return outcome
+
+    async def cancel(self, handle: Handle) -> None:
+        """Kill the worker running the attempt, and its process group (a fresh worker replaces it)."""
+        attempt = self._attempts.pop(handle.id, None)
+        if attempt is None:
+            return
+        attempt.future.cancel()
+        await self._discard(attempt.worker, f"attempt {handle.id} was cancelled")
+
+    async def reattach(self, handle: Handle) -> Handle | None:
+        # Workers die with the connection that started them: nothing to find again.
+        return None
+
+    def _refuse_local_blobs(self, payload: Payload, data: bytes, what: str) -> None:
+        """Refuse ``File``/``Dir`` with a blob store the hosts cannot read (anything but S3).
+
+        The rule is the simplest sound one: with an S3 blob store every
+        host reads and writes blobs itself (its workers get
+        ``SHOAL_BLOB_STORE``); with this machine's store nothing of it is
+        copied, so an attempt that takes or returns a ``File``/``Dir`` fails
+        before it is sent (or when its result comes back) with this error.
+        """
+        store = payload.blob_store or (self._context.blob_store if self._context else None)
+        if store is not None and store.startswith("s3://"):
+            return
+        if any(mark in data for mark in _BLOB_MARKS):
+            raise OffloadError(
+                f"attempt {payload.attempt} of action {payload.key} of task {payload.task!r}: "
+                f"{what} an engine.File or engine.Dir, and offload.SSH hosts cannot read or write "
+                f"this engine's blob store ({store or 'none'}); give the engine an S3 blob store "
+                f"(blob_store='s3://bucket/prefix') that the hosts can reach, or pass the data by value"
+            )
+
+    def _worker_env(self) -> dict[str, str]:
+        store = self._context.blob_store if self._context is not None else None
+        return {"SHOAL_BLOB_STORE": store} if store is not None and store.startswith("s3://") else {}
+
+    def _slots_of(self, link: _Link) -> tuple[int, int]:
+        """The CPUs and GPUs of a host: its ``Host(cpus=, gpus=)``, else what its probe found."""
+        host, facts = link.host, link.facts
+        cpus = host.cpus if host.cpus is not None else (facts.cpus if facts is not None else 0)
+        gpus = host.gpus if host.gpus is not None else (facts.gpus if facts is not None else 0)
+        return cpus, gpus
+
+    async def _place(self, payload: Payload) -> tuple[_Link, RemoteWorker, list[int]]:
+        """A worker with a free slot on the least-loaded connected host that fits; its CPUs and GPUs held."""
+        from ._ssh_workers import start_worker
+
+        generation = self._generation
+        while True:
+            if generation != self._generation or not self._links:
+                raise OffloadError(f"{self!r} was closed while this attempt waited for a worker; submit it again")
+            best: _Link | None = None
+            best_load = 0.0
+            connected = False
+            for link in self._links:
+                if link._conn is None or link.facts is None or link._facts_of is not link._conn:
+                    if link.up:
+                        self._reconnect(link)
+                    continue
+                connected = True
+                cpus, gpus = self._slots_of(link)
+                if link.cpu_held + payload.cpu > cpus or len(link.gpus_held) + payload.gpu > gpus:
+                    continue
+                room = max(1, self._workers_on(link)) * self.concurrency
+                busy = sum(len(w.in_flight) for w in link.workers) + link.starting
+                if busy >= room:
+                    continue
+                if best is None or busy / room < best_load:
+                    best, best_load = link, busy / room
+            if best is not None:
+                link = best
+                gpus_held = self._hold(link, payload.cpu, payload.gpu)
+                idle = [w for w in link.workers if len(w.in_flight) < self.concurrency]
+                if idle:
+                    return link, min(idle, key=lambda w: len(w.in_flight)), gpus_held
+                link.starting += 1
+                try:
+                    worker = await start_worker(self, link, self._worker_env())
+                except BaseException:
+                    self._release(link, payload.cpu, gpus_held)
+                    raise
+                finally:
+                    link.starting -= 1
+                    self._wake()
+                if generation != self._generation or link._conn is not worker.conn:
+                    self._release(link, payload.cpu, gpus_held)
+                    await worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
+                    continue
+                link.workers.append(worker)
+                return link, worker, gpus_held
+            if not connected and not self._reconnects:
+                raise HostLost(
+                    f"no host of {self!r} is up: "
+                    + "; ".join(f"{link.host}: {link.down_because or 'not connected'}" for link in self._links)
+                )
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):
+                # Woken by any change of the slots; a host whose backoff
+                # passes says nothing, so look again now and then.
+                await asyncio.wait_for(waiter, RECHECK)
+
+    def _hold(self, link: _Link, cpu: float, gpu: int) -> list[int]:
+        _, gpus = self._slots_of(link)
+        held = [g for g in range(gpus) if g not in link.gpus_held][:gpu]
+        link.cpu_held += cpu
+        link.gpus_held.update(held)
+        return held
+
+    def _release(self, link: _Link, cpu: float, gpus: list[int]) -> None:
+        link.cpu_held = max(0.0, link.cpu_held - cpu)
+        link.gpus_held.difference_update(gpus)
+        self._wake()
+
+    def _reconnect(self, link: _Link) -> None:
+        """Connect to and probe a lost host in the background, once at a time; it gets work once back."""
+        if link.host in self._reconnects or link._closing:
+            return
+
+        async def again() -> None:
+            try:
+                await link.prepare()
+            except OffloadError as exc:
+                _log.warning("host %s is still down: %s", link.host, exc)
+            finally:
+                self._reconnects.pop(link.host, None)
+                self._wake()
+
+        self._reconnects[link.host] = asyncio.get_running_loop().create_task(again())
+
+    def _host_lost(self, link: _Link, why: str) -> None:
+        """A host's connection went: fail what its workers ran with HostLost now, and drop them."""
+        workers, link.workers = link.workers, []
+        for worker in workers:
+
+            def error(a: _Attempt, w: WorkerClient = worker) -> OffloadError:
+                return HostLost(
+                    f"the connection to host {link.host} was lost ({why}) while {w.what} ran attempt "
+                    f"{a.payload.attempt} of action {a.payload.key} of task {a.payload.task!r}; the "
+                    f"attempt is retried on another host"
+                )
+
+            worker.fail_all(error)
+        self._wake()
+
+    # -- what the workers ask of their backend -------------------------------------
+
+    def _wake(self, *, everyone: bool = True) -> None:
+        """Wake every submitter waiting for a slot (each looks again)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _forget(self, worker: Any) -> None:
+        with contextlib.suppress(ValueError):
+            worker.link.workers.remove(worker)
+        self._wake()
+
+    async def _discard(self, worker: WorkerClient, why: str) -> None:
+        """Kill a worker and its process group, failing what else it ran; replaced lazily."""
+        await worker.kill(why)
+        self._wake()
+
+
 class Completed:
     """What a command run on a host gave: its exit status and output."""
 
@@ -502,6 +776,14 @@ class _Link:
         # still run: a lost connection does not stop them, so they are
         # killed when the link connects again (or by ``kill_group``).
         self._spawned: set[int] = set()
+        # Slots (kept by SSH._place): invariant: ``workers`` are the live
+        # workers on this host started over the current connection, each
+        # having said a good hello; ``starting`` counts those being started;
+        # ``cpu_held``/``gpus_held`` are what the attempts placed here hold.
+        self.workers: list[RemoteWorker] = []
+        self.starting = 0
+        self.cpu_held = 0.0
+        self.gpus_held: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<_Link {self.host} {'open' if self._conn is not None else 'closed'}>"
@@ -709,11 +991,17 @@ class _Link:
     async def close(self) -> None:
         """Kill what this link started on the host, then close the connection for good (no loss is reported)."""
         self._closing = True
-        if self._spawned and self._conn is not None:
-            pids, self._spawned = self._spawned, set()
+        if self._spawned:
             with contextlib.suppress(OffloadError, TimeoutError):
-                async with asyncio.timeout(self.target.connect_timeout):
-                    await self._run_on(self._conn, self._kill_script(pids))
+                async with asyncio.timeout(self.target.connect_timeout + 1.0):
+                    conn = self._conn
+                    if conn is None:
+                        # A lost connection leaves what it started running:
+                        # connect once more, backoff or not, to end it.
+                        conn = await self._connect()
+                        self._conn = conn
+                    pids, self._spawned = self._spawned, set()
+                    await self._run_on(conn, self._kill_script(pids))
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

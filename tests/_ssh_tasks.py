@@ -1,0 +1,68 @@
+"""Tasks that the SSH tests send to hosts (imported there from the code bundle, by name)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import engine
+
+
+@engine.task(offload="lab")
+async def where(x: int) -> tuple[int, int, str]:
+    return x * 2, os.getpid(), socket.gethostname()
+
+
+@engine.task(offload="lab")
+async def tiny(i: int) -> tuple[int, int]:
+    return i * i, os.getpid()
+
+
+@engine.task
+async def many(n: int) -> list[tuple[int, int]]:
+    results: list[tuple[int, int]] = await asyncio.gather(*(tiny(i) for i in range(n)))
+    return results
+
+
+@engine.task(offload="lab")
+async def slow(i: int, seconds: float) -> tuple[int, str]:
+    await asyncio.sleep(seconds)
+    return i + 1, socket.gethostname()
+
+
+@engine.task
+async def spread(n: int, seconds: float) -> list[tuple[int, str]]:
+    results: list[tuple[int, str]] = await asyncio.gather(*(slow(i, seconds) for i in range(n)))
+    return results
+
+
+@engine.task(offload="lab")
+async def hangs(pidfile: str) -> None:
+    # A child in the worker's process group: a cancel must end it too.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(pidfile).write_text(f"{os.getpid()} {child.pid}\n")
+    await asyncio.sleep(600)
+
+
+@engine.task
+async def call_hangs(pidfile: str) -> None:
+    await hangs(pidfile)
+
+
+@engine.task(offload="lab", resources=engine.Resources(gpu=1))
+async def on_gpu() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+@engine.task
+async def call_on_gpu() -> str:
+    return await on_gpu()
+
+
+@engine.task(offload="lab")
+async def size_of(f: engine.File) -> int:
+    return len(await f.read_bytes())
