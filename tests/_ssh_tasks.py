@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,8 +42,8 @@ async def spread(n: int, seconds: float) -> list[tuple[int, str]]:
 @engine.task(offload="lab")
 async def hangs(pidfile: str) -> None:
     # A child in the worker's process group: a cancel must end it too.
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    Path(pidfile).write_text(f"{os.getpid()} {child.pid}\n")
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(600)")
+    await asyncio.to_thread(Path(pidfile).write_text, f"{os.getpid()} {child.pid}\n")
     await asyncio.sleep(600)
 
 
