@@ -914,3 +914,20 @@ async def test_a_host_lost_mid_run_has_its_attempts_retried_elsewhere_and_leaves
             *(check._link(h.spec).run("pgrep -f 'offload[.]worker' || true") for h in ns_hosts)
         )
     assert [r.stdout.strip() for r in left] == ["", "", "", ""]
+
+
+async def test_closing_the_engine_while_its_target_opens_and_runs_leaves_no_worker(
+    sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path
+) -> None:
+    backend = lab(sshd_rig, [honest_host], workers=2)
+    for delay in (0.0, 0.3, 1.0):
+        eng = engine.Engine(home=tmp_path / f"home-{delay}", targets={"lab": backend})
+        await eng.__aenter__()
+        run = await eng.submit(t.spread, 4, 30.0)
+        await asyncio.sleep(delay)
+        await asyncio.wait_for(eng.aclose(), 30)
+        assert run.done and run.status == "cancelled"
+        assert not backend._links and not backend._attempts
+    async with target(sshd_rig, [honest_host.spec]) as check:
+        left = await check._link(honest_host.spec).run("pgrep -f 'offload[.]worker' || true")
+    assert left.stdout.strip() == ""
