@@ -65,3 +65,19 @@ async def call_on_gpu() -> str:
 @engine.task(offload="lab")
 async def size_of(f: engine.File) -> int:
     return len(await f.read_bytes())
+
+
+@engine.task(offload="lab")
+async def dies_once(marker: str) -> int:
+    # The first attempt writes its pid and waits to be killed; the next one finds the marker.
+    path = Path(marker)
+    if await asyncio.to_thread(path.exists):
+        return 2
+    await asyncio.to_thread(path.write_text, f"{os.getpid()}\n")
+    await asyncio.sleep(600)
+    return 1
+
+
+@engine.task
+async def call_dies_once(marker: str) -> int:
+    return await dies_once(marker)

@@ -837,6 +837,32 @@ async def test_cancelling_an_ssh_action_kills_its_remote_process_group(
     assert (await lab_engine.run(t.where, 1)).status == "succeeded"
 
 
+async def test_a_worker_killed_on_its_host_is_worker_lost_and_replaced(
+    lab_engine: engine.Engine, honest_host: SSHHost
+) -> None:
+    import uuid
+
+    marker = f"/tmp/dies-{uuid.uuid4().hex}"  # on the host (its own /tmp)
+    backend = lab_engine.targets["lab"]
+    run = await lab_engine.submit(t.call_dies_once, marker)
+    first = ""
+    for _ in range(400):
+        if backend._links:
+            first = (await backend._link(honest_host.spec).run(f"cat {marker} 2>/dev/null")).stdout.strip()
+            if first:
+                break
+        await asyncio.sleep(0.05)
+    assert first
+    await backend._link(honest_host.spec).run(f"kill -KILL {first}")
+    await run.wait()
+    assert (run.status, run.result) == ("succeeded", 2)  # dies_once has no retries of its own
+    shown = await lab_engine.get_run(run.id, actions=True)
+    [action] = [a for a in shown.action_records if a.task == "dies_once"]
+    assert [(a.attempt, a.state) for a in action.attempts] == [(1, "lost"), (1, "succeeded")]
+    assert action.attempts[0].where == f"honest:{first}" and action.attempts[1].where != action.attempts[0].where
+    assert run.stats["retries"] == 1
+
+
 async def test_a_gpu_request_no_host_can_give_is_a_resource_error_at_once(lab_engine: engine.Engine) -> None:
     run = await lab_engine.run(t.call_on_gpu)
     assert run.status == "failed"
