@@ -17,3 +17,8 @@ async def echo(x: int) -> int:
 @engine.task(offload="aws")
 async def echo_batch(x: int) -> int:
     return x
+
+
+@engine.task(offload="lab")
+async def echo_ssh(x: int) -> int:
+    return x

@@ -3,6 +3,7 @@
     python benchmarks/offload.py            # N = 2,000
     python benchmarks/offload.py --quick    # N = 300
     python benchmarks/offload.py batch [--items N] [--slots S]   # AWS Batch on the moto rig
+    python benchmarks/offload.py ssh [--quick]   # offload.SSH on a loopback sshd (see ssh_main)
 
 ``batch`` (see :func:`batch_main`) runs against the tests' moto rig (a
 moto server whose Batch jobs really run as local processes, ``--slots`` at
@@ -28,6 +29,16 @@ Reported: items per second of each, the throughput ratio shoal/baseline
 1.3x), and the time from creating an ``Engine`` to the first offloaded
 result, cold (spawning the worker, its hello, the code bundle; target <=
 300 ms), as the median of several fresh engines.
+
+``ssh`` mode starts one sshd on loopback with the tests' rig
+(``tests/_sshd.py``: generated keys, a known_hosts file) and, taking turns
+in one process, sends the same N tiny actions through
+``offload.SSH(workers=4)`` and through ``offload.Local(workers=4)`` (the
+baseline: the same worker protocol over pipes), each on an engine kept open
+(warm workers).  Reported: actions per second of each and their ratio, and
+the time from creating an ``Engine`` with a fresh ``offload.SSH`` target
+to the first result, cold (connect, host check, worker start and hello; the
+code bundle is on the host after the first), as a median.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from typing import Any
 # This script's folder is first on sys.path, and this script is named
 # offload.py: moved to the end, so that `import offload` finds the package.
 _HERE = str(Path(__file__).resolve().parent)
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
 sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _HERE] + [_HERE]
 
 import _offload_tasks as tasks  # noqa: E402
@@ -86,6 +98,65 @@ async def cold_first_result(home: Path | None) -> float:
         elapsed = time.perf_counter() - start
         assert run.result == 1, run.error
     return elapsed
+
+
+@engine.task
+async def fan_ssh(n: int) -> int:
+    return len(await asyncio.gather(*(tasks.echo_ssh(i) for i in range(n))))
+
+
+@engine.task
+async def one_ssh() -> int:
+    return await tasks.echo_ssh(1)
+
+
+async def timed(eng: engine.Engine, flow: engine.Task[..., int], n: int) -> float:
+    start = time.perf_counter()
+    run = await eng.run(flow, n)
+    elapsed = time.perf_counter() - start
+    assert run.result == n, run.error
+    return elapsed
+
+
+async def ssh_main(n: int, rounds: int, colds: int) -> None:
+    """offload.SSH on one loopback sshd (the tests' rig) against offload.Local, both with four workers."""
+    sys.path.insert(0, _TESTS)
+    import _sshd
+
+    rig_of = _sshd.open_rig()
+    rig = next(rig_of)
+    try:
+        host = rig.start()
+
+        def lab() -> offload.SSH:
+            return offload.SSH([host.spec], known_hosts=str(rig.known_hosts), client_keys=[str(rig.client_key)], workers=4)
+
+        ssh_times: list[float] = []
+        local_times: list[float] = []
+        async with engine.Engine(store="memory", targets={"lab": lab()}) as s, \
+                engine.Engine(store="memory", targets={"lab": offload.Local(workers=4)}) as loc:
+            await timed(s, fan_ssh, 50)
+            await timed(loc, fan_ssh, 50)
+            for _ in range(rounds):
+                local_times.append(await timed(loc, fan_ssh, n))
+                ssh_times.append(await timed(s, fan_ssh, n))
+        cold: list[float] = []
+        for _ in range(colds):
+            start = time.perf_counter()
+            async with engine.Engine(store="memory", targets={"lab": lab()}) as eng:
+                run = await eng.run(one_ssh)
+                cold.append(time.perf_counter() - start)
+                assert run.result == 1, run.error
+    finally:
+        rig_of.close()
+    ss, ll = statistics.median(ssh_times), statistics.median(local_times)
+    print(f"offload.SSH(workers=4) on a loopback sshd vs offload.Local(workers=4), N = {n:,} tiny actions, {rounds} rounds (medians)")
+    print(f"  offload.Local, pipes:        {n / ll:10,.0f} actions/s")
+    print(f"  offload.SSH, one channel per worker: {n / ss:10,.0f} actions/s   {ll / ss:5.2f}x offload.Local")
+    print(
+        f"  Engine start to first SSH result (cold: connect, host check, worker hello): "
+        f"{statistics.median(cold) * 1000:6.0f} ms median of {colds} (range {min(cold) * 1000:.0f}-{max(cold) * 1000:.0f} ms)"
+    )
 
 
 async def main(n: int, rounds: int, colds: int) -> None:
@@ -227,13 +298,15 @@ def batch_main(n: int, slots: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("mode", nargs="?", choices=["local", "batch"], default="local")
+    parser.add_argument("mode", nargs="?", choices=["local", "batch", "ssh"], default="local")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--items", type=int, default=10_000, help="batch: items in the map")
     parser.add_argument("--slots", type=int, default=8, help="batch: jobs the rig runs at once")
     args = parser.parse_args()
     if args.mode == "batch":
         batch_main(200 if args.quick else args.items, args.slots)
+    elif args.mode == "ssh":
+        asyncio.run(ssh_main(300, 3, 3) if args.quick else ssh_main(2000, 5, 5))
     elif args.quick:
         asyncio.run(main(300, 3, 3))
     else:
