@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -81,3 +82,29 @@ async def dies_once(marker: str) -> int:
 @engine.task
 async def call_dies_once(marker: str) -> int:
     return await dies_once(marker)
+
+
+class Unlucky(Exception):
+    """A task's own exception, importable on the host and here."""
+
+
+@engine.task(offload="lab")
+async def unlucky(code: int) -> int:
+    raise Unlucky(f"no luck {code}")
+
+
+@engine.task
+async def call_unlucky(code: int) -> int:
+    return await unlucky(code)
+
+
+@engine.task(offload="lab")
+async def chatty(n: int) -> int:
+    print(f"printed {n}")  # noqa: T201 - output to capture
+    logging.getLogger("chatty").warning("logged %d", n)
+    return n
+
+
+@engine.task
+async def call_chatty(n: int) -> int:
+    return await chatty(n)

@@ -789,6 +789,31 @@ async def test_an_action_sent_over_ssh_runs_on_the_host_and_says_where(lab_engin
     assert (attempt.state, attempt.target, attempt.backend, attempt.where) == ("succeeded", "lab", "ssh", f"honest:{pid}")
 
 
+async def test_an_ssh_actions_exception_keeps_its_type_and_remote_traceback_and_its_output_comes_back(
+    lab_engine: engine.Engine, tmp_path: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from engine._cli import build_app
+
+    run = await lab_engine.run(t.call_unlucky, 7)
+    assert run.status == "failed"
+    assert type(run.error) is t.Unlucky and str(run.error) == "no luck 7"
+    assert "raise Unlucky" in str(run.error.__cause__) and "honest:" in str(run.error.__cause__)
+    said = await lab_engine.run(t.call_chatty, 5)
+    assert said.result == 5
+    # The CLI runs its own loop: in a thread, as from another terminal.
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, build_app(), ["logs", said.id, "--json"], env={"SHOAL_HOME": str(tmp_path / "home")}
+    )
+    assert shown.exit_code == 0, shown.output
+    seen = {(line["stream"], line["text"]) for line in json.loads(shown.stdout) if line["task"] == "chatty"}
+    assert ("stdout", "printed 5") in seen
+    assert any(stream == "log" and "logged 5" in text for stream, text in seen)
+
+
 async def test_a_hundred_tiny_actions_reuse_the_warm_workers(lab_engine: engine.Engine) -> None:
     run = await lab_engine.run(t.many, 100)
     assert run.status == "succeeded", run.error
