@@ -982,3 +982,19 @@ async def test_closing_the_engine_while_its_target_opens_and_runs_leaves_no_work
     async with target(sshd_rig, [honest_host.spec]) as check:
         left = await check._link(honest_host.spec).run("pgrep -f 'offload[.]worker' || true")
     assert left.stdout.strip() == ""
+
+
+@pytest.mark.slow
+async def test_a_host_down_at_start_gets_no_work_and_the_run_succeeds_on_the_others(
+    sshd_rig: SSHRig, ns_hosts: list[SSHHost], tmp_path: Path
+) -> None:
+    ns_hosts[0].cut("down")
+    backend = lab(sshd_rig, ns_hosts, workers=1, connect_timeout=2.0)
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        run = await eng.run(t.spread, 9, 0.1)
+        assert run.status == "succeeded", run.error
+        assert [value for value, _ in run.result] == [i + 1 for i in range(9)]
+        assert {name for _, name in run.result} == {"h2", "h3", "h4"}
+        shown = await eng.get_run(run.id, actions=True)
+        attempts = [a for r in shown.action_records if r.task == "slow" for a in r.attempts]
+        assert all(a.state == "succeeded" and not a.where.startswith("h1:") for a in attempts)
