@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import _lifecycle as lifecycle
+from ._backend import Handle
 from ._codec import encode_value
 from ._context import action_var
 from ._errors import (
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from ._action import Action
-    from ._backend import Backend, Handle
+    from ._backend import Backend
     from ._events import TaskCounts
     from ._limits import Slots
     from ._task import Task
@@ -176,6 +177,10 @@ class Remote:
             try:
                 handle = await backend.submit(payload, hooks)
             except InfrastructureError as exc:
+                if journal is not None:
+                    # Lost before it had a handle: recorded all the same.
+                    lost = Handle(backend.kind, f"not-submitted:{started}", "")
+                    journal.attempt(action, self.target, lost, "lost", started, time.time(), str(exc))
                 return exc
         try:
             if journal is not None and backend.reattachable:

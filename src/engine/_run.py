@@ -433,6 +433,7 @@ class Run:
             # be written, or the run was cancelled before it ran).
             lifecycle.abandoned(counts, self.status)
             await self._cancel_leftovers()
+            await self._drop_bundles()
             self._settle_never_started()
             if capture is not None:
                 await capture.stop()
@@ -462,6 +463,18 @@ class Run:
         for counts in self.counters.values():
             if counts.pending > 0:
                 lifecycle.abandoned(counts)
+
+    async def _drop_bundles(self) -> None:
+        """Bundles still being packed when the run ends are not needed any more.
+
+        Their outcome is taken here either way, so that a failure nobody
+        waited for (the run was cancelled meanwhile) is not reported as a
+        task exception never retrieved.
+        """
+        building = [b for b in self._bundles.values() if not b.done()]
+        for b in building:
+            b.cancel()
+        await asyncio.gather(*self._bundles.values(), return_exceptions=True)
 
     async def _cancel_leftovers(self) -> None:
         self.closing = True
