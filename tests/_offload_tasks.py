@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import engine
+import offload
 
 
 class Unlucky(Exception):
@@ -97,3 +98,12 @@ async def greedy() -> int:
 async def fan(n: int) -> list[int]:
     return [value for value, _ in await asyncio.gather(*(where(i) for i in range(n)))]
 
+
+
+#: A backend object given to a task directly (no target name), shared by engines in turn.
+ANONYMOUS = offload.Local(workers=1)
+
+
+@engine.task(offload=ANONYMOUS)
+async def anonymous(x: int) -> int:
+    return x + 100

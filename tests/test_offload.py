@@ -339,3 +339,13 @@ async def test_a_task_the_worker_cannot_import_is_a_clear_error(tmp_path: Path) 
     assert isinstance(run.error, engine.ImportFailed), repr(run.error)
     message = str(run.error)
     assert "_offload_unimportable" in message and "_offload_missing" in message
+
+
+async def test_a_backend_given_directly_is_named_after_its_class_and_serves_engines_in_turn(tmp_path: Path) -> None:
+    for i in range(2):
+        async with engine.Engine(home=tmp_path / "home") as eng:
+            run = await eng.run(call, t.anonymous, i)
+            assert run.result == 100 + i
+            shown = await eng.run_summary(run.id, actions=True)
+        [action] = [a for a in shown.action_records if a.task == "anonymous"]
+        assert [(a.target, a.backend) for a in action.attempts] == [("offload.Local", "local")]

@@ -666,7 +666,10 @@ class Engine:
             for name, known in self.targets.items():
                 if known is target:
                     return name, target
-            return target.kind, target
+            # Unnamed: called after its class ("offload.Local"); the name "local"
+            # means this process.
+            package = type(target).__module__.partition(".")[0]
+            return f"{package}.{type(target).__qualname__}", target
         found = self.targets.get(target)
         if found is not None:
             return target, found
