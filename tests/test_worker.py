@@ -17,14 +17,15 @@ from engine.extend import (
     VERSION,
     Cancel,
     Done,
+    Frames,
     Hello,
     Log,
     Shutdown,
     Start,
+    StreamBroken,
     encode_frame,
     usable_cpus,
 )
-from offload._frames import Frames, StreamBroken
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -169,7 +170,7 @@ async def test_a_sync_attempt_past_its_timeout_is_reported_and_the_worker_exits(
     assert done.outcome.error is not None and done.outcome.error.type == "engine.ActionTimeout"
     assert done.outcome.error_kind == "user"
     assert await worker.recv() is None
-    from offload._worker import EXIT_STUCK
+    from engine.extend import EXIT_STUCK
 
     assert await worker.proc.wait() == EXIT_STUCK
 

@@ -481,20 +481,20 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
             raise self._remote_error(chunk, reply)
         if reply.bad_function:
             worker.forget_function(self._fn_id)
-            failure = reply.failure()
+            error = reply.failure().error
             raise InputError(
                 f"parallel_map: worker process {reply.pid} could not load the function "
-                f"{self._fn_name!r} ({failure.type_name}: {failure.message}); define it in a "
+                f"{self._fn_name!r} ({error.type}: {error.message}); define it in a "
                 f"module the workers can import, or make sure everything it refers to is "
                 f"picklable"
-            ) from RemoteTraceback(failure.traceback)
+            ) from RemoteTraceback(error.traceback)
         if reply.bad_items:
-            failure = reply.failure()
+            error = reply.failure().error
             raise InputError(
                 f"parallel_map({self._fn_name}): worker process {reply.pid} could not unpickle "
-                f"{chunk.span} ({failure.type_name}: {failure.message}); pass plain data or "
+                f"{chunk.span} ({error.type}: {error.message}); pass plain data or "
                 f"objects of classes the workers can import"
-            ) from RemoteTraceback(failure.traceback)
+            ) from RemoteTraceback(error.traceback)
         results = reply.results()
         chunk.items = []
         self._sizer.observe(chunk.n, reply.seconds)
@@ -507,24 +507,25 @@ class _MapCall(ParallelIterator[R], Generic[T, R]):
 
     def _remote_error(self, chunk: _Chunk, reply: Reply) -> BaseException:
         failure = reply.failure()
+        error = failure.error
         index = chunk.start + failure.index
         exc: BaseException | None = None
-        if failure.exception is not None:
+        if failure.error_pickle is not None:
             try:
-                exc = pickle.loads(failure.exception)
+                exc = pickle.loads(failure.error_pickle)
             except Exception:
                 exc = None
         if not isinstance(exc, BaseException):
             exc = RemoteError(
-                f"{failure.type_name}: {failure.message}",
-                remote_type=failure.type_name,
-                remote_traceback=failure.traceback,
+                f"{error.type}: {error.message}",
+                remote_type=error.type,
+                remote_traceback=error.traceback,
             )
         exc.add_note(
             f"parallel_map: raised by {self._fn_name} on item {index} "
             f"(in worker process {reply.pid}); the traceback above is the worker's"
         )
-        exc.__cause__ = RemoteTraceback(failure.traceback)
+        exc.__cause__ = RemoteTraceback(error.traceback)
         exc.__suppress_context__ = True
         self._count(running=-1, failed=1)
         return exc

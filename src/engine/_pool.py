@@ -13,15 +13,15 @@ its own socket pair; the parent side is an asyncio transport, so waiting for
 results never blocks the event loop and a dead worker shows up at once as a
 lost connection.
 
-Wire format, both directions: a fixed header then raw payload bytes.
-
-* parent -> worker: ``<QqQ`` = (items length, function id, function
-  length), then the function as a pickled ``(sys.path, pickled function)``
-  (only the first time this worker sees that function id) and the pickled
-  list of items.
-* worker -> parent: ``<QBd`` = (payload length, reply kind, seconds spent in
-  the function), then the payload: the pickled list of results, or a pickled
-  :class:`_Failure`.
+A worker runs the one serving loop of every shoal worker
+(:func:`engine._serve.serve`) over asyncio streams on its socket, and the
+two sides speak the worker protocol of :mod:`engine._wire`: the worker
+says ``Hello``, the parent sends ``Chunk`` messages (the function, pickled,
+only the first time that worker sees its id; the pickled list of items),
+and each is answered by one ``ChunkDone`` (the pickled results and the
+seconds spent in the function) or ``ChunkFailed`` (an
+:class:`~engine._records.ErrorInfo`, the exception itself when it can be
+rebuilt, and where it failed).
 
 A worker handles one chunk at a time, in the order received; the parent may
 queue a second chunk behind a running one that is expected to end soon, so
@@ -33,45 +33,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import itertools
 import json
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import time
-import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
+
+import msgspec
 
 from ._errors import ConfigError, EngineError
+from ._serve_chunks import FUNCTION_CACHE_SIZE
+from ._wire import (
+    HEADER,
+    Chunk,
+    ChunkDone,
+    ChunkFailed,
+    Hello,
+    decode_message,
+    frame_length,
+    frame_parts,
+)
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-__all__ = ["RemoteTraceback", "WorkerPool"]
-
-_REQUEST: Final = struct.Struct("<QqQ")
-_REPLY: Final = struct.Struct("<QBd")
-
-# Reply kinds.
-_HELLO: Final = 0  # the worker is up; payload empty
-_OK: Final = 1  # payload: pickled list of results
-_RAISED: Final = 2  # the function raised on one item; payload: pickled _Failure
-_BAD_FUNCTION: Final = 3  # the function could not be unpickled in the worker
-_BAD_ITEMS: Final = 4  # the items could not be unpickled in the worker
+__all__ = ["FUNCTION_CACHE_SIZE", "RemoteTraceback", "WorkerPool"]
 
 #: Chunks abandoned by their caller are left to finish (rather than the
 #: worker killed and restarted) when expected to take at most this long.
 DRAIN_SECONDS: Final = 0.25
 
-#: How many functions a worker keeps unpickled (most recently used first);
-#: the parent mirrors the same LRU per worker to know when to resend one.
-FUNCTION_CACHE_SIZE: Final = 8
+#: Read buffer of a worker's end of its socket: a chunk of items is read
+#: whole before it runs, so reading in big pieces saves wake-ups.
+_READ_LIMIT: Final = 1 << 20
 
 
 class RemoteTraceback(Exception):
@@ -90,51 +86,39 @@ class RemoteTraceback(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Failure:
-    """What went wrong in a worker, built to survive the trip to the parent.
-
-    ``exception`` is the pickled exception when it can be pickled *and*
-    unpickled again (many custom exceptions cannot), else None; the type name,
-    message and traceback text always come along.  ``missing_module`` names
-    the module a ModuleNotFoundError could not find.
-    """
-
-    index: int  # position in the chunk of the item that failed (0 for whole-chunk failures)
-    exception: bytes | None
-    type_name: str
-    message: str
-    traceback: str
-    missing_module: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Reply:
-    """One reply of a worker to one chunk."""
+    """One reply of a worker (process ``pid``) to one chunk."""
 
-    kind: int
-    seconds: float
-    payload: bytes
+    message: ChunkDone | ChunkFailed
     pid: int
 
+    @property
+    def seconds(self) -> float:
+        return self.message.seconds
+
     def results(self) -> list[Any]:
-        out: list[Any] = pickle.loads(self.payload)
+        assert isinstance(self.message, ChunkDone)
+        out: list[Any] = pickle.loads(self.message.results)
         return out
 
-    def failure(self) -> _Failure:
-        out: _Failure = pickle.loads(self.payload)
-        return out
+    def failure(self) -> ChunkFailed:
+        assert isinstance(self.message, ChunkFailed)
+        return self.message
+
+    def _failed(self, stage: str) -> bool:
+        return isinstance(self.message, ChunkFailed) and self.message.stage == stage
 
     @property
     def raised(self) -> bool:
-        return self.kind == _RAISED
+        return self._failed("call")
 
     @property
     def bad_function(self) -> bool:
-        return self.kind == _BAD_FUNCTION
+        return self._failed("function")
 
     @property
     def bad_items(self) -> bool:
-        return self.kind == _BAD_ITEMS
+        return self._failed("items")
 
 
 class WorkerLost(Exception):
@@ -178,20 +162,33 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
         buf += data
-        header = _REPLY.size
+        header = HEADER.size
         while len(buf) >= header:
-            length, kind, seconds = _REPLY.unpack_from(buf)
-            end = header + length
-            if len(buf) < end:
+            try:
+                end = header + frame_length(bytes(buf[:header]))
+                if len(buf) < end:
+                    return
+                # Decoded from a view: the frame is not copied out first.
+                message = decode_message(memoryview(buf)[header:end])
+            except (ValueError, msgspec.DecodeError):
+                self._broken()
                 return
-            payload = bytes(buf[header:end])
             del buf[:end]
-            if kind == _HELLO:
+            if isinstance(message, Hello):
                 self.hello = True
                 continue
+            if not isinstance(message, ChunkDone | ChunkFailed) or not self.waiters:
+                self._broken()
+                return
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(Reply(kind, seconds, payload, self.pid))
+                waiter.set_result(Reply(message, self.pid))
+
+    def _broken(self) -> None:
+        """The worker sent what the protocol does not allow here: drop it (it counts as crashed)."""
+        self.buffer.clear()
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -249,11 +246,9 @@ class Worker:
                 self.functions.popitem(last=False)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         conn.waiters.append(fut)
-        transport = conn.transport
-        transport.write(_REQUEST.pack(len(items_blob), fn_id, len(fn_blob)))
-        if fn_blob:
-            transport.write(fn_blob)
-        transport.write(items_blob)
+        header, body = frame_parts(Chunk(fn_id, items_blob, fn_blob))
+        conn.transport.write(header)
+        conn.transport.write(body)
         return fut
 
     def forget_function(self, fn_id: int) -> None:
@@ -528,10 +523,10 @@ async def wait_exit(worker: Worker, grace: float | None) -> int | None:
 # The whole program of a worker process: take the parent's import path (so
 # the same modules resolve), then serve chunks on the inherited socket.
 _BOOTSTRAP: Final = (
-    "import json, socket, sys\n"
+    "import json, sys\n"
     "sys.path[:] = json.loads(sys.argv[2])\n"
     "from engine._pool import _worker_main\n"
-    "_worker_main(socket.socket(fileno=int(sys.argv[1])))\n"
+    "_worker_main(int(sys.argv[1]))\n"
 )
 
 
@@ -546,133 +541,18 @@ def _spawn_worker(fd: int) -> subprocess.Popen[bytes]:
 # -- worker side -----------------------------------------------------------------------
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
-    """Read exactly ``n`` bytes; None when the parent closed the socket."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            return None
-        got += k
-    return buf
-
-
-def _send(sock: socket.socket, kind: int, seconds: float, payload: bytes) -> None:
-    sock.sendall(_REPLY.pack(len(payload), kind, seconds))
-    if payload:
-        sock.sendall(payload)
-
-
-def _dumps(obj: object) -> bytes:
-    """Pickle by reference where possible, else by value (cloudpickle).
-
-    Results whose classes came from the caller's script arrive here as
-    classes rebuilt by value; plain pickle cannot name them, cloudpickle can,
-    and it maps them back to the caller's own classes.
-    """
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import cloudpickle  # type: ignore[import-untyped]
-
-        blob: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return blob
-
-
-def _failure(exc: BaseException, index: int) -> bytes:
-    """Describe ``exc`` for the parent, keeping the exception object if it round-trips."""
-    blob: bytes | None
-    try:
-        blob = _dumps(exc)
-        pickle.loads(blob)  # many exceptions pickle but cannot be rebuilt
-    except Exception:
-        blob = None
-    failure = _Failure(
-        index=index,
-        exception=blob,
-        type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
-        missing_module=exc.name if isinstance(exc, ModuleNotFoundError) else None,
-    )
-    return pickle.dumps(failure, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _worker_main(sock: socket.socket) -> None:
+def _worker_main(fd: int) -> None:
     """Entry point of a worker process: serve chunks until the parent closes the socket."""
     # Ctrl-C goes to the whole process group; the parent decides what stops.
+    # (Set before the loop starts, so asyncio.run installs no handler of its own.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock.setblocking(True)
-    # The parent may go away mid-chunk: then there is nobody left to tell.
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        _serve(sock)
+    asyncio.run(_serve_socket(socket.socket(fileno=fd)))
 
 
-def _serve(sock: socket.socket) -> None:
-    functions: OrderedDict[int, Callable[[Any], Any]] = OrderedDict()
-    _send(sock, _HELLO, 0.0, b"")
-    while True:
-        header = _recv_exact(sock, _REQUEST.size)
-        if header is None:
-            return
-        items_len, fn_id, fn_len = _REQUEST.unpack(header)
-        fn_blob = _recv_exact(sock, fn_len) if fn_len else bytearray()
-        items_blob = _recv_exact(sock, items_len)
-        if fn_blob is None or items_blob is None:
-            return
-        if fn_len:
-            try:
-                # The caller's import path at the time of the call (a script
-                # loaded since the pool started may have added its folder).
-                path, fn_bytes = pickle.loads(fn_blob)
-                if path != sys.path:
-                    sys.path[:] = path
-                    importlib.invalidate_caches()
-                fn = pickle.loads(fn_bytes)
-            except Exception as exc:
-                _send(sock, _BAD_FUNCTION, 0.0, _failure(exc, 0))
-                continue
-            functions[fn_id] = fn
-            if len(functions) > FUNCTION_CACHE_SIZE:
-                functions.popitem(last=False)
-        else:
-            fn = functions[fn_id]
-            functions.move_to_end(fn_id)
-        try:
-            items = pickle.loads(items_blob)
-        except Exception as exc:
-            _send(sock, _BAD_ITEMS, 0.0, _failure(exc, 0))
-            continue
-        del items_blob
-        results: list[Any] = []
-        start = time.perf_counter()
-        try:
-            # extend() keeps what map() produced before an exception, so
-            # len(results) is the index of the failing item.
-            results.extend(map(fn, items))
-        except Exception as exc:
-            _send(sock, _RAISED, time.perf_counter() - start, _failure(exc, len(results)))
-            continue
-        seconds = time.perf_counter() - start
-        del items
-        try:
-            payload = _dumps(results)
-        except Exception:
-            index, error = _first_unpicklable(results)
-            _send(sock, _RAISED, seconds, _failure(error, index))
-            continue
-        del results
-        _send(sock, _OK, seconds, payload)
+async def _serve_socket(sock: socket.socket) -> None:
+    from ._frames import Frames
+    from ._serve import serve
 
-
-def _first_unpicklable(values: list[Any]) -> tuple[int, BaseException]:
-    for i, value in enumerate(values):
-        try:
-            _dumps(value)
-        except Exception as exc:
-            return i, TypeError(
-                f"the result could not be pickled to send it back to the caller: {exc}"
-            )
-    return 0, TypeError("the results could not be pickled to send them back to the caller")
+    reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
+    # Prints of the mapped function go to the inherited stdout/stderr, as in any process.
+    await serve(Frames(reader, writer, "the parallel_map caller"), capture=False)

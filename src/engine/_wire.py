@@ -16,14 +16,22 @@ A conversation::
     worker -> Done(id, outcome)           exactly one per Start
     engine -> Shutdown                    or the transport closes
 
+The engine's ``parallel_map`` pool speaks the same protocol to its own
+worker processes, with one more pair of messages::
+
+    engine -> Chunk(fn, items)            many, answered strictly in order
+    worker -> ChunkDone | ChunkFailed     exactly one per Chunk
+
 Values travel encoded by :func:`engine._codec.encode_value` (msgpack, or
 pickle for what msgspec cannot encode, marked by ``kind``); ``File``,
-``Dir`` and ``DataFrame`` are references and travel as such.
+``Dir`` and ``DataFrame`` are references and travel as such.  A chunk's
+items and results are the user's objects and stay pickled bytes (msgpack
+would not keep their types); the frame only carries them.
 """
 
 # No `from __future__ import annotations`: msgspec reads these annotations.
 import struct
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -33,6 +41,9 @@ __all__ = [
     "MAX_FRAME",
     "BundleData",
     "Cancel",
+    "Chunk",
+    "ChunkDone",
+    "ChunkFailed",
     "Done",
     "FunctionRef",
     "Hello",
@@ -47,6 +58,7 @@ __all__ = [
     "decode_message",
     "encode_frame",
     "frame_length",
+    "frame_parts",
 ]
 
 #: Version of this protocol; a worker speaking another one is refused at hello.
@@ -178,8 +190,61 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
+class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
+    """Items of one ``parallel_map`` call for a worker of the engine's process pool.
+
+    ``fn`` is the call's function id.  ``function`` is the pickled
+    ``(sys.path, pickled function)``, sent only the first time this worker
+    gets that id (it keeps the most recent ones; the pool mirrors which),
+    else empty.  ``items`` is the pickled list of items.
+    """
+
+    fn: int
+    items: bytes
+    function: bytes = b""
+
+
+class ChunkDone(msgspec.Struct, frozen=True, tag="chunk-done"):
+    """The results of the oldest unanswered Chunk: a pickled list, one per item."""
+
+    results: bytes
+    #: Seconds spent in the function (the pool sizes chunks from them).
+    seconds: float = 0.0
+
+
+class ChunkFailed(msgspec.Struct, frozen=True, tag="chunk-failed"):
+    """The oldest unanswered Chunk failed.
+
+    ``stage`` says where: ``"call"`` the function raised on item ``index``
+    of the chunk (or a result could not be pickled); ``"function"`` the
+    function could not be unpickled (the worker did not keep it);
+    ``"items"`` the items could not be unpickled.
+    """
+
+    stage: Literal["call", "function", "items"]
+    error: ErrorInfo
+    index: int = 0
+    seconds: float = 0.0
+    #: The exception itself, pickled, when it can be rebuilt (see Outcome).
+    error_pickle: bytes | None = None
+    #: The module a ModuleNotFoundError could not find (the pool then ships
+    #: that module's functions by value).
+    missing_module: str | None = None
+
+
 Message = (
-    Hello | Start | Cancel | NeedBundle | BundleData | Log | Trace | Done | Shutdown
+    Hello
+    | Start
+    | Cancel
+    | NeedBundle
+    | BundleData
+    | Log
+    | Trace
+    | Done
+    | Shutdown
+    | Chunk
+    | ChunkDone
+    | ChunkFailed
 )
 
 _encoder = msgspec.msgpack.Encoder()
@@ -188,10 +253,20 @@ _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 
 def encode_frame(message: Any) -> bytes:
     """One message as a frame: its length, then its msgpack body."""
+    header, body = frame_parts(message)
+    return header + body
+
+
+def frame_parts(message: Any) -> tuple[bytes, bytes]:
+    """One message as a frame in two pieces, its header and its body.
+
+    For a large message (a chunk of items) written to a transport as two
+    writes, so that the body is not copied once more behind the header.
+    """
     body = _encoder.encode(message)
     if len(body) > MAX_FRAME:
         raise ValueError(f"a {type(message).__name__} message of {len(body)} bytes is over the frame limit")
-    return HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)), body
 
 
 def frame_length(header: bytes) -> int:
@@ -202,7 +277,7 @@ def frame_length(header: bytes) -> int:
     return int(length)
 
 
-def decode_message(body: bytes) -> Message:
+def decode_message(body: bytes | bytearray | memoryview) -> Message:
     """A frame's body back as its message (``msgspec.DecodeError`` if it is not one)."""
     message: Message = _decoder.decode(body)
     return message

@@ -7,7 +7,12 @@ Users of shoal do not need it.
 - the backend protocol: :class:`Backend`, :class:`BackendContext`,
   :class:`Handle`, :class:`AttemptHooks`;
 - the wire: :class:`Payload`, :class:`Outcome`, :class:`FunctionRef` and
-  the messages and framing of the worker protocol;
+  the messages and framing of the worker protocol; :class:`Frames` over
+  any reader/writer pair (:class:`FrameReader`, :class:`FrameWriter`);
+- the worker: :func:`serve`, the one serving loop of every worker process
+  (``python -m offload.worker`` runs it over stdin/stdout with a
+  :class:`BundleCache`), :data:`EXIT_STUCK`, :data:`TIMEOUT_GRACE`,
+  :data:`FLUSH_EVERY`;
 - values and errors across a process boundary: :func:`encode_value`,
   :func:`decode_value`, :func:`describe`, :class:`ErrorInfo`;
 - the worker's side of traces: :class:`TraceSink`, :data:`trace_sink_var`,
@@ -24,9 +29,6 @@ Users of shoal do not need it.
 """
 
 from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
 
 from ._backend import AttemptHooks as AttemptHooks
 from ._backend import Backend as Backend
@@ -51,13 +53,23 @@ from ._errors import InfrastructureError as InfrastructureError
 from ._errors import Reclaimed as Reclaimed
 from ._errors import SubmitFailed as SubmitFailed
 from ._errors import WorkerLost as WorkerLost
+from ._frames import FrameReader as FrameReader
+from ._frames import Frames as Frames
+from ._frames import FrameWriter as FrameWriter
+from ._frames import StreamBroken as StreamBroken
 from ._loader import load_function as load_function
 from ._options import Backoff as Backoff
 from ._records import ErrorInfo as ErrorInfo
 from ._run import trace_key as trace_key
+from ._serve import EXIT_STUCK as EXIT_STUCK
+from ._serve import FLUSH_EVERY as FLUSH_EVERY
+from ._serve import TIMEOUT_GRACE as TIMEOUT_GRACE
+from ._serve import BundleCache as BundleCache
+from ._serve import serve as serve
 from ._trace import MISSING as MISSING
 from ._trace import TraceSink as TraceSink
 from ._trace import trace_sink_var as trace_sink_var
+from ._version import VERSION as VERSION
 from ._wire import MAX_FRAME as MAX_FRAME
 from ._wire import PROTOCOL as PROTOCOL
 from ._wire import BundleData as BundleData
@@ -77,17 +89,14 @@ from ._wire import decode_message as decode_message
 from ._wire import encode_frame as encode_frame
 from ._wire import frame_length as frame_length
 
-try:
-    #: The installed shoal's version; workers must run the same one.
-    VERSION: str = _version("shoal")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    VERSION = "0+unknown"
-
 __all__ = [
     "CHUNK",
+    "EXIT_STUCK",
+    "FLUSH_EVERY",
     "MAX_FRAME",
     "MISSING",
     "PROTOCOL",
+    "TIMEOUT_GRACE",
     "VERSION",
     "AttemptHooks",
     "Backend",
@@ -95,11 +104,15 @@ __all__ = [
     "Backoff",
     "BlobReader",
     "BlobStore",
+    "BundleCache",
     "BundleData",
     "Cancel",
     "ClosingStore",
     "Done",
     "ErrorInfo",
+    "FrameReader",
+    "FrameWriter",
+    "Frames",
     "FunctionRef",
     "Handle",
     "Hello",
@@ -113,6 +126,7 @@ __all__ = [
     "Reclaimed",
     "Shutdown",
     "Start",
+    "StreamBroken",
     "SubmitFailed",
     "Trace",
     "TraceSink",
@@ -129,6 +143,7 @@ __all__ = [
     "hash_file",
     "load_function",
     "run_bounded",
+    "serve",
     "trace_key",
     "trace_sink_var",
     "unwritable_destination",

@@ -8,7 +8,7 @@ job (or array child, by ``AWS_BATCH_JOB_ARRAY_INDEX``) then:
 1. reads its payload from the pack with two range reads (its offsets, then
    its bytes), never the whole pack;
 2. runs it with the worker's own attempt runner
-   (:class:`offload._worker.WorkerLoop`) over an in-process channel instead
+   (:func:`engine.extend.serve`) over an in-process channel instead
    of pipes: the code bundle it asks for is read from ``storage``, what it
    prints and logs is written to this process's stdout/stderr (CloudWatch
    Logs) and kept, traces are kept;
@@ -96,7 +96,7 @@ async def read_payload(store: S3BlobStore, pack: str, index: int) -> Payload:
 class JobChannel:
     """The worker loop's transport inside a job: one Start in, one Done out, nothing over a wire.
 
-    It stands in for :class:`offload._frames.Frames` (the same five
+    It stands in for :class:`engine.extend.Frames` (the same five
     methods): the worker asks it for a code bundle, which it reads from
     S3; output and traces are kept for the result, output written to
     this process's stdout/stderr as well (the job's CloudWatch stream).
@@ -155,8 +155,10 @@ class JobChannel:
 
 async def run_job(storage: str, pack: str, cache: Path) -> int:
     """Run this job's attempt and write its result; the job's exit status."""
+    from engine.extend import serve
+
     from ._s3 import S3BlobStore
-    from ._worker import WorkerLoop
+    from .worker import BundleDir
 
     job_id = os.environ.get("AWS_BATCH_JOB_ID", "")
     if not job_id:
@@ -169,7 +171,7 @@ async def run_job(storage: str, pack: str, cache: Path) -> int:
         if payload.blob_store:
             os.environ["SHOAL_BLOB_STORE"] = payload.blob_store
         channel = JobChannel(payload, store)
-        await WorkerLoop(channel, cache).serve()  # type: ignore[arg-type]
+        await serve(channel, BundleDir(cache))  # type: ignore[arg-type]
         if channel.outcome is None:
             sys.stderr.write(f"job {job_id}: the attempt ended without an outcome\n")
             return EXIT_FAILED

@@ -23,6 +23,7 @@ from engine.extend import (
     BackendContext,
     BundleData,
     Done,
+    Frames,
     Handle,
     Hello,
     Log,
@@ -31,14 +32,13 @@ from engine.extend import (
     Payload,
     Shutdown,
     Start,
+    StreamBroken,
     SubmitFailed,
     Trace,
     WorkerLost,
     detect_gpus,
     usable_cpus,
 )
-
-from ._frames import Frames, StreamBroken
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

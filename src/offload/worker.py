@@ -3,6 +3,10 @@
 (``python -m offload.worker --batch S3_URI --pack DIGEST`` instead runs the
 one attempt of an AWS Batch job: see :mod:`offload._batch_job`.)
 
+The serving loop is the engine's (:func:`engine.extend.serve`, the same
+that the ``parallel_map`` pool's workers run); this module gives it the
+process's stdio as its transport and the code bundle cache.
+
 Started by a backend (``offload.Local`` through pipes, SSH through a
 channel), never by hand.  The protocol's frames travel over the original
 stdin and stdout file descriptors; before anything else runs, the worker
@@ -21,7 +25,7 @@ config.  ``File``/``Dir``/``DataFrame`` made by an attempt go to the blob
 store named by ``SHOAL_BLOB_STORE``, which the backend sets.
 
 Exit status 0 after ``Shutdown`` or the end of stdin (the engine has gone:
-the worker ends by itself); :data:`~offload._worker.EXIT_STUCK` after
+the worker ends by itself); :data:`engine.extend.EXIT_STUCK` after
 giving up on a sync attempt past its timeout.
 """
 
@@ -35,7 +39,7 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["BundleDir", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +98,29 @@ def _private_home(cache: Path) -> None:
     os.environ["SHOAL_CONFIG"] = str(config)
 
 
+class BundleDir:
+    """A worker's code bundles, unpacked under ``cache`` (see :mod:`offload._bundle`).
+
+    The :class:`engine.extend.BundleCache` of ``python -m offload.worker``
+    and of Batch jobs; it imports the unpacking code only when used.
+    """
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+
+    def cached(self, digest: str) -> Path | None:
+        from ._bundle import bundle_cached  # only workers that get bundles need it
+
+        return bundle_cached(digest, self.cache)
+
+    def unpack(self, data: bytes, digest: str) -> Path:
+        from ._bundle import unpack_bundle
+
+        return unpack_bundle(data, digest, self.cache)
+
+
 async def _serve(proto_in: int, proto_out: int, cache: Path) -> int:
-    from ._frames import Frames
-    from ._worker import serve
+    from engine.extend import Frames, serve
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -108,7 +132,7 @@ async def _serve(proto_in: int, proto_out: int, cache: Path) -> int:
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     try:
-        return await serve(Frames(reader, writer, "the engine"), cache)
+        return await serve(Frames(reader, writer, "the engine"), BundleDir(cache))
     finally:
         read_transport.close()
 

@@ -1,11 +1,19 @@
-"""The worker's side of the offload protocol: run the attempts an engine sends, over any transport.
+"""The worker's side of the protocol: run what an engine sends, over any transport.
 
-:func:`serve` speaks the protocol of :mod:`engine.extend` over one
-:class:`~offload._frames.Frames` (pipes to ``offload.Local``, an SSH
-channel): it says hello, then runs every ``Start`` it is sent and answers
-each with exactly one ``Done``.  ``python -m offload.worker`` (see
-:mod:`offload.worker`) is this loop over the process's original stdin and
-stdout.
+:func:`serve` speaks the protocol of :mod:`engine._wire` over one
+:class:`~engine._frames.Frames` (pipes to ``offload.Local``, an SSH
+channel, the socket of a ``parallel_map`` worker): it says hello, then
+runs every ``Start`` it is sent and answers each with exactly one
+``Done``, and every ``Chunk`` with exactly one ``ChunkDone`` or
+``ChunkFailed``, in order.  It is the one serving loop of every worker
+process shoal starts: ``python -m offload.worker`` (see
+:mod:`offload.worker`) runs it over the process's original stdin and
+stdout, and each process of the engine's ``parallel_map`` pool over its
+socket pair (see :mod:`engine._pool`).
+
+How a chunk runs (see :mod:`engine._serve_chunks`): in the loop's thread,
+one at a time, in the order received, with the loop looking away so that
+the function sees no running event loop, as in a plain process.
 
 How an attempt runs:
 
@@ -44,16 +52,24 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TextIO, cast
 
-from engine import ActionTimeout, ImportFailed, OffloadError, Task
-from engine.extend import (
-    MISSING,
-    VERSION,
+from ._codec import decode_value, encode_value
+from ._engine import detect_gpus, usable_cpus
+from ._entries import describe
+from ._errors import ActionTimeout, ImportFailed, OffloadError
+from ._loader import load_function
+from ._records import ErrorInfo
+from ._run import trace_key
+from ._serve_chunks import ChunkRunner
+from ._task import Task
+from ._trace import MISSING, trace_sink_var
+from ._version import VERSION
+from ._wire import (
     BundleData,
     Cancel,
+    Chunk,
     Done,
-    ErrorInfo,
     FunctionRef,
     Hello,
     Log,
@@ -63,14 +79,6 @@ from engine.extend import (
     Shutdown,
     Start,
     Trace,
-    decode_value,
-    describe,
-    detect_gpus,
-    encode_value,
-    load_function,
-    trace_key,
-    trace_sink_var,
-    usable_cpus,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +87,7 @@ if TYPE_CHECKING:
 
     from ._frames import Frames
 
-__all__ = ["EXIT_STUCK", "FLUSH_EVERY", "TIMEOUT_GRACE", "WorkerLoop", "serve"]
+__all__ = ["EXIT_STUCK", "FLUSH_EVERY", "TIMEOUT_GRACE", "BundleCache", "WorkerLoop", "serve"]
 
 #: Seconds between two batches of an attempt's output sent back.
 FLUSH_EVERY: Final = 0.1
@@ -95,13 +103,32 @@ attempt_var: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
 )
 
 
-async def serve(frames: Frames, cache: Path) -> int:
-    """Serve attempts over ``frames`` until ``Shutdown`` or the end of the stream.
+class BundleCache(Protocol):
+    """Where a worker finds code bundles by digest, and unpacks the ones it is sent.
 
+    ``offload`` provides it (bundles are its business); a worker without
+    one (the ``parallel_map`` pool's) refuses attempts that name a bundle.
+    """
+
+    def cached(self, digest: str) -> Path | None:
+        """The folder of bundle ``digest`` if it was unpacked before."""
+        ...
+
+    def unpack(self, data: bytes, digest: str) -> Path:
+        """Check ``data`` against ``digest``, unpack it, and return its folder (blocking)."""
+        ...
+
+
+async def serve(frames: Frames, bundles: BundleCache | None = None, *, capture: bool = True) -> int:
+    """Serve attempts and chunks over ``frames`` until ``Shutdown`` or the end of the stream.
+
+    ``capture``: send what attempts print and log back to the engine (the
+    offload workers); without it, prints go to the process's own streams
+    (the ``parallel_map`` pool's workers share their parent's terminal).
     Returns how many attempts were still running then (abandoned: nobody
     is left to take their results).
     """
-    return await WorkerLoop(frames, cache).serve()
+    return await WorkerLoop(frames, bundles, capture=capture).serve()
 
 
 class _Attempt:
@@ -163,11 +190,13 @@ class _Sink:
 
 
 class WorkerLoop:
-    """The state of one serving worker: the attempts in flight and the bundles being fetched."""
+    """The state of one serving worker: the attempts in flight, the bundles being fetched, the map functions."""
 
-    def __init__(self, frames: Frames, cache: Path) -> None:
+    def __init__(self, frames: Frames, bundles: BundleCache | None = None, *, capture: bool = True) -> None:
         self.frames = frames
-        self.cache = cache
+        self.bundle_cache = bundles
+        self.capture = capture
+        self.chunks = ChunkRunner()
         self.where = f"{socket.gethostname()}:{os.getpid()}"
         # Invariant: ``attempts`` holds every attempt started and not yet
         # answered with its Done, by id.
@@ -198,14 +227,20 @@ class WorkerLoop:
                 executable=sys.executable,
             )
         )
-        flusher = asyncio.create_task(self._flush_loop(), name="shoal-worker-logs")
+        flusher = asyncio.create_task(self._flush_loop(), name="shoal-worker-logs") if self.capture else None
         try:
-            with _capturing(self):
+            with _capturing(self) if self.capture else contextlib.nullcontext():
                 while True:
                     message = await self.frames.recv()
                     if message is None or isinstance(message, Shutdown):
                         break
-                    if isinstance(message, Start):
+                    if isinstance(message, Chunk):
+                        # Run here, not as a task: chunks are answered in
+                        # the order they came, one at a time.
+                        reply = self.chunks.run(message)
+                        del message  # the items' bytes, while the reply goes
+                        await self.frames.send(reply)
+                    elif isinstance(message, Start):
                         self._start(message.id, message.payload)
                     elif isinstance(message, Cancel):
                         self.cancel(message.id)
@@ -214,11 +249,17 @@ class WorkerLoop:
                         if waiter is not None and not waiter.done():
                             waiter.set_result(message.data)
             return len(self.attempts)
+        except ConnectionError:
+            # The engine went away while a reply was being sent: nobody is left to tell.
+            return len(self.attempts)
         finally:
-            flusher.cancel()
-            for task in list(self._tasks):
+            background = list(self._tasks)
+            if flusher is not None:
+                flusher.cancel()
+                background.append(flusher)
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(flusher, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
             await self.frames.aclose()
 
     def _start(self, id: int, payload: Payload) -> None:
@@ -413,9 +454,13 @@ class WorkerLoop:
 
     async def _bundle(self, digest: str) -> Path:
         """The folder of code bundle ``digest``, asked for and unpacked when it is not cached."""
-        from ._bundle import bundle_cached, unpack_bundle  # only workers that get bundles need it
-
-        found = bundle_cached(digest, self.cache)
+        cache = self.bundle_cache
+        if cache is None:
+            raise OffloadError(
+                f"worker {self.where} was sent an attempt that needs code bundle {digest}, and it "
+                f"has no bundle cache: offloaded attempts go to `python -m offload.worker`"
+            )
+        found = cache.cached(digest)
         if found is not None:
             return found
         waiter = self.bundles.get(digest)
@@ -429,7 +474,7 @@ class WorkerLoop:
                 f"its copy of the bundle is missing; run again"
             )
         # unpack_bundle checks the data against its SHA-256 before anything is written.
-        return await asyncio.to_thread(unpack_bundle, data, digest, self.cache)
+        return await asyncio.to_thread(cache.unpack, data, digest)
 
     # -- environment ---------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Framed messages over an asyncio stream pair: the transport of the worker protocol.
 
 One :class:`Frames` wraps a reader and a writer (the pipes of a local
-worker process, an SSH channel) and moves the messages of
-:mod:`engine.extend` over them, each as one frame (a 4-byte length, then
-the msgpack body).  Both ends of the protocol use it: the engine's side
-in each backend, and the worker.
+worker process, an SSH channel, the socket of a ``parallel_map`` worker)
+and moves the messages of :mod:`engine._wire` over them, each as one
+frame (a 4-byte length, then the msgpack body).  Both ends of the
+protocol use it: the engine's side in each backend, and the worker
+(:mod:`engine._serve`).
 
 Frames never interleave: each is handed to the writer by a single
 ``write()`` call made on the loop's thread (:meth:`Frames.send`, or
@@ -21,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from engine import OffloadError
-from engine.extend import decode_message, encode_frame, frame_length
+from ._errors import OffloadError
+from ._wire import decode_message, encode_frame, frame_length
 
 if TYPE_CHECKING:
-    from engine.extend import Message
+    from ._wire import Message
 
 __all__ = ["FrameReader", "FrameWriter", "Frames", "StreamBroken"]
 
