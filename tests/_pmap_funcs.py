@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -78,3 +79,13 @@ def exit_on_five(x: int) -> int:
     if x == 5:
         os._exit(3)
     return x
+
+
+def doubled_by_its_own_event_loop(x: int) -> int:
+    """Runs an event loop of its own, as a plain process may: the worker's must not be in the way."""
+
+    async def double() -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    return asyncio.run(double())

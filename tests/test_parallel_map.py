@@ -121,6 +121,13 @@ async def test_imap_reads_a_generator_only_a_bounded_window_ahead(pool: WorkerPo
 # -- the pool ---------------------------------------------------------------------------------
 
 
+async def test_a_mapped_function_may_run_an_event_loop_of_its_own(pool: WorkerPool) -> None:
+    # The workers serve chunks from an event loop; the function must not see it.
+    assert await engine.parallel_map(funcs.doubled_by_its_own_event_loop, range(20)) == [
+        2 * i for i in range(20)
+    ]
+
+
 async def test_pool_is_started_once_and_reused(pool: WorkerPool) -> None:
     assert pool.pids() == []  # nothing starts before the first call
     first = set(await engine.parallel_map(funcs.pid_of, range(40), chunksize=1))

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import platform
 import signal
 import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 
+import _pmap_funcs as funcs
 from _offload_kit import gone, payload, until, value, worker_env
 from engine.extend import (
     VERSION,
     Cancel,
+    Chunk,
+    ChunkDone,
+    ChunkFailed,
     Done,
     Frames,
     Hello,
@@ -24,6 +30,7 @@ from engine.extend import (
     Start,
     StreamBroken,
     encode_frame,
+    serve,
     usable_cpus,
 )
 
@@ -205,6 +212,83 @@ async def test_a_killed_worker_takes_nothing_with_it_but_its_stream(worker: Work
     assert await worker.recv() is None
     assert await worker.proc.wait() == -signal.SIGKILL
     await until(lambda: gone(worker.proc.pid), "the worker to be gone")
+
+
+# -- one serving loop for offloaded attempts and parallel_map chunks --------------------
+
+
+def chunk(fn_id: int, items: Any, function: Any = None) -> Chunk:
+    """A Chunk as the pool sends it: items pickled; the function with this process's sys.path.
+
+    ``items`` or ``function`` given as bytes are sent as they are (as if pickled).
+    """
+    if function is None:
+        shipped = b""
+    else:
+        pickled = function if isinstance(function, bytes) else pickle.dumps(function)
+        shipped = pickle.dumps((sys.path, pickled))
+    blob = items if isinstance(items, bytes) else pickle.dumps(items)
+    return Chunk(fn_id, blob, shipped)
+
+
+async def test_the_offload_worker_serves_parallel_map_chunks_in_order_between_attempts(
+    worker: Worker,
+) -> None:
+    frames = worker.frames
+    await frames.send(chunk(1, [1, 2, 3], funcs.square))
+    await frames.send(Start(1, payload("add", 1, 2)))
+    await frames.send(chunk(1, [4, 5]))  # the worker kept function 1
+    await frames.send(chunk(2, [5, 6, 7, 8], funcs.fail_on_seven))
+    await frames.send(chunk(2, b"not a pickle"))
+    await frames.send(chunk(3, [1], b"not a function"))
+    replies: list[Any] = []
+    done: Done | None = None
+    while len(replies) < 5 or done is None:
+        message = await worker.recv()
+        assert message is not None, "the worker closed its stream"
+        if isinstance(message, ChunkDone | ChunkFailed):
+            replies.append(message)
+        elif isinstance(message, Done):
+            done = message
+    assert value(done.outcome) == 3
+    first, second, raised, bad_items, bad_function = replies
+    assert isinstance(first, ChunkDone) and pickle.loads(first.results) == [1, 4, 9]
+    assert isinstance(second, ChunkDone) and pickle.loads(second.results) == [16, 25]
+    # One error description for both kinds of work: ErrorInfo, and the exception when it rebuilds.
+    assert isinstance(raised, ChunkFailed) and raised.stage == "call" and raised.index == 2
+    assert raised.error.type == "ValueError" and raised.error.message == "seven is not allowed (got 7)"
+    assert "fail_on_seven" in raised.error.traceback
+    assert raised.error_pickle is not None
+    assert str(pickle.loads(raised.error_pickle)) == "seven is not allowed (got 7)"
+    assert isinstance(bad_items, ChunkFailed) and bad_items.stage == "items"
+    assert isinstance(bad_function, ChunkFailed) and bad_function.stage == "function"
+    await frames.aclose()
+    assert await worker.proc.wait() == 0
+
+
+async def test_the_serving_loop_runs_over_a_socket_pair_in_this_process() -> None:
+    left, right = socket.socketpair()
+    r1, w1 = await asyncio.open_connection(sock=left)
+    r2, w2 = await asyncio.open_connection(sock=right)
+    engine_side = Frames(r1, w1, "the worker")
+    server = asyncio.create_task(serve(Frames(r2, w2, "the engine"), capture=False))
+    assert isinstance(await engine_side.recv(), Hello)
+    # A mapped function that runs an event loop of its own, from inside the serving loop.
+    await engine_side.send(chunk(1, [1, 2], funcs.doubled_by_its_own_event_loop))
+    reply = await asyncio.wait_for(engine_side.recv(), 30)
+    assert isinstance(reply, ChunkDone) and pickle.loads(reply.results) == [2, 4]
+    # Without a bundle cache (the pool's workers) an attempt that needs a bundle is refused, clearly.
+    bundled = msgspec.structs.replace(payload("add", 1, 2), bundle="0" * 64)
+    await engine_side.send(Start(7, bundled))
+    done = await asyncio.wait_for(engine_side.recv(), 30)
+    assert isinstance(done, Done) and not done.outcome.ok and done.outcome.error_kind == "system"
+    assert done.outcome.error is not None and "has no bundle cache" in done.outcome.error.message
+    await engine_side.send(Start(8, payload("add", 2, 3)))
+    done = await asyncio.wait_for(engine_side.recv(), 30)
+    assert isinstance(done, Done) and value(done.outcome) == 5
+    await engine_side.aclose()
+    assert await asyncio.wait_for(server, 30) == 0
+    assert await engine_side.recv() is None
 
 
 # -- the framed transport --------------------------------------------------------------

@@ -7,6 +7,11 @@ frame (a 4-byte length, then the msgpack body).  Both ends of the
 protocol use it: the engine's side in each backend, and the worker
 (:mod:`engine._serve`).
 
+:class:`SocketFrames` is the same over a socket this process owns (a
+``parallel_map`` worker's): there, messages are decoded and handed to the
+consumer in the callback where their bytes arrive (:meth:`Frames.each`),
+with no task woken per message.
+
 Frames never interleave: each is handed to the writer by a single
 ``write()`` call made on the loop's thread (:meth:`Frames.send`, or
 :meth:`Frames.post`, which threads use), and ``write()`` takes the whole
@@ -18,17 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from ._errors import OffloadError
-from ._wire import decode_message, encode_frame, frame_length
+from ._wire import HEADER, decode_message, encode_frame, frame_length
 
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+
     from ._wire import Message
 
-__all__ = ["FrameReader", "FrameWriter", "Frames", "StreamBroken"]
+__all__ = ["FrameReader", "FrameWriter", "Frames", "SocketFrames", "StreamBroken", "take_frames"]
 
 
 class FrameReader(Protocol):
@@ -63,6 +72,9 @@ class Frames:
 
     def __init__(self, reader: FrameReader, writer: FrameWriter, peer: str) -> None:
         self.reader = reader
+        self._setup(writer, peer)
+
+    def _setup(self, writer: FrameWriter, peer: str) -> None:
         self.writer = writer
         self.peer = peer
         self._loop = asyncio.get_running_loop()
@@ -135,6 +147,17 @@ class Frames:
                 f"check that both sides run the same shoal version"
             ) from None
 
+    async def each(self, handle: Callable[[Message], bool]) -> None:
+        """Hand every message to ``handle``, in order, until it returns False or the stream ends.
+
+        ``handle`` is called synchronously, once per message; it must not
+        block for long unless nothing else in this loop needs to run.
+        """
+        while True:
+            message = await self.recv()
+            if message is None or not handle(message):
+                return
+
     async def aclose(self) -> None:
         """Close the writing side (the peer sees EOF) and wait until it is closed."""
         if self.writer.is_closing():
@@ -144,3 +167,199 @@ class Frames:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+def take_frames(buffer: bytearray, peer: str) -> list[Message]:
+    """Decode and remove the whole frames at the start of ``buffer`` (a partial one stays).
+
+    Raises :class:`StreamBroken` when the bytes are not frames of the protocol.
+    """
+    header = HEADER.size
+    messages: list[Message] = []
+    start = 0
+    end = len(buffer)
+    try:
+        while end - start >= header:
+            stop = start + header + frame_length(bytes(buffer[start : start + header]))
+            if end < stop:
+                break
+            # Decoded from a view: the body is not copied out first.
+            messages.append(decode_message(memoryview(buffer)[start + header : stop]))
+            start = stop
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise StreamBroken(
+            f"{peer} sent something that is not a frame of the shoal worker protocol ({exc}); "
+            f"check that both sides run the same shoal version"
+        ) from None
+    finally:
+        del buffer[:start]
+    return messages
+
+
+class SocketFrames(Frames):
+    """Frames over a connected socket of this process, handed to :meth:`each` as they arrive.
+
+    The worker protocol as :class:`Frames` speaks it, for a worker whose
+    transport the engine created (the ``parallel_map`` pool's socket
+    pairs).  Each message is decoded and handed on in the very callback
+    where its bytes arrive: a worker answering small chunks one at a time
+    otherwise spends most of each chunk waking the task that waits on a
+    stream (measured on a 2-core machine: ~65 µs of CPU per chunk through
+    a stream reader, ~20 µs this way; the pool's old blocking loop: ~15 µs).
+    """
+
+    def __init__(self, protocol: _FrameProtocol, peer: str) -> None:
+        self._protocol = protocol
+        self._setup(protocol, peer)
+
+    @classmethod
+    async def connect(cls, sock: socket.socket, peer: str) -> SocketFrames:
+        """Frames over ``sock`` (connected), bound to the running loop."""
+        protocol = _FrameProtocol(peer)
+        await asyncio.get_running_loop().create_connection(lambda: protocol, sock=sock)
+        return cls(protocol, peer)
+
+    async def recv(self) -> Message | None:
+        return await self._protocol.recv()
+
+    async def each(self, handle: Callable[[Message], bool]) -> None:
+        await self._protocol.each(handle)
+
+
+class _FrameProtocol(asyncio.Protocol):
+    """The socket's protocol under :class:`SocketFrames`: splits frames, and is its writer."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        # Invariant: ``pending`` holds messages decoded and not yet handed
+        # out, oldest first; it is empty while a handler is set (each
+        # message goes straight to it).
+        self.pending: deque[Message] = deque()
+        self.handler: Callable[[Message], bool] | None = None
+        # Set once no more messages will be handed out: the stream ended, or
+        # the handler said stop, or ``error`` (the stream broke, or the handler raised).
+        self.ended = False
+        self.error: BaseException | None = None
+        # The one recv()/each() waiting for a message or the end, if any.
+        self.waiter: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        # Waiting for the transport's buffer to drain (the peer reads slowly).
+        self.paused = False
+        self.drainers: list[asyncio.Future[None]] = []
+
+    # -- reading -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended:
+            return
+        self.buffer += data
+        try:
+            messages = take_frames(self.buffer, self.peer)
+            for message in messages:
+                handler = self.handler
+                if handler is None:
+                    self.pending.append(message)
+                elif not handler(message):
+                    self._end()
+                    return
+        except Exception as exc:
+            self.error = exc
+            self._end()
+            return
+        if self.pending:
+            # A recv() waits for these (each() with its handler set waits
+            # only for the end: waking it per message would cost a task step).
+            self._wake()
+
+    def eof_received(self) -> bool:
+        if self.buffer and self.error is None:
+            self.error = StreamBroken(f"{self.peer} closed its stream inside a frame ({len(self.buffer)} bytes)")
+        self._end()
+        return False  # close our side too: the peer is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        for drainer in self.drainers:
+            if not drainer.done():
+                drainer.set_exception(ConnectionResetError(f"{self.peer} closed the connection"))
+                drainer.exception()  # seen here; the drain() that awaits it raises it
+        self.drainers.clear()
+
+    def _end(self) -> None:
+        self.ended = True
+        self.buffer.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    async def recv(self) -> Message | None:
+        while not self.pending:
+            if self.error is not None:
+                raise self.error
+            if self.ended:
+                return None
+            await self._wait()
+        return self.pending.popleft()
+
+    async def each(self, handle: Callable[[Message], bool]) -> None:
+        while self.pending:
+            if not handle(self.pending.popleft()):
+                return
+        self.handler = handle
+        try:
+            while not self.ended:
+                await self._wait()
+        finally:
+            self.handler = None
+        if self.error is not None:
+            raise self.error
+
+    # -- writing (the FrameWriter of SocketFrames) -----------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for drainer in self.drainers:
+            if not drainer.done():
+                drainer.set_result(None)
+        self.drainers.clear()
+
+    async def drain(self) -> None:
+        if self.closed.done():
+            raise ConnectionResetError(f"{self.peer} closed the connection")
+        if self.paused:
+            drainer = asyncio.get_running_loop().create_future()
+            self.drainers.append(drainer)
+            await drainer
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)

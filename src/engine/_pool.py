@@ -44,18 +44,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgspec
-
 from ._errors import ConfigError, EngineError
+from ._frames import StreamBroken, take_frames
 from ._serve_chunks import FUNCTION_CACHE_SIZE
 from ._wire import (
-    HEADER,
     Chunk,
     ChunkDone,
     ChunkFailed,
     Hello,
-    decode_message,
-    frame_length,
     frame_parts,
 )
 
@@ -64,10 +60,6 @@ __all__ = ["FUNCTION_CACHE_SIZE", "RemoteTraceback", "WorkerPool"]
 #: Chunks abandoned by their caller are left to finish (rather than the
 #: worker killed and restarted) when expected to take at most this long.
 DRAIN_SECONDS: Final = 0.25
-
-#: Read buffer of a worker's end of its socket: a chunk of items is read
-#: whole before it runs, so reading in big pieces saves wake-ups.
-_READ_LIMIT: Final = 1 << 20
 
 
 class RemoteTraceback(Exception):
@@ -162,18 +154,12 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
         buf += data
-        header = HEADER.size
-        while len(buf) >= header:
-            try:
-                end = header + frame_length(bytes(buf[:header]))
-                if len(buf) < end:
-                    return
-                # Decoded from a view: the frame is not copied out first.
-                message = decode_message(memoryview(buf)[header:end])
-            except (ValueError, msgspec.DecodeError):
-                self._broken()
-                return
-            del buf[:end]
+        try:
+            messages = take_frames(buf, f"worker process {self.pid}")
+        except StreamBroken:
+            self._broken()
+            return
+        for message in messages:
             if isinstance(message, Hello):
                 self.hello = True
                 continue
@@ -550,9 +536,9 @@ def _worker_main(fd: int) -> None:
 
 
 async def _serve_socket(sock: socket.socket) -> None:
-    from ._frames import Frames
+    from ._frames import SocketFrames
     from ._serve import serve
 
-    reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
+    frames = await SocketFrames.connect(sock, "the parallel_map caller")
     # Prints of the mapped function go to the inherited stdout/stderr, as in any process.
-    await serve(Frames(reader, writer, "the parallel_map caller"), capture=False)
+    await serve(frames, capture=False)

@@ -73,6 +73,7 @@ from ._wire import (
     FunctionRef,
     Hello,
     Log,
+    Message,
     NeedBundle,
     Outcome,
     Payload,
@@ -216,41 +217,27 @@ class WorkerLoop:
         self._roots: dict[str, Path] = {}
 
     async def serve(self) -> int:
-        await self.frames.send(
-            Hello(
-                python=platform.python_version(),
-                shoal=VERSION,
-                cpus=usable_cpus(),
-                gpus=detect_gpus(),
-                hostname=socket.gethostname(),
-                pid=os.getpid(),
-                executable=sys.executable,
-            )
-        )
-        flusher = asyncio.create_task(self._flush_loop(), name="shoal-worker-logs") if self.capture else None
+        flusher: asyncio.Task[None] | None = None
         try:
+            await self.frames.send(
+                Hello(
+                    python=platform.python_version(),
+                    shoal=VERSION,
+                    cpus=usable_cpus(),
+                    gpus=detect_gpus(),
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                    executable=sys.executable,
+                )
+            )
+            if self.capture:
+                flusher = asyncio.create_task(self._flush_loop(), name="shoal-worker-logs")
             with _capturing(self) if self.capture else contextlib.nullcontext():
-                while True:
-                    message = await self.frames.recv()
-                    if message is None or isinstance(message, Shutdown):
-                        break
-                    if isinstance(message, Chunk):
-                        # Run here, not as a task: chunks are answered in
-                        # the order they came, one at a time.
-                        reply = self.chunks.run(message)
-                        del message  # the items' bytes, while the reply goes
-                        await self.frames.send(reply)
-                    elif isinstance(message, Start):
-                        self._start(message.id, message.payload)
-                    elif isinstance(message, Cancel):
-                        self.cancel(message.id)
-                    elif isinstance(message, BundleData):
-                        waiter = self.bundles.pop(message.digest, None)
-                        if waiter is not None and not waiter.done():
-                            waiter.set_result(message.data)
+                await self.frames.each(self.handle)
             return len(self.attempts)
         except ConnectionError:
-            # The engine went away while a reply was being sent: nobody is left to tell.
+            # The engine went away (before the hello, or while a reply was
+            # being sent, or it reset the stream): nobody is left to tell.
             return len(self.attempts)
         finally:
             background = list(self._tasks)
@@ -261,6 +248,30 @@ class WorkerLoop:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self.frames.aclose()
+
+    def handle(self, message: Message) -> bool:
+        """Act on one message from the engine; False once it says to stop.
+
+        Synchronous, so that a transport can hand messages over as they
+        arrive (see :class:`~engine._frames.SocketFrames`).
+        """
+        if isinstance(message, Chunk):
+            # Run here, not as a task: chunks are answered in the order they
+            # came, one at a time.  The reply is queued without waiting for
+            # the engine to read it: the pool queues only a few chunks on a
+            # worker, so only a few replies can wait in the buffer.
+            self.frames.post(self.chunks.run(message))
+        elif isinstance(message, Start):
+            self._start(message.id, message.payload)
+        elif isinstance(message, Cancel):
+            self.cancel(message.id)
+        elif isinstance(message, BundleData):
+            waiter = self.bundles.pop(message.digest, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message.data)
+        elif isinstance(message, Shutdown):
+            return False
+        return True
 
     def _start(self, id: int, payload: Payload) -> None:
         attempt = self.attempts[id] = _Attempt(id, payload)

@@ -74,6 +74,9 @@ from ._wire import MAX_FRAME as MAX_FRAME
 from ._wire import PROTOCOL as PROTOCOL
 from ._wire import BundleData as BundleData
 from ._wire import Cancel as Cancel
+from ._wire import Chunk as Chunk
+from ._wire import ChunkDone as ChunkDone
+from ._wire import ChunkFailed as ChunkFailed
 from ._wire import Done as Done
 from ._wire import FunctionRef as FunctionRef
 from ._wire import Hello as Hello
@@ -107,6 +110,9 @@ __all__ = [
     "BundleCache",
     "BundleData",
     "Cancel",
+    "Chunk",
+    "ChunkDone",
+    "ChunkFailed",
     "ClosingStore",
     "Done",
     "ErrorInfo",
