@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from ._errors import OffloadError
-from ._wire import HEADER, decode_message, encode_frame, frame_length
+from ._wire import HEADER, MAX_FRAME, decode_message, encode_frame, frame_length
 
 if TYPE_CHECKING:
     import socket
@@ -180,7 +180,10 @@ def take_frames(buffer: bytearray, peer: str) -> list[Message]:
     end = len(buffer)
     try:
         while end - start >= header:
-            stop = start + header + frame_length(bytes(buffer[start : start + header]))
+            (length,) = HEADER.unpack_from(buffer, start)
+            if length > MAX_FRAME:
+                raise ValueError(f"a frame of {length} bytes is over the limit")
+            stop = start + header + length
             if end < stop:
                 break
             # Decoded from a view: the body is not copied out first.

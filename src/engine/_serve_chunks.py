@@ -10,8 +10,7 @@ not give back with their types.
 A chunk runs in the thread of the worker's event loop, blocking it: the
 worker has nothing else to do meanwhile (the next chunk waits, already
 read, in the stream's buffer), and a thread handoff per chunk would cost
-more than the loop does.  While it runs, the loop is hidden
-(:func:`_outside_the_loop`), so that the function finds no running event
+more than the loop does.  While it runs, the loop is hidden, so that the function finds no running event
 loop, as in a plain process: ``asyncio.run`` inside a mapped function
 works.
 """
@@ -19,7 +18,6 @@ works.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import pickle
 import sys
@@ -31,7 +29,7 @@ from ._entries import describe
 from ._wire import Chunk, ChunkDone, ChunkFailed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 __all__ = ["FUNCTION_CACHE_SIZE", "ChunkRunner", "dumps"]
 
@@ -75,14 +73,19 @@ class ChunkRunner:
         except Exception as exc:
             return _failed("items", exc)
         results: list[Any] = []
+        # Hide the running loop from the function (see the module docstring);
+        # inline rather than a context manager: this runs once per chunk.
+        loop = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(None)
         start = time.perf_counter()
-        with _outside_the_loop():
-            try:
-                # extend() keeps what map() produced before an exception, so
-                # len(results) is the index of the failing item.
-                results.extend(map(fn, items))
-            except Exception as exc:
-                return _failed("call", exc, len(results), time.perf_counter() - start)
+        try:
+            # extend() keeps what map() produced before an exception, so
+            # len(results) is the index of the failing item.
+            results.extend(map(fn, items))
+        except Exception as exc:
+            return _failed("call", exc, len(results), time.perf_counter() - start)
+        finally:
+            asyncio.events._set_running_loop(loop)
         seconds = time.perf_counter() - start
         del items
         try:
@@ -91,17 +94,6 @@ class ChunkRunner:
             index, error = _first_unpicklable(results)
             return _failed("call", error, index, seconds)
         return ChunkDone(payload, seconds)
-
-
-@contextlib.contextmanager
-def _outside_the_loop() -> Iterator[None]:
-    """Hide the running event loop from the code run inside (the loop is blocked meanwhile anyway)."""
-    loop = asyncio.events._get_running_loop()
-    asyncio.events._set_running_loop(None)
-    try:
-        yield
-    finally:
-        asyncio.events._set_running_loop(loop)
 
 
 def dumps(obj: object) -> bytes:
