@@ -205,10 +205,11 @@ class SocketFrames(Frames):
     The worker protocol as :class:`Frames` speaks it, for a worker whose
     transport the engine created (the ``parallel_map`` pool's socket
     pairs).  Each message is decoded and handed on in the very callback
-    where its bytes arrive: a worker answering small chunks one at a time
-    otherwise spends most of each chunk waking the task that waits on a
-    stream (measured on a 2-core machine: ~65 µs of CPU per chunk through
-    a stream reader, ~20 µs this way; the pool's old blocking loop: ~15 µs).
+    where its bytes arrive.  Through a stream reader, every message also
+    wakes the task waiting on the stream, one more turn of the loop (and
+    one more epoll call) each: for a worker answering small chunks one at
+    a time that was most of its CPU per chunk (measured ~65 µs per chunk of
+    ten tiny items, ~30-45 µs this way).
     """
 
     def __init__(self, protocol: _FrameProtocol, peer: str) -> None:
