@@ -86,9 +86,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from pathlib import Path
 
-    from ._frames import Frames
-
-__all__ = ["EXIT_STUCK", "FLUSH_EVERY", "TIMEOUT_GRACE", "BundleCache", "WorkerLoop", "serve"]
+__all__ = ["EXIT_STUCK", "FLUSH_EVERY", "TIMEOUT_GRACE", "BundleCache", "Channel", "WorkerLoop", "serve"]
 
 #: Seconds between two batches of an attempt's output sent back.
 FLUSH_EVERY: Final = 0.1
@@ -102,6 +100,25 @@ EXIT_STUCK: Final = 3
 attempt_var: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
     "shoal.worker_attempt", default=None
 )
+
+
+class Channel(Protocol):
+    """What the serving loop needs of its transport: :class:`~engine._frames.Frames` is one.
+
+    Messages are those of :mod:`engine._wire`; ``post`` may be called from
+    any thread; ``each`` hands over every message from the engine, in
+    order, until the handler returns False or the stream ends.
+    """
+
+    async def send(self, message: Any) -> None: ...
+
+    def post(self, message: Any) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def each(self, handle: Callable[[Message], bool]) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class BundleCache(Protocol):
@@ -120,7 +137,7 @@ class BundleCache(Protocol):
         ...
 
 
-async def serve(frames: Frames, bundles: BundleCache | None = None, *, capture: bool = True) -> int:
+async def serve(frames: Channel, bundles: BundleCache | None = None, *, capture: bool = True) -> int:
     """Serve attempts and chunks over ``frames`` until ``Shutdown`` or the end of the stream.
 
     ``capture``: send what attempts print and log back to the engine (the
@@ -169,7 +186,7 @@ class _Attempt:
 class _Sink:
     """The trace sink of one attempt (see :class:`engine.extend.TraceSink`)."""
 
-    def __init__(self, attempt: _Attempt, frames: Frames) -> None:
+    def __init__(self, attempt: _Attempt, frames: Channel) -> None:
         self.attempt = attempt
         self.frames = frames
         # Calls made so far in this attempt, by inputs: the same keys the engine derives.
@@ -193,7 +210,7 @@ class _Sink:
 class WorkerLoop:
     """The state of one serving worker: the attempts in flight, the bundles being fetched, the map functions."""
 
-    def __init__(self, frames: Frames, bundles: BundleCache | None = None, *, capture: bool = True) -> None:
+    def __init__(self, frames: Channel, bundles: BundleCache | None = None, *, capture: bool = True) -> None:
         self.frames = frames
         self.bundle_cache = bundles
         self.capture = capture

@@ -11,7 +11,7 @@ Users of shoal do not need it.
   any reader/writer pair (:class:`FrameReader`, :class:`FrameWriter`);
 - the worker: :func:`serve`, the one serving loop of every worker process
   (``python -m offload.worker`` runs it over stdin/stdout with a
-  :class:`BundleCache`), :data:`EXIT_STUCK`, :data:`TIMEOUT_GRACE`,
+  :class:`BundleCache`; any :class:`Channel` will do as transport), :data:`EXIT_STUCK`, :data:`TIMEOUT_GRACE`,
   :data:`FLUSH_EVERY`;
 - values and errors across a process boundary: :func:`encode_value`,
   :func:`decode_value`, :func:`describe`, :class:`ErrorInfo`;
@@ -65,6 +65,7 @@ from ._serve import EXIT_STUCK as EXIT_STUCK
 from ._serve import FLUSH_EVERY as FLUSH_EVERY
 from ._serve import TIMEOUT_GRACE as TIMEOUT_GRACE
 from ._serve import BundleCache as BundleCache
+from ._serve import Channel as Channel
 from ._serve import serve as serve
 from ._trace import MISSING as MISSING
 from ._trace import TraceSink as TraceSink
@@ -110,6 +111,7 @@ __all__ = [
     "BundleCache",
     "BundleData",
     "Cancel",
+    "Channel",
     "Chunk",
     "ChunkDone",
     "ChunkFailed",

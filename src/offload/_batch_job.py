@@ -38,6 +38,7 @@ import msgspec
 from engine.extend import Done, Log, NeedBundle, Outcome, Payload, Start, Trace
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from ._s3 import S3BlobStore
@@ -96,8 +97,8 @@ async def read_payload(store: S3BlobStore, pack: str, index: int) -> Payload:
 class JobChannel:
     """The worker loop's transport inside a job: one Start in, one Done out, nothing over a wire.
 
-    It stands in for :class:`engine.extend.Frames` (the same five
-    methods): the worker asks it for a code bundle, which it reads from
+    It stands in for :class:`engine.extend.Frames` (it is an
+    ``engine.extend.Channel``): the worker asks it for a code bundle, which it reads from
     S3; output and traces are kept for the result, output written to
     this process's stdout/stderr as well (the job's CloudWatch stream).
     """
@@ -148,6 +149,10 @@ class JobChannel:
     async def recv(self) -> Any:
         return await self._inbox.get()
 
+    async def each(self, handle: Callable[[Any], bool]) -> None:
+        while (message := await self.recv()) is not None and handle(message):
+            pass
+
     async def aclose(self) -> None:
         for task in list(self._fetches):
             task.cancel()
@@ -171,7 +176,7 @@ async def run_job(storage: str, pack: str, cache: Path) -> int:
         if payload.blob_store:
             os.environ["SHOAL_BLOB_STORE"] = payload.blob_store
         channel = JobChannel(payload, store)
-        await serve(channel, BundleDir(cache))  # type: ignore[arg-type]
+        await serve(channel, BundleDir(cache))
         if channel.outcome is None:
             sys.stderr.write(f"job {job_id}: the attempt ended without an outcome\n")
             return EXIT_FAILED
