@@ -24,9 +24,17 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from engine import OffloadError
-from engine.extend import PROTOCOL, VERSION, Hello, HostLost, SubmitFailed, WorkerLost
+from engine.extend import (
+    PROTOCOL,
+    VERSION,
+    Frames,
+    Hello,
+    HostLost,
+    StreamBroken,
+    SubmitFailed,
+    WorkerLost,
+)
 
-from ._frames import Frames, StreamBroken
 from ._local import SHUTDOWN_GRACE, START_TIMEOUT, TAIL_BYTES, WorkerClient
 
 if TYPE_CHECKING:
