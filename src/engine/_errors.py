@@ -201,3 +201,24 @@ class Reclaimed(InfrastructureError):
 
 class SubmitFailed(InfrastructureError):
     """The backend could not start the attempt (no worker could start, submission refused)."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process, as text.
+
+    Attached as the ``__cause__`` of that exception when it is raised again
+    here (a ``parallel_map`` worker's, an offloaded attempt's), so that a
+    traceback shows where over there it happened.  Not exported: it is
+    only ever a cause.
+    """
+
+    def __init__(self, tb: str, *, where: str = "") -> None:
+        super().__init__(tb)
+        self.tb = tb
+        #: The host and pid it was raised in, when known.
+        self.where = where
+
+    def __str__(self) -> str:
+        if self.where:
+            return f"raised on {self.where}:\n\n{self.tb.rstrip()}"
+        return f'\n"""\n{self.tb}"""'

@@ -36,6 +36,7 @@ from ._errors import (
     InputError,
     OffloadError,
     RemoteError,
+    RemoteTraceback,
     ResourceError,
 )
 from ._options import Backoff
@@ -51,30 +52,13 @@ if TYPE_CHECKING:
     from ._task import Task
     from ._wire import FunctionRef, Outcome
 
-__all__ = ["CANCEL_GRACE", "Remote", "RemoteTraceback", "rebuild_error"]
+__all__ = ["CANCEL_GRACE", "Remote", "rebuild_error"]
 
 #: Seconds a cancelled attempt waits for its backend to confirm the cancel.
 CANCEL_GRACE = 10.0
 #: Backoff between infrastructure retries: 0.2 s, 0.4 s, ... up to 30 s.
 INFRA_BACKOFF = 0.2
 INFRA_MAX_DELAY = 30.0
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, chained as its ``__cause__``.
-
-    An offloaded task's exception is raised here as its own type when it
-    can be rebuilt; this cause carries where and how it was raised there,
-    so that tracebacks (and the journal) show the remote frames.
-    """
-
-    def __init__(self, where: str, text: str) -> None:
-        super().__init__(where, text)
-        self.where = where
-        self.text = text
-
-    def __str__(self) -> str:
-        return f"raised on {self.where}:\n\n{self.text.rstrip()}"
 
 
 class Remote:
@@ -250,7 +234,7 @@ def rebuild_error(task: Task[Any, Any], outcome: Outcome) -> BaseException:
         except Exception:
             exc = None
         if isinstance(exc, BaseException):
-            exc.__cause__ = RemoteTraceback(where, info.traceback)
+            exc.__cause__ = RemoteTraceback(info.traceback, where=where)
             return exc
     return RemoteError(
         f"task {task.name!r} raised {info.type}: {info.message} (on {where})",

@@ -44,7 +44,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ._errors import ConfigError, EngineError
+from ._errors import ConfigError, EngineError, RemoteTraceback
 from ._frames import StreamBroken, take_frames
 from ._serve_chunks import FUNCTION_CACHE_SIZE
 from ._wire import (
@@ -60,21 +60,6 @@ __all__ = ["FUNCTION_CACHE_SIZE", "RemoteTraceback", "WorkerPool"]
 #: Chunks abandoned by their caller are left to finish (rather than the
 #: worker killed and restarted) when expected to take at most this long.
 DRAIN_SECONDS: Final = 0.25
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process, as text.
-
-    Attached as ``__cause__`` of the exception re-raised in the caller, so
-    the report shows where in the worker it happened.
-    """
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
 
 
 @dataclass(frozen=True, slots=True)
