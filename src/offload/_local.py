@@ -41,7 +41,7 @@ from engine.extend import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
     from types import TracebackType
 
     from engine.extend import AttemptHooks
@@ -212,22 +212,7 @@ class Local:
         return handle
 
     async def wait(self, handle: Handle) -> Outcome:
-        attempt = self._attempts.get(handle.id)
-        if attempt is None:
-            raise OffloadError(
-                f"offload.Local has no attempt {handle.id} (it finished, was cancelled, or ran "
-                f"under another backend object): submit it again"
-            )
-        try:
-            # Shielded: a wait cancelled by the engine's timeout leaves the
-            # outcome for cancel() to deal with.
-            outcome = await asyncio.shield(attempt.future)
-        finally:
-            if attempt.future.done():
-                self._attempts.pop(handle.id, None)
-        if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
-            # Timed out on the worker: the decision of the class docstring holds.
-            await self._discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
+        _, outcome = await outcome_of(self._attempts, handle, "offload.Local", self._discard)
         return outcome
 
     async def cancel(self, handle: Handle) -> None:
@@ -384,6 +369,34 @@ class Local:
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
         self._wake(everyone=True)
+
+
+async def outcome_of(
+    attempts: dict[str, _Attempt],
+    handle: Handle,
+    backend: str,
+    discard: Callable[[Any, str], Awaitable[None]],
+) -> tuple[_Attempt, Outcome]:
+    """Wait for a submitted attempt's outcome (``wait`` of the worker backends).
+
+    Shielded: a wait cancelled by the engine's timeout leaves the outcome
+    for ``cancel()`` to deal with.  An attempt the worker itself timed out
+    takes its worker with it, as a cancel would (``discard``).
+    """
+    attempt = attempts.get(handle.id)
+    if attempt is None:
+        raise OffloadError(
+            f"{backend} has no attempt {handle.id} (it finished, was cancelled, or ran "
+            f"under another backend object): submit it again"
+        )
+    try:
+        outcome = await asyncio.shield(attempt.future)
+    finally:
+        if attempt.future.done():
+            attempts.pop(handle.id, None)
+    if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
+        await discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
+    return attempt, outcome
 
 
 class _Attempt:

@@ -45,7 +45,7 @@ from engine import ConfigError, OffloadError
 from engine.extend import BackendContext, Backoff, Handle, HostLost, Start
 
 from ._errors import AuthenticationFailed, HostKeyError
-from ._local import SHUTDOWN_GRACE, _Attempt
+from ._local import SHUTDOWN_GRACE, _Attempt, outcome_of
 from ._ssh_remote import Facts, ensure_bundle, probe, shell_prefix
 
 if TYPE_CHECKING:
@@ -531,22 +531,7 @@ class SSH:
         return handle
 
     async def wait(self, handle: Handle) -> Outcome:
-        attempt = self._attempts.get(handle.id)
-        if attempt is None:
-            raise OffloadError(
-                f"offload.SSH has no attempt {handle.id} (it finished, was cancelled, or ran "
-                f"under another backend object): submit it again"
-            )
-        try:
-            # Shielded: a wait cancelled by the engine's timeout leaves the
-            # outcome for cancel() to deal with.
-            outcome = await asyncio.shield(attempt.future)
-        finally:
-            if attempt.future.done():
-                self._attempts.pop(handle.id, None)
-        if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
-            # Timed out on the worker: like a cancel, the worker goes with it.
-            await self._discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
+        attempt, outcome = await outcome_of(self._attempts, handle, "offload.SSH", self._discard)
         if outcome.ok:
             self._refuse_local_blobs(attempt.payload, outcome.value, "its result references")
         return outcome
