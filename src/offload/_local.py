@@ -216,11 +216,7 @@ class Local:
         return outcome
 
     async def cancel(self, handle: Handle) -> None:
-        attempt = self._attempts.pop(handle.id, None)
-        if attempt is None:
-            return
-        attempt.future.cancel()
-        await self._discard(attempt.worker, f"attempt {handle.id} was cancelled")
+        await cancel_attempt(self._attempts, handle, self._discard)
 
     async def reattach(self, handle: Handle) -> Handle | None:
         # Workers die with the engine that started them: nothing to find again.
@@ -397,6 +393,17 @@ async def outcome_of(
     if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
         await discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
     return attempt, outcome
+
+
+async def cancel_attempt(
+    attempts: dict[str, _Attempt], handle: Handle, discard: Callable[[Any, str], Awaitable[None]]
+) -> None:
+    """Cancel a submitted attempt: its worker, and the worker's process group, go with it."""
+    attempt = attempts.pop(handle.id, None)
+    if attempt is None:
+        return
+    attempt.future.cancel()
+    await discard(attempt.worker, f"attempt {handle.id} was cancelled")
 
 
 class _Attempt:

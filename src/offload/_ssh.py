@@ -45,7 +45,7 @@ from engine import ConfigError, OffloadError
 from engine.extend import BackendContext, Backoff, Handle, HostLost, Start
 
 from ._errors import AuthenticationFailed, HostKeyError
-from ._local import SHUTDOWN_GRACE, _Attempt, outcome_of
+from ._local import SHUTDOWN_GRACE, _Attempt, cancel_attempt, outcome_of
 from ._ssh_remote import Facts, ensure_bundle, probe, shell_prefix
 
 if TYPE_CHECKING:
@@ -538,11 +538,7 @@ class SSH:
 
     async def cancel(self, handle: Handle) -> None:
         """Kill the worker running the attempt, and its process group (a fresh worker replaces it)."""
-        attempt = self._attempts.pop(handle.id, None)
-        if attempt is None:
-            return
-        attempt.future.cancel()
-        await self._discard(attempt.worker, f"attempt {handle.id} was cancelled")
+        await cancel_attempt(self._attempts, handle, self._discard)
 
     async def reattach(self, handle: Handle) -> Handle | None:
         # Workers die with the connection that started them: nothing to find again.
