@@ -343,18 +343,10 @@ class Local:
                 f"the local worker {proc.pid} ({self.python} -m offload.worker) exited with "
                 f"{status} before it said hello{tail or '; it wrote nothing to stderr'}"
             )
-        if not isinstance(message, Hello):
-            raise SubmitFailed(
-                f"the local worker {proc.pid} ({self.python}) began with a {type(message).__name__} "
-                f"message instead of its hello: it is not a shoal worker"
-            )
-        if message.shoal != VERSION or message.protocol != PROTOCOL:
-            raise OffloadError(
-                f"the worker on {message.hostname} ({message.executable or self.python}) runs shoal "
-                f"{message.shoal} (protocol {message.protocol}) and this engine runs shoal {VERSION} "
-                f"(protocol {PROTOCOL}); install shoal=={VERSION} into that interpreter"
-            )
-        return message
+        return check_hello(
+            message, f"the local worker {proc.pid} ({self.python})", message_host(message),
+            self.python, "into that interpreter",
+        )
 
     async def _discard(self, worker: WorkerClient, why: str) -> None:
         """Kill a worker and its process group, failing what else it ran; replaced lazily."""
@@ -404,6 +396,26 @@ async def cancel_attempt(
         return
     attempt.future.cancel()
     await discard(attempt.worker, f"attempt {handle.id} was cancelled")
+
+
+def message_host(message: Any) -> str:
+    return message.hostname if isinstance(message, Hello) else "?"
+
+
+def check_hello(message: Any, peer: str, host: str, python: str, where: str) -> Hello:
+    """A worker's first message, if it is a hello from this very shoal (else a clear error)."""
+    if not isinstance(message, Hello):
+        raise SubmitFailed(
+            f"{peer} began with a {type(message).__name__} message instead of its hello: it "
+            f"is not a shoal worker"
+        )
+    if message.shoal != VERSION or message.protocol != PROTOCOL:
+        raise OffloadError(
+            f"the worker on {host} ({message.executable or python}) runs shoal {message.shoal} "
+            f"(protocol {message.protocol}) and this engine runs shoal {VERSION} (protocol "
+            f"{PROTOCOL}); install shoal=={VERSION} {where}"
+        )
+    return message
 
 
 class _Attempt:

@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from engine import OffloadError
 from engine.extend import (
-    PROTOCOL,
-    VERSION,
     Frames,
     Hello,
     HostLost,
@@ -35,7 +33,7 @@ from engine.extend import (
     WorkerLost,
 )
 
-from ._local import SHUTDOWN_GRACE, START_TIMEOUT, TAIL_BYTES, WorkerClient
+from ._local import SHUTDOWN_GRACE, START_TIMEOUT, TAIL_BYTES, WorkerClient, check_hello
 
 if TYPE_CHECKING:
     import asyncssh
@@ -211,20 +209,10 @@ async def start_worker(backend: SSH, link: _Link, extra_env: dict[str, Any]) -> 
             raise SubmitFailed(
                 f"{peer} exited before it said hello: {tail or 'it wrote nothing to stderr'}"
             )
-        if not isinstance(message, Hello):
-            raise SubmitFailed(
-                f"{peer} began with a {type(message).__name__} message instead of its hello: it "
-                f"is not a shoal worker"
-            )
-        if message.shoal != VERSION or message.protocol != PROTOCOL:
-            raise OffloadError(
-                f"the worker on host {link.host} ({message.executable or backend.python}) runs shoal "
-                f"{message.shoal} (protocol {message.protocol}) and this engine runs shoal {VERSION} "
-                f"(protocol {PROTOCOL}); install shoal=={VERSION} there"
-            )
+        hello = check_hello(message, peer, f"host {link.host}", backend.python, "there")
     except BaseException:
         await give_up()
         raise
-    worker = RemoteWorker(backend, link, process, pid, frames, message)
+    worker = RemoteWorker(backend, link, process, pid, frames, hello)
     worker.reader = asyncio.get_running_loop().create_task(worker.read(), name=f"shoal-ssh-worker-{link.host}-{pid}")
     return worker
