@@ -31,7 +31,7 @@ from engine.extend import VERSION
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ._ssh import _Link
+    from ._ssh_link import _Link
 
 __all__ = ["Facts", "ensure_bundle", "probe", "shell_prefix"]
 

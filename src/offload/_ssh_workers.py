@@ -1,7 +1,7 @@
 """The warm workers of ``offload.SSH``: ``python -m offload.worker`` over an SSH channel.
 
 Each worker is a long-lived process on a host, started by
-:meth:`~offload._ssh._Link.spawn` (its own process group, marked with the
+:meth:`~offload._ssh_link._Link.spawn` (its own process group, marked with the
 target's token), speaking the worker protocol over the channel's stdin and
 stdout as byte streams; the engine's side of it is the same
 :class:`~offload._local.WorkerClient` that ``offload.Local`` uses over
@@ -38,7 +38,8 @@ from ._local import SHUTDOWN_GRACE, START_TIMEOUT, TAIL_BYTES, WorkerClient, che
 if TYPE_CHECKING:
     import asyncssh
 
-    from ._ssh import SSH, _Link
+    from ._ssh import SSH
+    from ._ssh_link import _Link
 
 __all__ = ["RemoteWorker", "start_worker"]
 
