@@ -767,7 +767,6 @@ def test_version_and_shell_completion() -> None:
 
 
 def test_the_wheel_carries_license_metadata_and_the_command(tmp_path: Path) -> None:
-    import importlib.util
     import zipfile
 
     if importlib.util.find_spec("hatchling") is None:
@@ -888,14 +887,6 @@ def test_offload_local_runs_a_task_in_this_process_whatever_its_code_says() -> N
     assert [(a["target"], a["backend"]) for a in boxed["attempts"]] == [("local", "in-process")]
 
 
-#: offload.Local, the backend of ``backend = "local"`` tables, is a part of shoal of its own.
-needs_local_backend = pytest.mark.skipif(
-    importlib.util.find_spec("offload._local") is None and os.environ.get("CI") != "true",
-    reason="offload.Local is not in this tree",
-)
-
-
-@needs_local_backend
 def test_offload_sends_a_task_to_a_configured_target() -> None:
     _box_target()
     result = shoal_process("run", PLACED, "--n", "3", "--offload", "where=box", "--json")
@@ -912,7 +903,6 @@ def test_offload_sends_a_task_to_a_configured_target() -> None:
     assert f"box {placed[0]['where']}" in listed
 
 
-@needs_local_backend
 def test_resume_offload_places_the_actions_that_run_again() -> None:
     _box_target()
     failed = shoal_process("run", f"{PLACED}:away")

@@ -8,7 +8,6 @@ opens the same pages in a real Chromium.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -361,10 +360,6 @@ async def test_report_of_a_live_run_shows_its_running_actions(tmp_path: Path) ->
     assert page.task_row("held")["Actions"] == "4"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("offload._local") is None and os.environ.get("CI") != "true",
-    reason="offload.Local is not in this tree",
-)
 async def test_report_of_a_run_with_offloaded_actions_says_where_they_ran(tmp_path: Path) -> None:
     import offload
     from _offload_kit import worker_env

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 import _ssh_tasks as t
+import _sshd
 import engine
 import offload
 from engine import ConfigError
@@ -531,7 +532,7 @@ def plain_python() -> Path:
     plain = Path("/usr/bin/python3")
     found = subprocess.run([str(plain), "-c", "import engine"], capture_output=True, check=False) if plain.exists() else None
     if found is None or found.returncode == 0:
-        pytest.skip(f"{plain} is missing or has shoal installed: no interpreter without shoal here")
+        _sshd.missing(f"{plain} is missing or has shoal installed: no interpreter without shoal here")
     return plain
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import heapq
@@ -438,7 +439,7 @@ class WorkerOwner(Protocol):
     def _forget(self, worker: Any) -> None: ...
 
 
-class WorkerClient:
+class WorkerClient(abc.ABC):
     """The engine's side of one worker connection, whatever carries it (pipes, an SSH channel).
 
     It reads the worker's frames (Done, Log, Trace, NeedBundle) until the
@@ -472,13 +473,13 @@ class WorkerClient:
 
     # -- what the transport gives ------------------------------------------------
 
+    @abc.abstractmethod
     async def terminate(self) -> None:
         """SIGKILL the worker's process group."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def exited(self, within: float | None) -> str | None:
         """Wait up to ``within`` seconds for the process to end; how it ended, or None if it still runs."""
-        raise NotImplementedError
 
     def stderr_tail(self) -> str:
         """The end of the worker's stderr, to quote in an error ('' when it wrote nothing)."""
