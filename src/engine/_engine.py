@@ -7,7 +7,6 @@ import contextvars
 import functools
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -16,11 +15,12 @@ from ._errors import ConfigError, EngineError, InputError, ResourceError
 from ._events import EVENT_KINDS, ActionEvent, EventStream
 from ._limits import Slots
 from ._run import Run, new_run_id
+from ._targets import check_offload, check_targets, resolve_target
 from ._task import Task
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
     from concurrent.futures import ThreadPoolExecutor
     from datetime import datetime
 
@@ -124,8 +124,8 @@ class Engine:
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
-        self.targets = _check_targets(targets)
-        self.offload = _check_offload(offload)
+        self.targets = check_targets(targets)
+        self.offload = check_offload(offload)
         from ._overrides import check_overrides
 
         # Options by task name for every call in this engine's runs (``shoal
@@ -654,41 +654,8 @@ class Engine:
         return Remote(self, task, name, backend, ref, root)
 
     def _target(self, target: Any, task: Task[Any, Any]) -> tuple[str, Any]:
-        """(name, backend) of a target given by name or as an object."""
-        from ._backend import Backend
-
-        if not isinstance(target, str):
-            if not isinstance(target, Backend):
-                raise ConfigError(
-                    f"task {task.name!r}: offload= takes a target name or a backend object "
-                    f"(offload.Local(), offload.SSH(...), offload.Batch(...)), got {target!r}"
-                )
-            for name, known in self.targets.items():
-                if known is target:
-                    return name, target
-            # Unnamed: called after its class ("offload.Local"); the name "local"
-            # means this process.
-            package = type(target).__module__.partition(".")[0]
-            return f"{package}.{type(target).__qualname__}", target
-        found = self.targets.get(target)
-        if found is not None:
-            return target, found
-        built = self._built.get(target)
-        if built is not None:
-            return target, built
-        table = self.config.offload.get(target)
-        if table is None:
-            known_names = sorted({*self.targets, *self.config.offload})
-            raise ConfigError(
-                f"task {task.name!r} is sent to offload target {target!r}, which is not defined; "
-                f"known targets: {', '.join(known_names) or 'none'} (define it with "
-                f"Engine(targets={{{target!r}: ...}}) or a [tool.shoal.offload.{target}] table, "
-                f"or use 'local' to run the task in this process)"
-            )
-        from ._registry import build_target
-
-        built = self._built[target] = build_target(target, table, self.config)
-        return target, built
+        """(name, backend) of a target given by name or as an object (see ``_targets``)."""
+        return resolve_target(target, task, self.targets, self._built, self.config)
 
     async def target_slots(self, name: str, backend: Any) -> Slots:
         """The slots of an offload target (its capacity), opening its backend on first use."""
@@ -767,42 +734,6 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"<engine.Engine store={self.store!r} max_concurrency={self.max_concurrency}>"
-
-
-def _check_targets(targets: Mapping[str, Any] | None) -> dict[str, Any]:
-    from ._backend import Backend
-
-    if targets is None:
-        return {}
-    if not isinstance(targets, Mapping):
-        raise ConfigError(f"Engine targets= maps target names to backend objects, got {targets!r}")
-    for name, backend in targets.items():
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"Engine targets=: a target name is a non-empty string, got {name!r}")
-        if name == "local":
-            raise ConfigError(
-                "Engine targets=: no target may be named 'local', which means 'run in this "
-                "process'; name it otherwise (the backend offload.Local keeps its own name)"
-            )
-        if not isinstance(backend, Backend):
-            raise ConfigError(
-                f"Engine targets={{{name!r}: ...}} takes a backend object (offload.Local(), "
-                f"offload.SSH(...), offload.Batch(...)), got {backend!r}"
-            )
-    return dict(targets)
-
-
-def _check_offload(offload: Mapping[str, Any] | None) -> dict[str, Any]:
-    if offload is None:
-        return {}
-    if not isinstance(offload, Mapping):
-        raise ConfigError(f"Engine offload= maps task names to targets, got {offload!r}")
-    for task, target in offload.items():
-        if not isinstance(task, str) or not task:
-            raise ConfigError(f"Engine offload=: a key is a task name, got {task!r}")
-        if isinstance(target, str) and not target:
-            raise ConfigError(f"Engine offload={{{task!r}: ''}}: give a target name, or 'local'")
-    return dict(offload)
 
 
 def _check_root(task: Any, where: str) -> None:
