@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import random
 import re
@@ -64,6 +63,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from engine import ConfigError, OffloadError
 from engine.extend import HostLost, Outcome, Reclaimed, SubmitFailed
 
+from ._batch_jobs import Submit, Watch, definition, job_name, requirements_of
 from ._errors_map import (
     error_code,
     is_aws_error,
@@ -100,9 +100,6 @@ POLL_FAILURES: Final = 5
 CAPACITY: Final = 100_000
 #: CloudWatch Logs group of AWS Batch jobs.
 LOG_GROUP: Final = "/aws/batch/job"
-#: Memory (MiB) of a job whose task names none.
-DEFAULT_MEMORY_MIB: Final = 2048
-MiB: Final = 1 << 20
 #: A spot reclaim, as AWS Batch words it: "Host EC2 (instance i-...) terminated."
 RECLAIM = re.compile(r"^Host EC2\b.*\bterminated", re.IGNORECASE)
 TERMINAL: Final = frozenset({"SUCCEEDED", "FAILED"})
@@ -201,13 +198,13 @@ class Batch:
         self._definitions: dict[tuple[int, int, int], asyncio.Future[str]] = {}
         # Invariant: each key's list holds the submits gathered for one
         # flush that has not started; the flush task pops it.
-        self._gathering: dict[tuple[Any, ...], list[_Submit]] = {}
+        self._gathering: dict[tuple[Any, ...], list[Submit]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         # Invariant: every job id submitted by this backend and not yet seen
         # ended is in _live (aclose terminates them); _watched holds the
         # waiters of the ones someone waits for.
         self._live: set[str] = set()
-        self._watched: dict[str, _Watch] = {}
+        self._watched: dict[str, Watch] = {}
         self._hooks: dict[str, AttemptHooks] = {}
         self._tasks: dict[str, str] = {}
         # Summaries of array parents seen by the last round: (succeeded, failed).
@@ -331,7 +328,7 @@ class Batch:
             payload.bundle,
             tuple(sorted(payload.env.items())),
         )
-        submit = _Submit(payload, hooks, asyncio.get_running_loop().create_future())
+        submit = Submit(payload, hooks, asyncio.get_running_loop().create_future())
         waiting = self._gathering.get(key)
         if waiting is None:
             waiting = self._gathering[key] = []
@@ -445,7 +442,7 @@ class Batch:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _submit_all(self, submits: list[_Submit]) -> None:
+    async def _submit_all(self, submits: list[Submit]) -> None:
         first = submits[0].payload
         if first.bundle is not None:
             await self._upload_bundle(first.bundle)
@@ -454,7 +451,7 @@ class Batch:
         chunks = [submits[i : i + size] for i in range(0, len(submits), size)]
         await asyncio.gather(*(self._submit_chunk(chunk, definition) for chunk in chunks))
 
-    async def _submit_chunk(self, chunk: list[_Submit], definition: str) -> None:
+    async def _submit_chunk(self, chunk: list[Submit], definition: str) -> None:
         from ._batch_job import pack_payloads
 
         assert self._store is not None
@@ -471,7 +468,7 @@ class Batch:
                 submit.future.set_exception(error)
             return
         request: dict[str, Any] = {
-            "jobName": _job_name(first.task),
+            "jobName": job_name(first.task),
             "jobQueue": self.job_queue,
             "jobDefinition": definition,
             "containerOverrides": self._overrides(first, pack),
@@ -510,7 +507,7 @@ class Batch:
         if env:
             overrides["environment"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
         if self.job_definition is not None:
-            overrides["resourceRequirements"] = _requirements(payload)
+            overrides["resourceRequirements"] = requirements_of(payload)
         return overrides
 
     async def _upload_bundle(self, digest: str) -> None:
@@ -533,7 +530,7 @@ class Batch:
     async def _definition_for(self, payload: Payload) -> str:
         if self.job_definition is not None:
             return self.job_definition
-        requirements = _requirements(payload)
+        requirements = requirements_of(payload)
         key = tuple(int(float(r["value"])) for r in requirements)
         while len(key) < 3:
             key = (*key, 0)
@@ -551,8 +548,7 @@ class Batch:
         return await asyncio.shield(found)
 
     async def _find_or_register(self, requirements: list[dict[str, str]]) -> str:
-        spec = repr((self.image, requirements, self.python, self.job_role_arn, sorted(self.env.items())))
-        name = "shoal-" + hashlib.sha256(spec.encode()).hexdigest()[:20]
+        name, properties = definition(self.image, requirements, self.python, self.job_role_arn, self.env)
         existing = await self._call(
             f"look up job definition {name}",
             lambda: self._batch.describe_job_definitions(jobDefinitionName=name, status="ACTIVE"),
@@ -561,15 +557,6 @@ class Batch:
         if defs:
             latest = max(defs, key=lambda d: d.get("revision", 0))
             return str(latest["jobDefinitionArn"])
-        properties: dict[str, Any] = {
-            "image": self.image,
-            "command": [self.python, "-m", "offload.worker", "--batch"],
-            "resourceRequirements": requirements,
-        }
-        if self.job_role_arn:
-            properties["jobRoleArn"] = self.job_role_arn
-        if self.env:
-            properties["environment"] = [{"name": k, "value": v} for k, v in sorted(self.env.items())]
         registered = await self._call(
             f"register job definition {name} (image {self.image!r})",
             lambda: self._batch.register_job_definition(
@@ -580,10 +567,10 @@ class Batch:
 
     # -- polling ----------------------------------------------------------------
 
-    def _watch(self, job_id: str) -> _Watch:
+    def _watch(self, job_id: str) -> Watch:
         watch = self._watched.get(job_id)
         if watch is None:
-            watch = self._watched[job_id] = _Watch(job_id, asyncio.get_running_loop().create_future())
+            watch = self._watched[job_id] = Watch(job_id, asyncio.get_running_loop().create_future())
             ended = self._ended.pop(job_id, None)
             if ended is not None:
                 self._settle(job_id, ended)
@@ -823,38 +810,3 @@ class Batch:
             )
 
         await asyncio.gather(*(terminate(j) for j in targets))
-
-
-class _Submit:
-    __slots__ = ("cancelled", "future", "hooks", "payload")
-
-    def __init__(self, payload: Payload, hooks: AttemptHooks, future: asyncio.Future[Handle]) -> None:
-        self.payload = payload
-        self.hooks = hooks
-        self.future = future
-        #: The submitting action was cancelled while this waited to go out.
-        self.cancelled = False
-
-
-class _Watch:
-    __slots__ = ("future", "job_id")
-
-    def __init__(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
-        self.job_id = job_id
-        self.future = future
-
-
-def _requirements(payload: Payload) -> list[dict[str, str]]:
-    """``resourceRequirements`` for a payload's ``Resources`` (vCPUs, memory in MiB, GPUs)."""
-    vcpus = max(1, math.ceil(payload.cpu)) if payload.cpu else 1
-    memory = math.ceil(payload.memory / MiB) if payload.memory else DEFAULT_MEMORY_MIB
-    found = [{"type": "VCPU", "value": str(vcpus)}, {"type": "MEMORY", "value": str(max(memory, 4))}]
-    if payload.gpu:
-        found.append({"type": "GPU", "value": str(payload.gpu)})
-    return found
-
-
-def _job_name(task: str) -> str:
-    """A job name AWS accepts (letters, digits, - and _, at most 128) that says which task."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", task).strip("-") or "task"
-    return f"shoal-{name}"[:128]
