@@ -50,6 +50,31 @@ T = TypeVar("T")
 PAGE = 1000
 
 
+class _Pages:
+    """Which page to read next, when paging through ``limit`` records from ``offset`` (None: all)."""
+
+    __slots__ = ("done", "limit", "offset", "size", "taken")
+
+    def __init__(self, limit: int | None, offset: int) -> None:
+        self.limit = limit
+        self.offset = offset
+        self.taken = 0
+        self.size = 0
+        self.done = False
+
+    def next(self) -> tuple[int, int] | None:
+        """(size, offset) of the next page, or None when there is no more to read."""
+        if self.done or (self.limit is not None and self.taken >= self.limit):
+            return None
+        self.size = PAGE if self.limit is None else min(PAGE, self.limit - self.taken)
+        return self.size, self.offset + self.taken
+
+    def took(self, n: int) -> None:
+        """The page read gave ``n`` records (fewer than asked: the last one)."""
+        self.taken += n
+        self.done = n < self.size
+
+
 def when(ts: float | None) -> datetime | None:
     """A journal timestamp as an aware UTC datetime (the client's one type for times)."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
@@ -222,17 +247,12 @@ class RecordedRun(msgspec.Struct, Generic[R], frozen=True, dict=True):
         event loop use :meth:`aactions`.
         """
         _no_loop("actions", "aactions")
-        taken = 0
-        while limit is None or taken < limit:
-            size = PAGE if limit is None else min(PAGE, limit - taken)
-            page = _blocking(
-                self._page(task=task, state=state, group=group, key=key, limit=size, offset=offset + taken),
-                "actions", "aactions",
-            )
+        pages = _Pages(limit, offset)
+        while (span := pages.next()) is not None:
+            reading = self._page(task=task, state=state, group=group, key=key, limit=span[0], offset=span[1])
+            page = _blocking(reading, "actions", "aactions")
             yield from page
-            taken += len(page)
-            if len(page) < size:
-                return
+            pages.took(len(page))
 
     async def aactions(
         self,
@@ -245,15 +265,12 @@ class RecordedRun(msgspec.Struct, Generic[R], frozen=True, dict=True):
         key: str | None = None,
     ) -> AsyncIterator[RecordedAction]:
         """Like :meth:`actions`, inside a running event loop (``async for``)."""
-        taken = 0
-        while limit is None or taken < limit:
-            size = PAGE if limit is None else min(PAGE, limit - taken)
-            page = await self._page(task=task, state=state, group=group, key=key, limit=size, offset=offset + taken)
+        pages = _Pages(limit, offset)
+        while (span := pages.next()) is not None:
+            page = await self._page(task=task, state=state, group=group, key=key, limit=span[0], offset=span[1])
             for rec in page:
                 yield rec
-            taken += len(page)
-            if len(page) < size:
-                return
+            pages.took(len(page))
 
     async def _page(
         self, *, task: str | None, state: str | None, group: str | None, key: str | None, limit: int, offset: int
