@@ -51,10 +51,15 @@ class Hooks:
 
     def __init__(self) -> None:
         self.logs: list[tuple[str, str]] = []
+        #: Output of a gang's ranks: (rank, stream, text).
+        self.rank_logs: list[tuple[int, str, str]] = []
         self.traces: list[tuple[str, str, str, bytes]] = []
 
-    def log(self, stream: str, text: str) -> None:
-        self.logs.append((stream, text))
+    def log(self, stream: str, text: str, rank: int | None = None) -> None:
+        if rank is None:
+            self.logs.append((stream, text))
+        else:
+            self.rank_logs.append((rank, stream, text))
 
     def trace(self, key: str, name: str, kind: str, data: bytes) -> None:
         self.traces.append((key, name, kind, data))

@@ -183,7 +183,7 @@ async def test_what_the_job_prints_is_captured_under_the_action(eng: engine.Engi
     run = await eng.run(tasks.chatty, 5)
     assert run.result == 5
     journal = await eng.journal()
-    lines = [(stream, text) for _, _, stream, text in await journal.logs(run.id)]
+    lines = [(stream, text) for _, _, stream, text, _ in await journal.logs(run.id)]
     assert ("stdout", "hello 5 from a job") in lines
     assert ("stderr", "warning 5 on stderr") in lines
 

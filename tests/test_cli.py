@@ -310,7 +310,7 @@ async def _captured_run(eng: engine.Engine, task: Any, *args: Any) -> tuple[Run,
     return run, capture
 
 
-async def _chatty_captured() -> tuple[Run, list[tuple[str, float, str, str]], dict[str, str]]:
+async def _chatty_captured() -> tuple[Run, list[tuple[str, float, str, str, int | None]], dict[str, str]]:
     module = engine._loader.load_file(FLOWS)
     before = sys.stdout, sys.stderr
     async with engine.Engine() as eng:
@@ -324,7 +324,7 @@ async def _chatty_captured() -> tuple[Run, list[tuple[str, float, str, str]], di
 
 def test_capture_saves_prints_and_logs_per_action(capsys: pytest.CaptureFixture[str]) -> None:
     run, rows, keys = asyncio.run(_chatty_captured())
-    texts = [(action, stream, text) for action, _at, stream, text in rows]
+    texts = [(action, stream, text) for action, _at, stream, text, _rank in rows]
     speak_lines = [t for a, s, t in texts if s == "stdout" and t.startswith("speaking")]
     assert speak_lines == ["speaking 0 ...and more", "speaking 1 ...and more"]
     assert (keys["chatty"], "stdout", "root done") in texts
@@ -372,8 +372,8 @@ async def test_capture_is_shared_by_concurrent_runs_and_removed_by_the_last() ->
         assert not any(isinstance(h, logging.Handler) and h.__class__.__name__ == "CaptureHandler"
                        for h in logging.getLogger().handlers)
         journal = await eng.journal()
-        logs_a = [t for _a, _at, _s, t in await journal.logs(run_a.id)]
-        logs_b = [t for _a, _at, _s, t in await journal.logs(run_b.id)]
+        logs_a = [t for _a, _at, _s, t, _r in await journal.logs(run_a.id)]
+        logs_b = [t for _a, _at, _s, t, _r in await journal.logs(run_b.id)]
     assert logs_a == ["alpha 0", "alpha 1", "alpha 2"]
     assert logs_b == ["beta 0", "beta 1", "beta 2"]
 
@@ -667,7 +667,7 @@ async def test_capture_survives_a_closed_stdout(monkeypatch: pytest.MonkeyPatch)
         with contextlib.suppress(BrokenPipeError):
             closed.close()
     assert run.status == "succeeded", run.error
-    assert [text for _a, _at, _s, text in rows] == [f"loud {i}" for i in range(30)]
+    assert [text for _a, _at, _s, text, _r in rows] == [f"loud {i}" for i in range(30)]
 
 
 def test_failed_run_with_json_prints_a_document() -> None:

@@ -25,6 +25,8 @@ from ._api import report as report
 from ._api import resume as resume
 from ._api import run as run
 from ._api import runs as runs
+from ._cluster import Cluster as Cluster
+from ._cluster import cluster as cluster
 from ._config import Config as Config
 from ._context import current_action as current_action
 from ._context import current_run as current_run
@@ -79,6 +81,7 @@ __all__ = [
     "BlobNotFound",
     "BlobReader",
     "BlobStore",
+    "Cluster",
     "Config",
     "ConfigError",
     "DataFrame",
@@ -121,6 +124,7 @@ __all__ = [
     "WorkerCrashed",
     "aresume",
     "arun",
+    "cluster",
     "current_action",
     "current_run",
     "get_run",

@@ -14,6 +14,18 @@ raises an :class:`~engine.OffloadError` subclass for an infrastructure
 failure (a lost worker or host, a spot reclaim), which the engine retries
 within the target's own ``retries`` budget without using up the task's.
 
+A task declared with ``nodes=N`` (a *gang*, see :mod:`engine._cluster`)
+is submitted with ``submit_gang(payload, gang, hooks)`` instead, by the
+backends that have it (``offload.Local``, SSH, Batch); its handle is
+waited for and cancelled as any other.  The backend places all N ranks or
+none (gang admission), gives each its :class:`~engine.Cluster` in the
+payload, and returns one outcome: rank 0's when every rank succeeded,
+else that of the first rank that failed (``Outcome.rank``), having
+stopped every other rank.  A rank that dies, or loses its host, is an
+infrastructure failure of the whole gang.  ``gang_unfit(gang, cpu, gpu)``
+says why a gang can never be placed.  Only rank 0's traces are reported
+(the ranks run the same code; rank 0's checkpoints stand for the gang).
+
 Backends are opened by the engine on first use (``open(context)``) and
 closed by ``Engine.aclose()`` (``aclose()``), after its runs are cancelled
 and before its journal closes; closing leaves nothing running.  As async
@@ -31,9 +43,10 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    from ._cluster import Gang
     from ._wire import Outcome, Payload
 
-__all__ = ["AttemptHooks", "Backend", "BackendContext", "Handle"]
+__all__ = ["AttemptHooks", "Backend", "BackendContext", "GangBackend", "Handle"]
 
 
 class Handle(msgspec.Struct, frozen=True):
@@ -47,13 +60,16 @@ class Handle(msgspec.Struct, frozen=True):
     backend: str
     id: str
     where: str = ""
+    #: For a gang: where each rank runs (host and pid, or node index), by
+    #: rank; ``where`` is then rank 0's.
+    ranks: tuple[str, ...] = ()
 
 
 class AttemptHooks(Protocol):
     """What a backend reports to the engine while an attempt runs."""
 
-    def log(self, stream: str, text: str) -> None:
-        """Output of the attempt: ``stream`` is ``stdout``, ``stderr`` or ``log``."""
+    def log(self, stream: str, text: str, rank: int | None = None) -> None:
+        """Output of the attempt: ``stream`` is ``stdout``, ``stderr`` or ``log``; ``rank`` for a gang's."""
 
     def trace(self, key: str, name: str, kind: str, data: bytes) -> None:
         """A trace call inside the attempt succeeded; its result is encoded as ``kind``."""
@@ -107,6 +123,17 @@ class Backend(Protocol):
 
     def unfit(self, cpu: float, gpu: int) -> str | None:
         """Why no worker of this target can ever run an attempt needing these, or None."""
+        ...
+
+
+@runtime_checkable
+class GangBackend(Backend, Protocol):
+    """A backend that also runs gangs (``nodes=N``; see the module docstring)."""
+
+    async def submit_gang(self, payload: Payload, gang: Gang, hooks: AttemptHooks) -> Handle: ...
+
+    def gang_unfit(self, gang: Gang, cpu: float, gpu: int) -> str | None:
+        """Why this target can never place ``gang`` (each rank needing these), or None."""
         ...
 
 

@@ -37,6 +37,7 @@ from ._errors import JournalError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from ._entries import LogRow
     from ._journal import Journal
     from ._run import Run
 
@@ -47,7 +48,6 @@ FLUSH_EVERY = 0.5
 #: A line longer than this (no newline yet, e.g. ``\r`` progress bars) is saved in pieces.
 MAX_PARTIAL = 8192
 
-LogRow = tuple[str, str, float, str, str]
 
 
 class OutputCapture:
@@ -67,11 +67,11 @@ class OutputCapture:
         self.flush_every = flush_every
         # Invariant: ``_rows`` holds complete lines not yet handed to the
         # journal; ``_partial`` the text after the last newline of each
-        # (action, stream).  Both are touched by action threads (sync tasks)
+        # (action, stream, gang rank).  Both are touched by action threads (sync tasks)
         # as well as the loop, hence the lock.
         self._lock = threading.Lock()
         self._rows: list[LogRow] = []
-        self._partial: dict[tuple[str, str], str] = {}
+        self._partial: dict[tuple[str, str, int | None], str] = {}
         self._hub: CaptureHub | None = None
         self._flusher: asyncio.Task[None] | None = None
 
@@ -98,31 +98,31 @@ class OutputCapture:
                 await flusher
         with self._lock:
             now = time.time()
-            for (key, stream), text in self._partial.items():
-                self._rows.append((self.run_id, key, now, stream, text))
+            for (key, stream, rank), text in self._partial.items():
+                self._rows.append((self.run_id, key, now, stream, text, rank))
             self._partial.clear()
         await self.flush()
 
     # -- recording -------------------------------------------------------------
 
-    def add(self, action: str, stream: str, text: str) -> None:
-        """Record ``text`` written by ``action`` on ``stream``; whole lines become rows."""
+    def add(self, action: str, stream: str, text: str, rank: int | None = None) -> None:
+        """Record ``text`` written by ``action`` (its gang ``rank``) on ``stream``; whole lines become rows."""
         now = time.time()
         with self._lock:
-            slot = (action, stream)
+            slot = (action, stream, rank)
             pending = self._partial.pop(slot, "") + text
             *lines, rest = pending.split("\n")
             rows = self._rows
             for line in lines:
-                rows.append((self.run_id, action, now, stream, line))
+                rows.append((self.run_id, action, now, stream, line, rank))
             if len(rest) > MAX_PARTIAL:
-                rows.append((self.run_id, action, now, stream, rest))
+                rows.append((self.run_id, action, now, stream, rest, rank))
             elif rest:
                 self._partial[slot] = rest
 
-    def add_line(self, action: str, stream: str, line: str, at: float) -> None:
+    def add_line(self, action: str, stream: str, line: str, at: float, rank: int | None = None) -> None:
         with self._lock:
-            self._rows.append((self.run_id, action, at, stream, line))
+            self._rows.append((self.run_id, action, at, stream, line, rank))
 
     async def flush(self) -> None:
         """Hand the complete lines buffered so far to the journal."""

@@ -96,23 +96,30 @@ class RecordedAttempt(msgspec.Struct, frozen=True):
     where: str
     started_at: datetime | None
     finished_at: datetime | None
+    #: For a gang: where each rank ran, by rank (empty for a single attempt).
+    ranks: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, info: AttemptInfo) -> "RecordedAttempt":
         return cls(
             info.attempt, info.state, info.target, info.backend, info.where,
-            when(info.started_at), when(info.finished_at),
+            when(info.started_at), when(info.finished_at), info.ranks,
         )
 
 
 class LogLine(msgspec.Struct, frozen=True):
-    """One line an action printed (``stream`` "stdout" or "stderr") or logged ("log")."""
+    """One line an action printed (``stream`` "stdout" or "stderr") or logged ("log").
+
+    ``rank`` is the rank of a gang (``nodes=N``) that wrote it; None for
+    an action that is not a gang.
+    """
 
     action: str
     task: str | None
     at: datetime
     stream: str
     text: str
+    rank: int | None = None
 
 
 class RecordedAction(msgspec.Struct, frozen=True, dict=True):
@@ -167,7 +174,7 @@ class RecordedAction(msgspec.Struct, frozen=True, dict=True):
         async with _reader(self).open() as eng:
             journal = await eng.journal()
             rows = await journal.logs(self.run_id, self.key)
-        return [LogLine(a, self.task, datetime.fromtimestamp(at, UTC), s, t) for a, at, s, t in rows]
+        return [LogLine(a, self.task, datetime.fromtimestamp(at, UTC), s, t, r) for a, at, s, t, r in rows]
 
 
 class RecordedRun(msgspec.Struct, Generic[R], frozen=True, dict=True):
@@ -293,7 +300,7 @@ class RecordedRun(msgspec.Struct, Generic[R], frozen=True, dict=True):
             journal = await eng.journal()
             rows = await journal.logs(self.id)
             tasks = await journal.action_tasks(self.id, logged=True)
-        return [LogLine(a, tasks.get(a), datetime.fromtimestamp(at, UTC), s, t) for a, at, s, t in rows]
+        return [LogLine(a, tasks.get(a), datetime.fromtimestamp(at, UTC), s, t, r) for a, at, s, t, r in rows]
 
 
 # -- reading ------------------------------------------------------------------------

@@ -645,8 +645,20 @@ class Engine:
         """
         target = self.offload.get(task.name, task.offload)
         if target is None or target == "local":
+            if task.nodes > 1:
+                raise ConfigError(
+                    f"task {task.name!r} has nodes={task.nodes} but no offload target: a gang's "
+                    f"ranks run on one; give it offload= (offload.Local() runs the ranks as "
+                    f"processes on this machine), or --offload {task.name}=TARGET"
+                )
             return None
         name, backend = self._target(target, task)
+        if task.nodes > 1 and not callable(getattr(backend, "submit_gang", None)):
+            raise ConfigError(
+                f"task {task.name!r} has nodes={task.nodes}, and offload target {name!r} "
+                f"({type(backend).__qualname__}) cannot run gangs; send it to an offload.Local, "
+                f"offload.SSH or offload.Batch target"
+            )
         from ._placement import Remote
         from ._registry import bundler
 

@@ -112,12 +112,17 @@ class LiveRows:
         self.rows = rows
 
 
+#: One captured line: run id, action label, time, stream, text, and the
+#: rank of the gang that wrote it (None: not a gang's).
+LogRow = tuple[str, str, float, str, str, int | None]
+
+
 class LogRows:
     """Captured output of a run's actions, written with the next batch."""
 
     __slots__ = ("rows",)
 
-    def __init__(self, rows: list[tuple[str, str, float, str, str]]) -> None:
+    def __init__(self, rows: list[LogRow]) -> None:
         self.rows = rows
 
 

@@ -44,7 +44,17 @@ from msgspec.structs import astuple
 
 from . import _lifecycle as lifecycle
 from ._codec import decode_value
-from ._entries import AttemptRow, BundleRow, Claim, Commit, Failure, LiveRows, LogRows, describe
+from ._entries import (
+    AttemptRow,
+    BundleRow,
+    Claim,
+    Commit,
+    Failure,
+    LiveRows,
+    LogRow,
+    LogRows,
+    describe,
+)
 from ._errors import (
     JournalBusy,
     JournalCorrupt,
@@ -352,7 +362,7 @@ class Journal(JournalQueries):
             self._loop.run_in_executor(self._thread, self._drain).add_done_callback(_consume)
         return commit
 
-    async def add_logs(self, rows: list[tuple[str, str, float, str, str]]) -> None:
+    async def add_logs(self, rows: list[LogRow]) -> None:
         """Write captured output (run id, action, time, stream, text) with the next batch."""
         await self.append(LogRows(rows))
 
@@ -524,9 +534,9 @@ class Journal(JournalQueries):
             if caches:
                 db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?)", caches)
             if logs:
-                db.executemany("INSERT INTO logs VALUES (?,?,?,?,?)", logs)
+                db.executemany("INSERT INTO logs VALUES (?,?,?,?,?,?)", logs)
             if attempts:
-                db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
+                db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
             if bundles:
                 db.executemany("INSERT INTO run_bundles VALUES (?,?,?,?,?)", bundles)
             for run_id, rows in live.items():

@@ -65,11 +65,12 @@ def parse_with(values: Iterable[str], tasks: Iterable[str] | None = None) -> dic
 
     ``tasks``, when given, are the task names that may be named (the flow's
     file); any other is refused, with the closest name.  Each value is
-    parsed as its option's type: ``retries``/``concurrency`` whole numbers,
+    parsed as its option's type: ``retries``/``concurrency``/``nodes``/
+    ``ranks_per_host`` whole numbers,
     ``timeout`` seconds, ``cache`` true/false or a version string,
     ``resources`` ``cpu=2,memory=4Gi,gpu=1``, ``offload`` a target name
     (``local``: this process); ``none`` unsets ``retries``, ``timeout``,
-    ``concurrency`` and ``resources``.  Raises :class:`ConfigError` naming
+    ``concurrency``, ``resources`` and ``ranks_per_host``.  Raises :class:`ConfigError` naming
     the ``--with`` value.
     """
     known = None if tasks is None else sorted(set(tasks))
@@ -95,9 +96,9 @@ def parse_with(values: Iterable[str], tasks: Iterable[str] | None = None) -> dic
 
 def _value(option: str, raw: str, where: str) -> Any:
     lowered = raw.lower()
-    if option in ("retries", "timeout", "concurrency", "resources") and lowered in _NONE:
+    if option in ("retries", "timeout", "concurrency", "resources", "ranks_per_host") and lowered in _NONE:
         return None
-    if option in ("retries", "concurrency"):
+    if option in ("retries", "concurrency", "nodes", "ranks_per_host"):
         try:
             return int(raw)
         except ValueError:

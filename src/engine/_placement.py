@@ -15,6 +15,11 @@ task's timeout.  One attempt of the task may take several *submissions*:
 an infrastructure failure (``WorkerLost``, ``HostLost``, ``Reclaimed``,
 ``SubmitFailed``) is retried here, within the target's own ``retries``,
 with backoff, without using up the task's retries.
+
+A task with ``nodes=N`` is a *gang* (see :mod:`engine._cluster`): each
+attempt is submitted as one ``submit_gang`` of N ranks, retried as a
+whole, and its outcome is one outcome (rank 0's value, or the failing
+rank's exception with the rank named).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _lifecycle as lifecycle
 from ._backend import Handle
+from ._cluster import Gang
 from ._codec import encode_value
 from ._context import action_var
 from ._errors import (
@@ -69,7 +75,7 @@ class Remote:
     task sent there.  Made by :meth:`Engine.placement`.
     """
 
-    __slots__ = ("_backoff", "backend", "engine", "ref", "root", "target", "task")
+    __slots__ = ("_backoff", "backend", "engine", "gang", "ref", "root", "target", "task")
 
     def __init__(self, engine: Any, task: Task[Any, Any], target: str, backend: Backend, ref: FunctionRef, root: Any) -> None:
         self.engine = engine
@@ -80,6 +86,8 @@ class Remote:
         self.ref = ref
         #: The project folder bundled for the workers (None: nothing to bundle).
         self.root = root
+        #: What each attempt asks for when the task is a gang (None: one process).
+        self.gang = Gang(task.nodes, task.ranks_per_host) if task.nodes > 1 else None
         self._backoff = Backoff(INFRA_BACKOFF, INFRA_MAX_DELAY)
 
     def __repr__(self) -> str:
@@ -89,13 +97,24 @@ class Remote:
         """The target's slots, opening its backend first (checks what it can ever run)."""
         slots: Slots = await self.engine.target_slots(self.target, self.backend)
         res = self.task.resources
-        if res is not None and (res.cpu or res.gpu):
-            why = self.backend.unfit(res.cpu, res.gpu)
+        cpu, gpu = (0.0, 0) if res is None else (res.cpu, res.gpu)
+        if cpu or gpu:
+            why = self.backend.unfit(cpu, gpu)
             if why is not None:
                 raise ResourceError(
-                    f"task {self.task.name!r} asks for cpu={res.cpu:g}, gpu={res.gpu}, which no "
+                    f"task {self.task.name!r} asks for cpu={cpu:g}, gpu={gpu}, which no "
                     f"worker of target {self.target!r} can ever give: {why}; lower its Resources "
                     f"or send it to another target"
+                )
+        gang = self.gang
+        if gang is not None:
+            why = self.backend.gang_unfit(gang, cpu, gpu)  # type: ignore[attr-defined]
+            if why is not None:
+                per_host = "" if gang.ranks_per_host is None else f", ranks_per_host={gang.ranks_per_host}"
+                raise ResourceError(
+                    f"task {self.task.name!r} asks for a gang of nodes={gang.nodes}{per_host}, which "
+                    f"target {self.target!r} can never place: {why}; lower nodes= or "
+                    f"ranks_per_host=, or send it to a target with more room"
                 )
         return slots
 
@@ -159,7 +178,10 @@ class Remote:
             handle = await backend.reattach(earlier)
         if handle is None:
             try:
-                handle = await backend.submit(payload, hooks)
+                if self.gang is None:
+                    handle = await backend.submit(payload, hooks)
+                else:
+                    handle = await backend.submit_gang(payload, self.gang, hooks)  # type: ignore[attr-defined]
             except InfrastructureError as exc:
                 if journal is not None:
                     # Lost before it had a handle: recorded all the same.
@@ -202,12 +224,14 @@ class Remote:
 
 
 def _placed(handle: Handle, outcome: Outcome) -> Handle:
-    """The handle, with where the worker said it ran when the backend did not know."""
-    if handle.where or not outcome.where:
+    """The handle, with where the worker (or each rank) said it ran when the backend did not know."""
+    where = handle.where or outcome.where
+    ranks = handle.ranks or tuple(outcome.ranks)
+    if where == handle.where and ranks == handle.ranks:
         return handle
     import msgspec
 
-    return msgspec.structs.replace(handle, where=outcome.where)
+    return msgspec.structs.replace(handle, where=where, ranks=ranks)
 
 
 def rebuild_error(task: Task[Any, Any], outcome: Outcome) -> BaseException:
@@ -218,8 +242,21 @@ def rebuild_error(task: Task[Any, Any], outcome: Outcome) -> BaseException:
     one that cannot be rebuilt here (its class is not importable in this
     process) becomes :class:`RemoteError` with the remote type, message
     and traceback.  A failure of the worker to import the task or decode
-    its arguments is :class:`ImportFailed`.
+    its arguments is :class:`ImportFailed`.  A gang's failing rank is named
+    in a note ("raised on rank R of N (HOST)") and, where the exception
+    takes one, a ``rank`` attribute.
     """
+    error = _rebuilt(task, outcome)
+    if outcome.rank is not None:
+        # One rank of a gang failed: say which, where the exception can say it.
+        error.add_note(f"raised on rank {outcome.rank} of {task.nodes} ({outcome.where or 'unknown host'})")
+        with contextlib.suppress(AttributeError, TypeError):
+            if not hasattr(error, "rank"):
+                error.rank = outcome.rank  # type: ignore[attr-defined]
+    return error
+
+
+def _rebuilt(task: Task[Any, Any], outcome: Outcome) -> BaseException:
     info = outcome.error
     where = outcome.where or "a worker"
     if info is None:
@@ -251,7 +288,9 @@ class _Hooks:
     under the action (and the CLI's rules for task output apply) exactly
     as for a local action; log records are captured as ``log`` lines.
     Traces are journaled as the action's, and remembered for its later
-    attempts.
+    attempts.  A gang's ranks each write their output with their rank:
+    captured with it (``shoal logs`` shows ``[rank i]``) and shown with
+    that prefix.
     """
 
     __slots__ = ("action",)
@@ -259,7 +298,10 @@ class _Hooks:
     def __init__(self, action: Action) -> None:
         self.action = action
 
-    def log(self, stream: str, text: str) -> None:
+    def log(self, stream: str, text: str, rank: int | None = None) -> None:
+        if rank is not None:
+            _rank_output(self.action, stream, text, rank)
+            return
         token = action_var.set(self.action)
         try:
             if stream == "log":
@@ -275,15 +317,43 @@ class _Hooks:
         action.run.remote_traced(action, key, name, kind, data)
 
 
+def _capture_of(action: Action) -> Any:
+    """The output capture of the action's run, when its output is being saved."""
+    hub = getattr(sys.stdout, "hub", None)
+    captures = getattr(hub, "captures", None)
+    return captures.get(action.run.id) if captures else None
+
+
+def _rank_output(action: Action, stream: str, text: str, rank: int) -> None:
+    """Output of one rank of a gang: captured with its rank, shown with ``[rank i]`` before each line.
+
+    Written under the capture's proxies, so that it is saved once, with
+    its rank, not a second time as the action's own output.
+    """
+    capture = _capture_of(action)
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    if capture is not None:
+        if stream == "log":
+            for line in text.splitlines():
+                capture.add_line(action.label, "log", line, time.time(), rank)
+        else:
+            capture.add(action.label, stream, text, rank)
+    mark = f"[rank {rank}] "
+    shown = "".join(mark + line for line in text.splitlines(keepends=True))
+    if stream == "log" and not shown.endswith("\n"):
+        shown += "\n"
+    real = getattr(out, "real", out)
+    with contextlib.suppress(BrokenPipeError):
+        real.write(shown)
+
+
 def _log_line(action: Action, text: str) -> None:
     """A log record from a worker: captured as the action's ``log`` line, and shown on stderr.
 
     Written to the real stderr, under the capture's proxy, so that it is
     saved once (as ``log``), not a second time as a line of stderr.
     """
-    hub = getattr(sys.stdout, "hub", None)
-    captures = getattr(hub, "captures", None)
-    capture = captures.get(action.run.id) if captures else None
+    capture = _capture_of(action)
     line = text.rstrip("\n")
     if capture is not None:
         capture.add_line(action.label, "log", line, time.time())

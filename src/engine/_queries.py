@@ -310,14 +310,14 @@ class JournalQueries:
                 for start in range(0, len(keys), 500):  # SQLite's bound on host parameters
                     chunk = keys[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for key, attempt, state, target, backend, place, started, finished, task in db.execute(
-                        "SELECT key, attempt, state, target, backend, place, started, finished, task FROM attempts "
+                    for row in db.execute(
+                        f"SELECT {_ATTEMPT_COLUMNS} FROM attempts "
                         "WHERE rowid IN (SELECT max(rowid) FROM attempts WHERE run_id=? AND key IN "
                         f"({marks}) GROUP BY key, handle) ORDER BY rowid",
                         (run_id, *chunk),
                     ):
-                        entry = attempts.setdefault(key, (task, []))
-                        entry[1].append(AttemptInfo(attempt, state, target, backend, place, started, finished))
+                        entry = attempts.setdefault(row[0], (row[-2], []))
+                        entry[1].append(_attempt_info(row))
             return rows[-1][0], _placed(records, attempts, run)
 
         result: tuple[int, tuple[ActionRecord, ...]] = await self.read(go)
@@ -368,23 +368,27 @@ class JournalQueries:
 
     async def logs(
         self, run_id: str, action: str | None = None, *, limit: int | None = None
-    ) -> list[tuple[str, float, str, str]]:
-        """(action, time, stream, text) of what the run's actions printed or logged, in order; at most ``limit``."""
+    ) -> list[tuple[str, float, str, str, int | None]]:
+        """(action, time, stream, text, rank) of what the run's actions printed or logged, in order; at most ``limit``.
 
-        def go(db: sqlite3.Connection) -> list[tuple[str, float, str, str]]:
+        ``rank`` is the gang rank that wrote the line (None: not a gang's).
+        """
+
+        def go(db: sqlite3.Connection) -> list[tuple[str, float, str, str, int | None]]:
             bound = -1 if limit is None else limit  # SQLite: a negative LIMIT is none
             if action is None:
                 cur = db.execute(
-                    "SELECT action, at, stream, text FROM logs WHERE run_id=? ORDER BY at LIMIT ?", (run_id, bound)
+                    "SELECT action, at, stream, text, rank FROM logs WHERE run_id=? ORDER BY at LIMIT ?",
+                    (run_id, bound),
                 )
             else:
                 cur = db.execute(
-                    "SELECT action, at, stream, text FROM logs WHERE run_id=? AND action=? ORDER BY at LIMIT ?",
+                    "SELECT action, at, stream, text, rank FROM logs WHERE run_id=? AND action=? ORDER BY at LIMIT ?",
                     (run_id, action, bound),
                 )
-            return [(a, at, s, t) for a, at, s, t in cur]
+            return [(a, at, s, t, r) for a, at, s, t, r in cur]
 
-        result: list[tuple[str, float, str, str]] = await self.read(go, list)
+        result: list[tuple[str, float, str, str, int | None]] = await self.read(go, list)
         return result
 
     async def action_tasks(self, run_id: str, *, prefix: str = "", logged: bool = False) -> dict[str, str]:
@@ -477,21 +481,29 @@ def utc(ts: float) -> Any:
     return datetime.fromtimestamp(ts, UTC)
 
 
+_ATTEMPT_COLUMNS = "key, attempt, state, target, backend, place, started, finished, task, ranks"
 #: Latest row of each submission (handle) of a run's offloaded attempts.
 _ATTEMPTS = (
-    "SELECT key, attempt, state, target, backend, place, started, finished, task FROM attempts "
+    f"SELECT {_ATTEMPT_COLUMNS} FROM attempts "
     "WHERE rowid IN (SELECT max(rowid) FROM attempts WHERE run_id=? GROUP BY key, handle) ORDER BY rowid"
 )
+
+
+def _attempt_info(row: tuple[Any, ...]) -> AttemptInfo:
+    """An attempts row (:data:`_ATTEMPT_COLUMNS`) as the public record."""
+    _, attempt, state, target, backend, place, started, finished, _, ranks = row
+    placed = () if not ranks else tuple(msgspec.json.decode(ranks, type=list[str]))
+    return AttemptInfo(attempt, state, target, backend, place, started, finished, placed)
 
 
 def _attempts(db: sqlite3.Connection, run_id: str) -> dict[str, tuple[str, list[AttemptInfo]]]:
     """key -> (task, where each of its offloaded attempts ran, in order)."""
     found: dict[str, tuple[str, list[AttemptInfo]]] = {}
-    for key, attempt, state, target, backend, place, started, finished, task in db.execute(_ATTEMPTS, (run_id,)):
-        entry = found.get(key)
+    for row in db.execute(_ATTEMPTS, (run_id,)):
+        entry = found.get(row[0])
         if entry is None:
-            entry = found[key] = (task, [])
-        entry[1].append(AttemptInfo(attempt, state, target, backend, place, started, finished))
+            entry = found[row[0]] = (row[-2], [])
+        entry[1].append(_attempt_info(row))
     return found
 
 

@@ -69,7 +69,9 @@ class AttemptInfo(msgspec.Struct, frozen=True):
     ``"in-process"`` for the run's process), ``where`` the host and pid or
     the Batch job id.  An attempt lost to an infrastructure failure (a
     worker or host gone) has ``state="lost"`` and is followed by another
-    with the same ``attempt`` number.
+    with the same ``attempt`` number.  For a gang (``nodes=N``), ``ranks``
+    lists where each rank ran, by rank (``where`` is rank 0's); empty for
+    a single attempt.
     """
 
     attempt: int
@@ -79,6 +81,7 @@ class AttemptInfo(msgspec.Struct, frozen=True):
     where: str
     started_at: float | None
     finished_at: float | None
+    ranks: tuple[str, ...] = ()
 
 
 class ActionRecord(msgspec.Struct, frozen=True, tag="action", gc=False):

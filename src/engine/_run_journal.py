@@ -405,6 +405,7 @@ class RunJournal:
         row = (
             run.id, action.key, action.task.name, action.attempt, run.attempt, state, target, handle.backend,
             handle.id, handle.where, started, finished, error,
+            msgspec.json.encode(list(handle.ranks)).decode() if handle.ranks else None,
         )
         return self.journal.append(AttemptRow(row))
 

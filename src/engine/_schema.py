@@ -19,6 +19,8 @@ History:
    then how it ended, append-only like ``actions``), the code bundle each
    run sent (``run_bundles``), and the actions a live run is running now
    (``live_actions``, replaced every second while it runs).
+5. gangs: where each rank of an attempt ran (``attempts.ranks``, a JSON
+   list by rank) and which rank wrote a captured line (``logs.rank``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "migrate"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Tables added by version 4 (also the last part of :data:`SCHEMA`).
 ATTEMPTS = """
@@ -43,7 +45,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     run_id TEXT NOT NULL, key TEXT NOT NULL, task TEXT NOT NULL, attempt INTEGER NOT NULL,
     run_attempt INTEGER NOT NULL, state TEXT NOT NULL, target TEXT NOT NULL,
     backend TEXT NOT NULL, handle TEXT NOT NULL, place TEXT NOT NULL,
-    started REAL, finished REAL, error TEXT
+    started REAL, finished REAL, error TEXT, ranks TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts (run_id, key);
 CREATE TABLE IF NOT EXISTS run_bundles (
@@ -100,7 +102,7 @@ CREATE TABLE IF NOT EXISTS run_tasks (
 CREATE INDEX IF NOT EXISTS run_tasks_run ON run_tasks (run_id);
 CREATE TABLE IF NOT EXISTS logs (
     run_id TEXT NOT NULL, action TEXT NOT NULL, at REAL NOT NULL,
-    stream TEXT NOT NULL, text TEXT NOT NULL
+    stream TEXT NOT NULL, text TEXT NOT NULL, rank INTEGER
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, action);
 """ + ATTEMPTS
@@ -163,8 +165,19 @@ def _v3_to_v4(db: sqlite3.Connection, signer: Signer) -> None:
             db.execute("\n".join(lines))
 
 
+def _v4_to_v5(db: sqlite3.Connection, signer: Signer) -> None:
+    # Columns added at the end, NULL for what was written before (single
+    # attempts, lines of no rank).  Version 3's step already makes the
+    # attempts table of today, with the column.
+    for table, name, kind in (("attempts", "ranks", "TEXT"), ("logs", "rank", "INTEGER")):
+        if name not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 #: Step ``i`` brings version ``i + 1`` to ``i + 2``.
-_STEPS: tuple[Callable[[sqlite3.Connection, Signer], None], ...] = (_v1_to_v2, _v2_to_v3, _v3_to_v4)
+_STEPS: tuple[Callable[[sqlite3.Connection, Signer], None], ...] = (
+    _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5,
+)
 assert len(_STEPS) == SCHEMA_VERSION - 1
 
 

@@ -54,6 +54,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TextIO, cast
 
+from ._cluster import cluster_var
 from ._codec import decode_value, encode_value
 from ._engine import detect_gpus, usable_cpus
 from ._entries import describe
@@ -303,7 +304,12 @@ class WorkerLoop:
         attempt.running = True
         attempt_var.set(attempt)
         started = time.time()
-        if payload.env:
+        if payload.cluster is not None:
+            # One rank of a gang: a worker of its own (the backend starts a
+            # fresh one per rank), so the variables stay its own.
+            cluster_var.set(payload.cluster)
+            self._set_env({**payload.env, **payload.cluster.env()})
+        elif payload.env:
             self._set_env(payload.env)
         try:
             outcome = await self._attempt(attempt, started)

@@ -23,10 +23,14 @@ __all__ = ["Task", "task"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-TASK_OPTIONS = ("name", "retries", "timeout", "cache", "concurrency", "resources", "offload")
+TASK_OPTIONS = (
+    "name", "retries", "timeout", "cache", "concurrency", "resources", "offload", "nodes", "ranks_per_host",
+)
 #: What ``task.override(...)`` may change: everything but the name, which
 #: keys, replay and the cache depend on.
-OVERRIDE_OPTIONS = ("retries", "timeout", "cache", "concurrency", "resources", "offload")
+OVERRIDE_OPTIONS = (
+    "retries", "timeout", "cache", "concurrency", "resources", "offload", "nodes", "ranks_per_host",
+)
 
 
 class Keep(enum.Enum):
@@ -59,10 +63,12 @@ class Task(Generic[P, R]):
         "is_async",
         "limiter",
         "name",
+        "nodes",
         "offload",
         "origin",
         "placed",
         "plain",
+        "ranks_per_host",
         "resources",
         "retry",
         "signature",
@@ -86,6 +92,8 @@ class Task(Generic[P, R]):
         concurrency: int | None = None,
         resources: Resources | None = None,
         offload: Any = None,
+        nodes: int = 1,
+        ranks_per_host: int | None = None,
     ) -> None:
         if isinstance(fn, Task):
             fn = fn.fn  # re-decorating a task wraps its function, not the task
@@ -115,6 +123,21 @@ class Task(Generic[P, R]):
             raise ConfigError(f"{what}: resources= takes engine.Resources(...), got {resources!r}")
         self.resources = resources
         self.offload = offload
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise ConfigError(
+                f"{what}: nodes= is how many ranks run the function together (a gang), a whole "
+                f"number >= 1, got {nodes!r}"
+            )
+        #: Ranks of a gang (1: an ordinary action); see ``engine._cluster``.
+        self.nodes = nodes
+        if ranks_per_host is not None and (
+            isinstance(ranks_per_host, bool) or not isinstance(ranks_per_host, int) or ranks_per_host < 1
+        ):
+            raise ConfigError(
+                f"{what}: ranks_per_host= is the most ranks of a gang placed on one host, a whole "
+                f"number >= 1 (or None for the target's default), got {ranks_per_host!r}"
+            )
+        self.ranks_per_host = ranks_per_host
         if cache is True:
             self.cache_version: str | None = _source_version(fn)
         elif cache is False or cache is None:
@@ -135,7 +158,7 @@ class Task(Generic[P, R]):
         # Whether an action of this task must take slots before it runs.
         self.admitted = concurrency is not None or (resources is not None and offload is None)
         # Whether a call must check where the action can run (resources, offload).
-        self.placed = resources is not None or offload is not None
+        self.placed = resources is not None or offload is not None or nodes > 1
         # Invariant: ``origin`` is the task as declared (itself, unless this
         # is a handle made by ``override``), and ``limiter`` the task whose
         # ``concurrency`` slots its actions share: its origin's, unless the
@@ -176,6 +199,8 @@ class Task(Generic[P, R]):
         resources: Resources | Literal[Keep.KEEP] | None = KEEP,
         concurrency: int | Literal[Keep.KEEP] | None = KEEP,
         offload: object = KEEP,
+        nodes: int | Literal[Keep.KEEP] = KEEP,
+        ranks_per_host: int | Literal[Keep.KEEP] | None = KEEP,
         **unknown: object,
     ) -> Task[P, R]:
         """This task with other options, for some calls (``await train.override(retries=3)(cfg)``).
@@ -201,7 +226,8 @@ class Task(Generic[P, R]):
             option: value
             for option, value in (
                 ("retries", retries), ("timeout", timeout), ("cache", cache), ("resources", resources),
-                ("concurrency", concurrency), ("offload", offload),
+                ("concurrency", concurrency), ("offload", offload), ("nodes", nodes),
+                ("ranks_per_host", ranks_per_host),
             )
             if value is not KEEP
         }
@@ -223,6 +249,8 @@ class Task(Generic[P, R]):
             "concurrency": self.concurrency,
             "resources": self.resources,
             "offload": self.offload,
+            "nodes": self.nodes,
+            "ranks_per_host": self.ranks_per_host,
         }
         options.update(given)
         handle: Task[P, R] = Task(self.fn, name=self.name, **options)
@@ -282,7 +310,10 @@ def task(
     source, or an explicit version string), ``concurrency`` (most actions of
     this task running at once in an engine), ``resources``
     (:class:`Resources`), ``offload`` (a target name from config or a
-    backend object).  Sync functions run in a worker thread.
+    backend object), ``nodes`` (run each action as a gang of that many
+    ranks on the offload target, see :func:`engine.cluster`) and
+    ``ranks_per_host`` (the most ranks of a gang on one SSH host; default
+    the target's, else 1).  Sync functions run in a worker thread.
     """
     check_options(options, where="@engine.task")
     if fn is None:

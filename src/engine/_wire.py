@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from ._cluster import Cluster
 from ._records import ErrorInfo
 
 __all__ = [
@@ -110,6 +111,10 @@ class Payload(msgspec.Struct, frozen=True):
     #: earlier runs of a resumed run), by trace key: the worker returns
     #: them instead of running those traces again.
     traces: dict[str, tuple[str, bytes]] = {}
+    #: This rank's place when the attempt is one rank of a gang (None: a
+    #: single attempt).  The worker makes it what ``engine.cluster()``
+    #: returns, and sets its variables in the environment.
+    cluster: Cluster | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -129,6 +134,11 @@ class Outcome(msgspec.Struct, frozen=True):
     #: The task's own exception (``"user"``) or the worker's (``"system"``:
     #: the function could not be imported, the arguments not decoded).
     error_kind: str = "user"
+    #: For a gang: the rank this outcome is of (rank 0's when all
+    #: succeeded, else the first rank that failed) and where each rank ran,
+    #: by rank.  None and empty for a single attempt.
+    rank: int | None = None
+    ranks: list[str] = []
 
 
 # -- messages -------------------------------------------------------------

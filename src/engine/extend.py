@@ -5,7 +5,8 @@
 Users of shoal do not need it.
 
 - the backend protocol: :class:`Backend`, :class:`BackendContext`,
-  :class:`Handle`, :class:`AttemptHooks`;
+  :class:`Handle`, :class:`AttemptHooks`; gangs: :class:`GangBackend`,
+  :class:`Gang` (what is asked) and :class:`Cluster` (each rank's place);
 - the wire: :class:`Payload`, :class:`Outcome`, :class:`FunctionRef` and
   the messages and framing of the worker protocol; :class:`Frames` over
   any reader/writer pair (:class:`FrameReader`, :class:`FrameWriter`);
@@ -33,6 +34,7 @@ from __future__ import annotations
 from ._backend import AttemptHooks as AttemptHooks
 from ._backend import Backend as Backend
 from ._backend import BackendContext as BackendContext
+from ._backend import GangBackend as GangBackend
 from ._backend import Handle as Handle
 from ._blobs import CHUNK as CHUNK
 from ._blobs import BlobReader as BlobReader
@@ -43,6 +45,8 @@ from ._blobs import corrupt_blob as corrupt_blob
 from ._blobs import hash_file as hash_file
 from ._blobs import run_bounded as run_bounded
 from ._blobs import unwritable_destination as unwritable_destination
+from ._cluster import Cluster as Cluster
+from ._cluster import Gang as Gang
 from ._codec import decode_value as decode_value
 from ._codec import encode_value as encode_value
 from ._engine import detect_gpus as detect_gpus
@@ -116,12 +120,15 @@ __all__ = [
     "ChunkDone",
     "ChunkFailed",
     "ClosingStore",
+    "Cluster",
     "Done",
     "ErrorInfo",
     "FrameReader",
     "FrameWriter",
     "Frames",
     "FunctionRef",
+    "Gang",
+    "GangBackend",
     "Handle",
     "Hello",
     "HostLost",

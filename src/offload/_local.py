@@ -23,6 +23,7 @@ from engine.extend import (
     VERSION,
     BackendContext,
     BundleData,
+    Cluster,
     Done,
     Frames,
     Handle,
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
     from types import TracebackType
 
-    from engine.extend import AttemptHooks
+    from engine.extend import AttemptHooks, Gang
+
+    from ._gang import GangAttempt
 
 __all__ = ["Local", "WorkerClient", "WorkerOwner"]
 
@@ -90,6 +93,15 @@ class Local:
     nothing the attempt started (threads, child processes) keeps running.
     Other attempts that shared that worker (``concurrency > 1``) fail with
     ``WorkerLost`` and are retried on a fresh worker.
+
+    Gangs (``@engine.task(nodes=N, offload=...)``): each attempt starts N
+    fresh worker processes of its own, beside the ``workers`` (which serve
+    single attempts only), one rank each, all on 127.0.0.1 with rank 0
+    listening on a free port there; a rank asking for GPUs gets its own
+    share of this machine's (``CUDA_VISIBLE_DEVICES``).  The first rank
+    that fails or dies kills the others' process groups at once; when the
+    gang ends, its processes end too.  ``ranks_per_host`` below N cannot
+    be met here (every rank runs on this machine) and is refused.
     """
 
     kind: ClassVar[str] = "local"
@@ -142,6 +154,11 @@ class Local:
         self._hello: Hello | None = None
         # Bumped by aclose(): a worker that finishes starting after it is not kept.
         self._generation = 0
+        # Invariant: ``_gangs`` holds every gang submitted whose outcome has
+        # not been taken by ``wait`` or dropped by ``cancel``; its workers
+        # are its own, in no other list.
+        self._gangs: dict[str, GangAttempt] = {}
+        self._gang_serial = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"offload.Local(workers={self.workers}, python={self.python!r}, concurrency={self.concurrency})"
@@ -168,7 +185,11 @@ class Local:
         """Stop every worker: Shutdown, a short wait, then SIGKILL of each process group."""
         self._generation += 1
         workers, self._workers = self._workers, []
-        await asyncio.gather(*(w.stop(SHUTDOWN_GRACE, "offload.Local was closed") for w in workers))
+        gangs, self._gangs = list(self._gangs.values()), {}
+        await asyncio.gather(
+            *(w.stop(SHUTDOWN_GRACE, "offload.Local was closed") for w in workers),
+            *(g.cancel() for g in gangs),
+        )
         for attempt in self._attempts.values():
             attempt.future.cancel()
         self._attempts.clear()
@@ -186,12 +207,7 @@ class Local:
     def unfit(self, cpu: float, gpu: int) -> str | None:
         hello = self._hello
         cpus = hello.cpus if hello is not None else usable_cpus()
-        if hello is not None:
-            gpus = hello.gpus
-        elif "CUDA_VISIBLE_DEVICES" in self.env:
-            gpus = len([d for d in self.env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() not in ("", "-1")])
-        else:
-            gpus = detect_gpus()
+        gpus = hello.gpus if hello is not None else self._gpus()
         if cpu > cpus:
             return f"it asks for {cpu:g} CPUs and the local workers' machine has {cpus}"
         if gpu > gpus:
@@ -213,15 +229,81 @@ class Local:
         return handle
 
     async def wait(self, handle: Handle) -> Outcome:
+        gang = self._gangs.get(handle.id)
+        if gang is not None:
+            try:
+                return await gang.wait()
+            finally:
+                if gang.done():
+                    self._gangs.pop(handle.id, None)
         _, outcome = await outcome_of(self._attempts, handle, "offload.Local", self._discard)
         return outcome
 
     async def cancel(self, handle: Handle) -> None:
+        gang = self._gangs.pop(handle.id, None)
+        if gang is not None:
+            await gang.cancel()
+            return
         await cancel_attempt(self._attempts, handle, self._discard)
+
+    # -- gangs -----------------------------------------------------------------
+
+    def gang_unfit(self, gang: Gang, cpu: float, gpu: int) -> str | None:
+        if gang.ranks_per_host is not None and gang.ranks_per_host < gang.nodes:
+            return (
+                f"ranks_per_host={gang.ranks_per_host} cannot be met: offload.Local runs all "
+                f"{gang.nodes} ranks on this machine (give SSH hosts, or drop ranks_per_host)"
+            )
+        gpus = self._hello.gpus if self._hello is not None else self._gpus()
+        if gpu and gpu * gang.nodes > gpus:
+            return f"{gang.nodes} ranks of {gpu} GPUs each need {gpu * gang.nodes} and this machine has {gpus}"
+        return None
+
+    async def submit_gang(self, payload: Payload, gang: Gang, hooks: AttemptHooks) -> Handle:
+        """Start ``gang.nodes`` fresh workers, then send each its rank (see the class docstring)."""
+        # Imported here: the gang module builds on this one's WorkerClient.
+        from ._gang import GangAttempt, free_port, gang_handle
+
+        starting = [asyncio.ensure_future(self._start()) for _ in range(gang.nodes)]
+        try:
+            workers = list(await asyncio.gather(*starting))
+        except BaseException:
+            # Every rank or none: the workers that did start go again.
+            for task in starting:
+                task.cancel()
+            started = [t.result() for t in starting if t.done() and not t.cancelled() and t.exception() is None]
+            await asyncio.gather(*(w.kill("its gang could not start") for w in started))
+            raise
+        places = [f"{w.hello.hostname}:{w.pid}" for w in workers]
+        handle = gang_handle("local", next(self._gang_serial), places)
+        clusters = Cluster.layout(["127.0.0.1"] * gang.nodes, "127.0.0.1", free_port())
+        per = payload.gpu
+        # A rank asking for GPUs gets its own of this machine's, in rank order.
+        rank_env = [
+            {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in range(r * per, (r + 1) * per))} if per else {}
+            for r in range(gang.nodes)
+        ]
+
+        async def stop_ranks(why: str) -> None:
+            await asyncio.gather(*(w.kill(why) for w in workers))
+
+        async def release() -> None:
+            await asyncio.gather(*(w.stop(SHUTDOWN_GRACE, "its gang ended") for w in workers))
+
+        attempt = GangAttempt(handle, gang, workers, stop_ranks, release)
+        self._gangs[handle.id] = attempt
+        await attempt.start(payload, clusters, hooks, rank_env)
+        return handle
 
     async def reattach(self, handle: Handle) -> Handle | None:
         # Workers die with the engine that started them: nothing to find again.
         return None
+
+    def _gpus(self) -> int:
+        """The GPUs the workers will see, before any has said hello."""
+        if "CUDA_VISIBLE_DEVICES" in self.env:
+            return len([d for d in self.env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() not in ("", "-1")])
+        return detect_gpus()
 
     # -- workers ---------------------------------------------------------------
 

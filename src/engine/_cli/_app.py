@@ -565,7 +565,7 @@ def build_app() -> typer.Typer:
         if as_json:
             _echo(render.json_text(render.logs_json(lines)))
             return
-        rows = [(line.action, line.at, line.stream, line.text) for line in lines]
+        rows = [(line.action, line.at, line.stream, line.text, line.rank) for line in lines]
         tasks = {line.action: line.task for line in lines if line.task}
         if not rows:
             what = f"action {action} of run {run_id}" if action else f"run {run_id}"
@@ -574,10 +574,11 @@ def build_app() -> typer.Typer:
         # One action asked for, one found: its lines alone, as it printed them.
         show_action = action is None or len({key for key, *_ in rows}) > 1
         out = []
-        for key, _at, stream, text in rows:
+        for key, _at, stream, text, rank in rows:
             task = tasks.get(key)
             prefix = (f"{key} {task}: " if task else f"{key}: ") if show_action else ""
-            mark = "" if stream == "stdout" else f"[{stream}] "
+            # A gang's lines say which rank wrote them, in every form.
+            mark = ("" if rank is None else f"[rank {rank}] ") + ("" if stream == "stdout" else f"[{stream}] ")
             out.append(f"{prefix}{mark}{text}")
         _echo("\n".join(out))
 

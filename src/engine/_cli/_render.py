@@ -377,7 +377,10 @@ def _jsonable(value: Any) -> Any:
 
 def logs_json(lines: Iterable[LogLine]) -> list[dict[str, Any]]:
     return [
-        {"action": line.action, "task": line.task, "at": line.at.timestamp(), "stream": line.stream, "text": line.text}
+        {
+            "action": line.action, "task": line.task, "at": line.at.timestamp(), "stream": line.stream,
+            "text": line.text, "rank": line.rank,
+        }
         for line in lines
     ]
 

@@ -252,7 +252,9 @@ async def _values(journal: Journal, run_id: str, out: Collected) -> None:
 async def _logs(journal: Journal, run_id: str, out: Collected) -> None:
     rows = await journal.logs(run_id, limit=LOG_LINES + 1)
     out.logs_cut = len(rows) > LOG_LINES
-    for key, at, stream, text in rows[:LOG_LINES]:
+    for key, at, stream, text, rank in rows[:LOG_LINES]:
+        if rank is not None:
+            text = f"[rank {rank}] {text}"
         if len(text) > LOG_LINE_CHARS:
             text = text[:LOG_LINE_CHARS] + f"... ({len(text) - LOG_LINE_CHARS} more characters)"
         out.logs.setdefault(key, []).append([round(at - out.t0, 6), stream, text])

@@ -1,0 +1,138 @@
+"""Tasks run as gangs (``nodes=``) by the gang tests of every backend.
+
+Imported by name on the workers' side; the target is given per test
+(``task.override(offload=...)``), so each task here says only what its
+ranks do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import engine
+
+#: Seconds a rank keeps trying to reach rank 0 (which starts at the same time).
+CONNECT_FOR = 30.0
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionError("the peer closed the connection")
+        data += more
+    return data
+
+
+def socket_allreduce(value: int) -> int:
+    """The sum of every rank's ``value``, over plain TCP to ``MASTER_ADDR:MASTER_PORT`` (no torch)."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank == 0:
+        with socket.create_server(("", port), reuse_port=False) as server:
+            server.settimeout(CONNECT_FOR)
+            peers = [server.accept()[0] for _ in range(world - 1)]
+            total = value + sum(struct.unpack(">q", _recv_exactly(p, 8))[0] for p in peers)
+            for peer in peers:
+                peer.sendall(struct.pack(">q", total))
+                peer.close()
+            return total
+    deadline = time.monotonic() + CONNECT_FOR
+    while True:
+        try:
+            sock = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    with sock:
+        sock.sendall(struct.pack(">q", value))
+        (total,) = struct.unpack(">q", _recv_exactly(sock, 8))
+        return int(total)
+
+
+@engine.task(nodes=4)
+def allreduce(base: int) -> dict[str, Any]:
+    """Every rank adds ``base * (rank + 1)``; each returns the sum and what it was told."""
+    me = engine.cluster()
+    total = socket_allreduce(base * (me.rank + 1))
+    print(f"rank {me.rank} of {me.world_size} summed {total}", flush=True)
+    return {
+        "total": total,
+        "rank": me.rank,
+        "cluster": {
+            "rank": me.rank, "world_size": me.world_size, "local_rank": me.local_rank,
+            "local_world_size": me.local_world_size, "master_addr": me.master_addr,
+            "master_port": me.master_port, "hosts": list(me.hosts),
+        },
+        "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+@engine.task(nodes=3)
+async def fails_on(bad: int, pids: str) -> int:
+    """Every rank writes its pid under ``pids``; rank ``bad`` raises once all have, the others sleep."""
+    me = engine.cluster()
+    folder = Path(pids)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{me.rank}").write_text(str(os.getpid()))
+    if me.rank != bad:
+        import asyncio
+
+        await asyncio.sleep(300)
+        return me.rank
+    while len(list(folder.glob("rank-*"))) < me.world_size:
+        import asyncio
+
+        await asyncio.sleep(0.01)
+    raise ValueError(f"rank {me.rank} gives up")
+
+
+@engine.task(nodes=2)
+async def dies_on(bad: int, pids: str) -> int:
+    """Like ``fails_on``, but rank ``bad`` dies (SIGKILL of its own process) instead of raising."""
+    import asyncio
+    import signal
+
+    me = engine.cluster()
+    folder = Path(pids)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{me.rank}").write_text(str(os.getpid()))
+    if me.rank != bad:
+        await asyncio.sleep(300)
+        return me.rank
+    while len(list(folder.glob("rank-*"))) < me.world_size:
+        await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return -1
+
+
+@engine.task(nodes=2)
+async def rank_only() -> int:
+    """Rank 0 returns 100, the others their rank: the action's result is rank 0's."""
+    me = engine.cluster()
+    print(f"hello from rank {me.rank}", flush=True)
+    return 100 if me.rank == 0 else me.rank
+
+
+@engine.task(nodes=2)
+async def traced_ranks(n: int) -> int:
+    """Each rank runs ``n`` traces; only rank 0's are recorded."""
+    total = 0
+    for i in range(n):
+        total += await _step(i)
+    return total
+
+
+@engine.trace
+async def _step(i: int) -> int:
+    return i * (engine.cluster().rank + 1)
