@@ -8,6 +8,7 @@ ranks do.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import time
@@ -38,7 +39,7 @@ def socket_allreduce(value: int) -> int:
         with socket.create_server(("", port), reuse_port=False) as server:
             server.settimeout(CONNECT_FOR)
             peers = [server.accept()[0] for _ in range(world - 1)]
-            total = value + sum(struct.unpack(">q", _recv_exactly(p, 8))[0] for p in peers)
+            total = value + sum(int(struct.unpack(">q", _recv_exactly(p, 8))[0]) for p in peers)
             for peer in peers:
                 peer.sendall(struct.pack(">q", total))
                 peer.close()
@@ -63,7 +64,7 @@ def allreduce(base: int) -> dict[str, Any]:
     """Every rank adds ``base * (rank + 1)``; each returns the sum and what it was told."""
     me = engine.cluster()
     total = socket_allreduce(base * (me.rank + 1))
-    print(f"rank {me.rank} of {me.world_size} summed {total}", flush=True)
+    print(f"rank {me.rank} of {me.world_size} summed {total}", flush=True)  # noqa: T201
     return {
         "total": total,
         "rank": me.rank,
@@ -78,40 +79,39 @@ def allreduce(base: int) -> dict[str, Any]:
     }
 
 
-@engine.task(nodes=3)
-async def fails_on(bad: int, pids: str) -> int:
-    """Every rank writes its pid under ``pids``; rank ``bad`` raises once all have, the others sleep."""
+def _started(pids: str) -> tuple[engine.Cluster, Path]:
+    """This rank's place, its pid written under ``pids`` (so a test can watch every rank)."""
     me = engine.cluster()
     folder = Path(pids)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{me.rank}").write_text(str(os.getpid()))
+    return me, folder
+
+
+def _all_started(folder: Path, world: int) -> None:
+    while len(list(folder.glob("rank-*"))) < world:
+        time.sleep(0.01)
+
+
+@engine.task(nodes=3)
+def fails_on(bad: int, pids: str) -> int:
+    """Every rank writes its pid under ``pids``; rank ``bad`` raises once all have, the others sleep."""
+    me, folder = _started(pids)
     if me.rank != bad:
-        import asyncio
-
-        await asyncio.sleep(300)
+        time.sleep(300)
         return me.rank
-    while len(list(folder.glob("rank-*"))) < me.world_size:
-        import asyncio
-
-        await asyncio.sleep(0.01)
+    _all_started(folder, me.world_size)
     raise ValueError(f"rank {me.rank} gives up")
 
 
 @engine.task(nodes=2)
-async def dies_on(bad: int, pids: str) -> int:
+def dies_on(bad: int, pids: str) -> int:
     """Like ``fails_on``, but rank ``bad`` dies (SIGKILL of its own process) instead of raising."""
-    import asyncio
-    import signal
-
-    me = engine.cluster()
-    folder = Path(pids)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{me.rank}").write_text(str(os.getpid()))
+    me, folder = _started(pids)
     if me.rank != bad:
-        await asyncio.sleep(300)
+        time.sleep(300)
         return me.rank
-    while len(list(folder.glob("rank-*"))) < me.world_size:
-        await asyncio.sleep(0.01)
+    _all_started(folder, me.world_size)
     os.kill(os.getpid(), signal.SIGKILL)
     return -1
 
@@ -120,7 +120,7 @@ async def dies_on(bad: int, pids: str) -> int:
 async def rank_only() -> int:
     """Rank 0 returns 100, the others their rank: the action's result is rank 0's."""
     me = engine.cluster()
-    print(f"hello from rank {me.rank}", flush=True)
+    print(f"hello from rank {me.rank}", flush=True)  # noqa: T201
     return 100 if me.rank == 0 else me.rank
 
 

@@ -933,7 +933,7 @@ def test_show_actions_says_where_each_action_ran() -> None:
         (attempt,) = record["attempts"]
         assert attempt == {
             "attempt": 1, "state": "succeeded", "target": "local", "backend": "in-process", "where": here,
-            "started_at": record["started"], "finished_at": record["finished"],
+            "started_at": record["started"], "finished_at": record["finished"], "ranks": [],
         }
 
 

@@ -764,6 +764,28 @@ async def test_a_version_3_journal_gains_the_offload_tables(tmp_path: Path) -> N
     assert rows(home / "shoal.db", "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
+async def test_a_version_4_journal_gains_the_gang_columns(tmp_path: Path) -> None:
+    home = private(tmp_path / "home")
+    async with engine.Engine(home=home) as eng:
+        done = await eng.run(_squares, 3)
+    db = sqlite3.connect(home / "shoal.db")
+    with db:
+        db.execute("ALTER TABLE attempts DROP COLUMN ranks")
+        db.execute("ALTER TABLE logs DROP COLUMN rank")
+        db.execute("INSERT INTO logs VALUES (?, ?, ?, ?, ?)", (done.id, "root", 1.0, "stdout", "said before"))
+        db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    db.close()
+    async with engine.Engine(home=home) as eng:
+        shown = await eng.get_run(done.id, actions=True)
+        assert (shown.status, shown.action_count) == ("succeeded", 4)
+        [line] = await shown.alogs()
+        assert (line.text, line.rank) == ("said before", None)
+    columns = {name for (_, name, *_) in rows(home / "shoal.db", "PRAGMA table_info(attempts)")}
+    assert "ranks" in columns
+    assert "rank" in {name for (_, name, *_) in rows(home / "shoal.db", "PRAGMA table_info(logs)")}
+    assert rows(home / "shoal.db", "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+
+
 async def test_a_journal_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     async with engine.Engine(store=path) as eng:

@@ -37,7 +37,8 @@ class TaskCounts:
     a sized iterable will still make and has not made yet (they are no
     actions yet), so that progress knows the total from the start.
     ``group`` is the ``engine.group`` label of these actions (None outside
-    any group).
+    any group).  ``ranks`` is how many ranks each action runs as (a gang's
+    ``nodes``; 1 for an ordinary task): a gang counts as one action.
     """
 
     __slots__ = (
@@ -48,6 +49,7 @@ class TaskCounts:
         "group",
         "name",
         "pending",
+        "ranks",
         "replayed",
         "retries",
         "running",
@@ -72,6 +74,7 @@ class TaskCounts:
         self.cached = 0
         self.replayed = 0
         self.retries = 0
+        self.ranks = 1
 
     @property
     def done(self) -> int:

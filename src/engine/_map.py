@@ -174,7 +174,7 @@ class MapResults(Generic[R]):
         if not all(isinstance(items, Sized) for items in self._iterables):
             return None, 0
         n = min(len(items) for items in self._iterables)  # type: ignore[arg-type]
-        counts = action.run.counters_for(name, group_var.get())
+        counts = action.run.counters_for(name, group_var.get(), ranks=getattr(self._task, "nodes", 1))
         counts.upcoming += n
         return counts, n
 

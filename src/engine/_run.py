@@ -163,17 +163,19 @@ class Run:
         return total or TaskCounts("").as_dict()
 
     def counters_for(
-        self, name: str, group: str | None = None, kind: type[TaskCounts] = TaskCounts
+        self, name: str, group: str | None = None, kind: type[TaskCounts] = TaskCounts, ranks: int = 1
     ) -> TaskCounts:
         """The counters of ``name`` (a task, or another unit of work such as a parallel_map) in ``group``.
 
         ``kind`` makes them when ``name`` has none yet (a subclass counts
-        something other than actions, see ``TaskCounts.unit``).
+        something other than actions, see ``TaskCounts.unit``); ``ranks``
+        is a gang task's ``nodes``.
         """
         key = name if group is None else (group, name)
         counts = self.counters.get(key)
         if counts is None:
             counts = self.counters[key] = kind(name, group)
+            counts.ranks = ranks
         return counts
 
     def cancel(self) -> None:
@@ -231,7 +233,7 @@ class Run:
         group = group_var.get()
         counts = self.counters.get(task.name if group is None else (group, task.name))
         if counts is None:
-            counts = self.counters_for(task.name, group)
+            counts = self.counters_for(task.name, group, ranks=task.nodes)
         key = ""
         if self.keyed:
             memo = parent.memo
@@ -405,7 +407,7 @@ class Run:
         self._main = self.loop.create_task(self._drive(), name=f"shoal-run-{self.id}")
 
     async def _drive(self) -> None:
-        counts = self.counters_for(self.task.name)
+        counts = self.counters_for(self.task.name, ranks=self.task.nodes)
         lifecycle.called(counts)
         capture: OutputCapture | None = None
         try:

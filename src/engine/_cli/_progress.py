@@ -227,7 +227,7 @@ class Progress:
                 table.add_row(f"[magenta]group {escape(group or '')}[/magenta]")
             pending = counts.pending + counts.upcoming
             table.add_row(
-                ("  " if group else "") + escape(counts.name),
+                ("  " if group else "") + escape(_label(counts)),
                 f"{pending:,}",
                 f"{counts.running:,}",
                 f"{counts.committing:,}",
@@ -255,7 +255,7 @@ class Progress:
         stamp = f"[{now - self._start:.1f}s]"
         lines = []
         for counts, _ in self._sample(run, now):
-            name = counts.name if counts.group is None else f"{counts.group}/{counts.name}"
+            name = _label(counts) if counts.group is None else f"{counts.group}/{_label(counts)}"
             total = counts.total + counts.upcoming
             waiting = f" ({counts.committing:,} committing)" if counts.committing else ""
             cancelled = f", {counts.cancelled:,} cancelled" if counts.cancelled else ""
@@ -283,6 +283,11 @@ class Progress:
         counts += _items(run)
         colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(run.status, "white")
         return f"[{colour}]run {run.id} {run.status}[/{colour}] in {took} ({counts})"
+
+
+def _label(counts: TaskCounts) -> str:
+    """A task's name in the display; a gang's says its ranks (``train (4 ranks)``), counted as one action."""
+    return counts.name if counts.ranks == 1 else f"{counts.name} ({counts.ranks} ranks)"
 
 
 def _items(run: Run) -> str:

@@ -11,7 +11,7 @@ lines, tracebacks for the first :data:`TRACEBACKS_SHOWN` failures) and says
 so; ``--json`` has everything whole.  In JSON, ``actions`` is always the
 number of the run's actions, and ``action_records`` (only with
 ``--actions``) the page of their records, each with its ``attempts``: a
-list of ``{attempt, state, target, backend, where, started_at,
+list of ``{attempt, state, target, backend, where, ranks, started_at,
 finished_at}``.
 """
 
@@ -248,12 +248,17 @@ def where_text(rec: RecordedAction) -> str:
     The target's name, then the host and pid or the Batch job id (blank for
     a local action of an earlier process of the run, whose pid is not
     known); ``(3 attempts)`` after it when more than one was recorded
-    (attempts lost with a worker or host count too).
+    (attempts lost with a worker or host count too).  A gang's attempt
+    names its ranks' places after rank 0's: ``lab 4 ranks: h1:10, h1:11,
+    h2:7, h2:8``.
     """
     if not rec.attempts:
         return ""
     last = rec.attempts[-1]
-    text = f"{last.target} {last.where}".strip()
+    if last.ranks:
+        text = f"{last.target} {len(last.ranks)} ranks: {', '.join(last.ranks)}"
+    else:
+        text = f"{last.target} {last.where}".strip()
     if len(rec.attempts) > 1:
         text += f" ({len(rec.attempts)} attempts)"
     return text
@@ -321,7 +326,7 @@ def show(run: RecordedRun[object], failed: list[RecordedAction], *, actions: boo
 def _attempt_json(a: Any) -> dict[str, Any]:
     return {
         "attempt": a.attempt, "state": a.state, "target": a.target, "backend": a.backend, "where": a.where,
-        "started_at": unix(a.started_at), "finished_at": unix(a.finished_at),
+        "started_at": unix(a.started_at), "finished_at": unix(a.finished_at), "ranks": list(a.ranks),
     }
 
 
