@@ -43,6 +43,7 @@ import msgspec
 from msgspec.structs import astuple
 
 from . import _lifecycle as lifecycle
+from ._bulk import insert_rows
 from ._codec import decode_value
 from ._entries import (
     AttemptRow,
@@ -530,18 +531,18 @@ class Journal(JournalQueries):
                 else:
                     self._end(db, run)
             if actions:
-                db.executemany("INSERT INTO actions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", actions)
+                insert_rows(db, "INSERT", "actions", ACTION_COLUMNS, actions)
             if caches:
-                db.executemany("INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?)", caches)
+                insert_rows(db, "INSERT OR REPLACE", "cache", 6, caches)
             if logs:
-                db.executemany("INSERT INTO logs VALUES (?,?,?,?,?,?)", logs)
+                insert_rows(db, "INSERT", "logs", 6, logs)
             if attempts:
-                db.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
+                insert_rows(db, "INSERT", "attempts", 14, attempts)
             if bundles:
-                db.executemany("INSERT INTO run_bundles VALUES (?,?,?,?,?)", bundles)
+                insert_rows(db, "INSERT", "run_bundles", 5, bundles)
             for run_id, rows in live.items():
                 db.execute("DELETE FROM live_actions WHERE run_id=?", (run_id,))
-                db.executemany("INSERT INTO live_actions VALUES (?,?,?,?,?,?,?)", rows)
+                insert_rows(db, "INSERT", "live_actions", 7, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
