@@ -608,6 +608,7 @@ def _values() -> dict[str, Any]:
         "File": file,
         "LocalBlobStore": engine.LocalBlobStore("blobs"),
         "Resources": engine.Resources(cpu=2, memory="1Gi"),
+        "Cluster": engine.Cluster(rank=1, world_size=2, master_port=29500, hosts=("h0", "h1")),
         "Retry": engine.Retry(2, on=[ValueError]),
         "RunSummary": engine.RunSummary("r1", "main", "m:main", "failed", 1, 1.0, 2.0, ("t",), 3, error, (task_summary,), (record,)),
         "Task": leaf,

@@ -12,12 +12,16 @@ import asyncio
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from ._records import ErrorInfo
+import msgspec
+
+from ._records import ActionRecord, ErrorInfo, RunRecord
 
 if TYPE_CHECKING:
-    from ._records import ActionRecord, RunRecord
+    from ._journal import Settle
 
 __all__ = [
+    "ACTION_COLUMNS",
+    "ERROR_ENCODER",
     "STACKS_KEPT",
     "AttemptRow",
     "BundleRow",
@@ -25,8 +29,13 @@ __all__ = [
     "Commit",
     "Failure",
     "LiveRows",
+    "LogRow",
     "LogRows",
+    "action_row",
     "describe",
+    "run_values",
+    "runs_of",
+    "split_settles",
 ]
 
 
@@ -174,3 +183,57 @@ def describe(
         stack = stacks[key] = "".join(traceback.extract_tb(tb).format())
     text = "Traceback (most recent call last):\n" + stack + "".join(traceback.format_exception_only(exc))
     return ErrorInfo(name, message, text)
+
+
+#: Encodes an error's ErrorInfo for its column.
+ERROR_ENCODER = msgspec.msgpack.Encoder()
+
+
+def split_settles(settles: list[Settle], records: list[Any], count: int) -> tuple[list[Settle], list[Settle]]:
+    """The settles of the first ``count`` successes, and the rest.
+
+    Invariant relied on: a settle is appended with, and only with, an
+    action's success record (an :class:`ActionRecord` of kind "action" in
+    state "succeeded"), in the same order as the records.
+    """
+    return settles[:count], settles[count:]
+
+
+#: Columns of the ``actions`` table: the fields of ActionRecord before ``attempts``.
+ACTION_COLUMNS = 16
+
+
+def action_row(rec: ActionRecord) -> tuple[Any, ...]:
+    return (
+        rec.run_id, rec.key, rec.parent, rec.task, rec.state, rec.attempt, rec.run_attempt,
+        rec.started, rec.finished, rec.group, rec.output, rec.output_kind,
+        None if rec.error is None else ERROR_ENCODER.encode(rec.error), rec.kind, rec.cache_key,
+        int(rec.cached),
+    )
+
+
+def run_values(run: RunRecord) -> tuple[Any, ...]:
+    """A run record as the values of :data:`RUN_COLUMNS`."""
+    return (
+        run.id, run.task, run.root, run.root_file, run.args, run.args_kind, run.status,
+        run.attempt, run.started, run.finished, msgspec.json.encode(run.tags).decode(),
+        None if run.error is None else ERROR_ENCODER.encode(run.error), run.pid, run.host,
+        run.pid_start, run.attempt_started,
+    )
+
+
+def runs_of(records: list[Any]) -> set[str]:
+    """The runs that records of a batch belong to (read only when a batch failed)."""
+    found: set[str] = set()
+    for rec in records:
+        if isinstance(rec, ActionRecord):
+            found.add(rec.run_id)
+        elif isinstance(rec, Failure):
+            found.add(rec.record.run_id)
+        elif isinstance(rec, LogRows | AttemptRow):
+            found.update(row[0] for row in (rec.rows if isinstance(rec, LogRows) else [rec.row]))
+        elif isinstance(rec, RunRecord):
+            found.add(rec.id)
+        elif isinstance(rec, Claim):
+            found.add(rec.record.id)
+    return found

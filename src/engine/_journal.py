@@ -46,6 +46,8 @@ from . import _lifecycle as lifecycle
 from ._bulk import insert_rows
 from ._codec import decode_value
 from ._entries import (
+    ACTION_COLUMNS,
+    ERROR_ENCODER,
     AttemptRow,
     BundleRow,
     Claim,
@@ -54,7 +56,11 @@ from ._entries import (
     LiveRows,
     LogRow,
     LogRows,
+    action_row,
     describe,
+    run_values,
+    runs_of,
+    split_settles,
 )
 from ._errors import (
     JournalBusy,
@@ -96,7 +102,6 @@ MAX_BATCH = 8192
 HIGH_WATER = 32768
 LOW_WATER = HIGH_WATER // 2
 
-_error_encoder = msgspec.msgpack.Encoder()
 
 
 class Journal(JournalQueries):
@@ -134,6 +139,10 @@ class Journal(JournalQueries):
         # Formatted stacks by where they ran (see ``describe``); used only
         # on the journal thread.
         self._stacks: dict[Any, str] = {}
+        # Invariant (journal thread only): ``_lost`` maps each run that had
+        # records in a batch that failed to that batch's error; the run's
+        # end, written later, is then recorded as failed (see ``_end``).
+        self._lost: dict[str, Exception] = {}
         self._closed = False
         self._loop = asyncio.get_running_loop()
         # Shared between the event loop (which appends) and the journal
@@ -434,17 +443,19 @@ class Journal(JournalQueries):
                 if last:
                     ours = settles
                 else:
-                    # The settles of this chunk's successes (see _split_settles).
+                    # The settles of this chunk's successes (see split_settles).
                     count = sum(
                         1 for r in chunk if type(r) is ActionRecord and r.kind == "action" and r.state == "succeeded"
                     )
-                    ours, settles = _split_settles(settles, chunk, count)
+                    ours, settles = split_settles(settles, chunk, count)
                 error: Exception | None = None
                 claims: list[Claim] = []
                 try:
                     self._guard(self._write, (chunk, claims))
                 except Exception as exc:
                     error = exc
+                    for run_id in runs_of(chunk):
+                        self._lost.setdefault(run_id, exc)
                 self._writing_now -= len(chunk)
                 try:
                     self._loop.call_soon_threadsafe(
@@ -508,7 +519,7 @@ class Journal(JournalQueries):
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
             elif kind is Failure:
                 info = None if rec.error is None else describe(rec.error, rec.origin, self._stacks)
-                actions.append(_action_row(msgspec.structs.replace(rec.record, error=info)))
+                actions.append(action_row(msgspec.structs.replace(rec.record, error=info)))
             elif kind is LogRows:
                 logs.extend(rec.rows)
             elif kind is AttemptRow:
@@ -525,11 +536,11 @@ class Journal(JournalQueries):
                 runs.append(rec)
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Claims first, ends last: a run's end counts its actions by
+            # task (run_tasks), those of this batch included.
             for run in runs:
                 if type(run) is Claim:
                     run.refused = self._claim(db, run)
-                else:
-                    self._end(db, run)
             if actions:
                 insert_rows(db, "INSERT", "actions", ACTION_COLUMNS, actions)
             if caches:
@@ -543,6 +554,9 @@ class Journal(JournalQueries):
             for run_id, rows in live.items():
                 db.execute("DELETE FROM live_actions WHERE run_id=?", (run_id,))
                 insert_rows(db, "INSERT", "live_actions", 7, rows)
+            for run in runs:
+                if type(run) is not Claim:
+                    self._end(db, run)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -552,7 +566,8 @@ class Journal(JournalQueries):
     def _claim(self, db: sqlite3.Connection, claim: Claim) -> Exception | None:
         """Inside the batch's transaction: record the run as this process's, if it may be."""
         run = claim.record
-        row = _run_values(run)
+        self._lost.pop(run.id, None)  # a new attempt of the run has lost nothing yet
+        row = run_values(run)
         if claim.previous is None:
             cur = db.execute(
                 f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({','.join('?' * 16)}) "
@@ -593,13 +608,16 @@ class Journal(JournalQueries):
         return None
 
     def _end(self, db: sqlite3.Connection, run: RunRecord) -> None:
-        """Record the end of this process's attempt of a run."""
+        """Record the end of this process's attempt of a run (failed, if some of its records were lost)."""
+        lost = self._lost.pop(run.id, None)
+        if lost is not None and run.status == "succeeded":
+            run = msgspec.structs.replace(run, status="failed", error=describe(lost))
         db.execute(
             "UPDATE runs SET status=?, finished=?, error=? WHERE id=? AND attempt=?",
             (
                 run.status,
                 run.finished,
-                None if run.error is None else _error_encoder.encode(run.error),
+                None if run.error is None else ERROR_ENCODER.encode(run.error),
                 run.id,
                 run.attempt,
             ),
@@ -771,36 +789,3 @@ def _version(db: sqlite3.Connection, path: Path) -> int | None:
     if version < 1:
         raise JournalCorrupt(f"journal {path} has an unreadable schema version {version}")
     return version
-
-
-def _split_settles(settles: list[Settle], records: list[Any], count: int) -> tuple[list[Settle], list[Settle]]:
-    """The settles of the first ``count`` successes, and the rest.
-
-    Invariant relied on: a settle is appended with, and only with, an
-    action's success record (an :class:`ActionRecord` of kind "action" in
-    state "succeeded"), in the same order as the records.
-    """
-    return settles[:count], settles[count:]
-
-
-#: Columns of the ``actions`` table: the fields of ActionRecord before ``attempts``.
-ACTION_COLUMNS = 16
-
-
-def _action_row(rec: ActionRecord) -> tuple[Any, ...]:
-    return (
-        rec.run_id, rec.key, rec.parent, rec.task, rec.state, rec.attempt, rec.run_attempt,
-        rec.started, rec.finished, rec.group, rec.output, rec.output_kind,
-        None if rec.error is None else _error_encoder.encode(rec.error), rec.kind, rec.cache_key,
-        int(rec.cached),
-    )
-
-
-def _run_values(run: RunRecord) -> tuple[Any, ...]:
-    """A run record as the values of :data:`RUN_COLUMNS`."""
-    return (
-        run.id, run.task, run.root, run.root_file, run.args, run.args_kind, run.status,
-        run.attempt, run.started, run.finished, msgspec.json.encode(run.tags).decode(),
-        None if run.error is None else _error_encoder.encode(run.error), run.pid, run.host,
-        run.pid_start, run.attempt_started,
-    )

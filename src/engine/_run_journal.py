@@ -211,10 +211,13 @@ class RunJournal:
             return
         from datetime import UTC, datetime
 
-        # Every record of the run commits (or fails) before its final one is
-        # written: a run with a record missing does not say it succeeded.
-        await self.journal.flush()
-        # The run took until its records were durable: its duration says so.
+        # The final record goes after every other record of the run, in the
+        # same transaction or a later one (one writer, in order), without a
+        # commit of its own to wait for first.  If a batch holding some of
+        # the run's records failed, the journal thread writes the end as
+        # failed (Journal._end), and the failed batch's settles, which reach
+        # the loop before this commit does, set ``self.error``: a run with a
+        # record missing does not say it succeeded.
         run.finished_at = datetime.now(UTC)
         if self.error is not None and run.status == "succeeded":
             run.status = "failed"
@@ -227,6 +230,12 @@ class RunJournal:
             if run.status == "succeeded":
                 run.status = "failed"
                 run.error = exc
+        if self.error is not None and run.status == "succeeded":
+            run.status = "failed"
+            run.error = self.error
+        # The run took until its records were durable: its duration says so
+        # (the journal's own end time is when the end was handed over).
+        run.finished_at = datetime.now(UTC)
         if self._flag_seen:
             with contextlib.suppress(OSError):
                 os.unlink(self.journal.cancel_flag(run.id))
