@@ -43,7 +43,7 @@ def socket_allreduce(value: int) -> int:
             for peer in peers:
                 peer.sendall(struct.pack(">q", total))
                 peer.close()
-            return total
+            return int(total)
     deadline = time.monotonic() + CONNECT_FOR
     while True:
         try:
@@ -136,3 +136,30 @@ async def traced_ranks(n: int) -> int:
 @engine.trace
 async def _step(i: int) -> int:
     return i * (engine.cluster().rank + 1)
+
+
+@engine.task(nodes=3)
+async def held(base: int, folder: str) -> dict[str, Any]:
+    """Each rank writes ``folder/rank-R`` (its host and pid), waits for ``folder/go``, then joins an allreduce."""
+    import asyncio
+
+    me = engine.cluster()
+    where = Path(folder)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"rank-{me.rank}").write_text(f"{socket.gethostname()} {os.getpid()}")
+    while not (where / "go").exists():
+        await asyncio.sleep(0.02)
+    total = await asyncio.to_thread(socket_allreduce, base * (me.rank + 1))
+    print(f"rank {me.rank} on {socket.gethostname()} summed {total}", flush=True)
+    return {"total": total, "hosts": list(me.hosts), "master_addr": me.master_addr, "host": socket.gethostname()}
+
+
+@engine.task(nodes=2, resources=engine.Resources(gpu=1))
+async def gpu_ranks() -> list[str]:
+    """Every rank's ``CUDA_VISIBLE_DEVICES``, gathered by rank 0 over the allreduce's socket (as a bit mask)."""
+    import asyncio
+
+    mine = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    mask = sum(1 << int(d) for d in mine.split(",") if d.isdigit())
+    total = await asyncio.to_thread(socket_allreduce, mask)
+    return [mine, str(total)]

@@ -20,8 +20,12 @@ Three kinds of host (fixtures of the same names):
   ``/tmp``, are bound back in.
 - ``ns_hosts``: four honest hosts, each in a network namespace of its own
   reached over a veth pair at 10.200.N.2 (the rig's end is 10.200.N.1),
-  port 22.  :meth:`SSHHost.cut` takes a host's link down
-  (``ip link set ... down``) or drops its packets (a blackhole route),
+  port 22.  The rig's ends of the pairs are ports of one bridge, and each
+  host routes all of 10.200.0.0/16 onto its link, so the hosts reach each
+  other too (a gang's ranks talk to rank 0's host) without this machine
+  forwarding anything.  :meth:`SSHHost.cut` takes a host's link down
+  (``ip link set ... down``: cut off from the rig and the other hosts) or
+  drops its packets (a blackhole route: from the rig only),
   :meth:`SSHHost.mend` brings it back.
 
 No orphans: each server's first process has ``PR_SET_PDEATHSIG`` (SIGKILL)
@@ -59,6 +63,8 @@ if TYPE_CHECKING:
 SSHD = "/usr/sbin/sshd"
 #: Prefix of the network namespaces this rig makes (then the owner's pid and a number).
 NS_PREFIX = "shoal-rig-"
+#: Prefix of the bridge the namespace hosts' links join (then the owner's pid).
+BRIDGE_PREFIX = "shrb"
 #: The addresses of namespace hosts (10.200.N.2) and the rig's ends (10.200.N.1).
 FENCE = "10.200.0.0/16"
 #: Seconds a server has to listen after it is started.
@@ -103,6 +109,8 @@ class SSHHost:
     #: The rig's end of the host's veth pair (network-namespace hosts only).
     veth: str | None = None
     netns: str | None = None
+    #: The rig's address on the host's subnet (``10.200.N.1/24``, on the rig's bridge).
+    rig_end: str | None = None
     cut_how: str | None = field(default=None, repr=False)
 
     @property
@@ -186,6 +194,8 @@ class SSHRig:
         self.namespaces: list[str] = []
         self._serial = 0
         self._fence = False
+        # The bridge every namespace host's link joins (made with the first).
+        self.bridge: str | None = None
 
     # -- servers ---------------------------------------------------------------
 
@@ -296,17 +306,46 @@ class SSHRig:
         _run("ip", "netns", "del", ns, check=False)
         _run("ip", "netns", "add", ns)
         self.namespaces.append(ns)
+        bridge = self._bridge()
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
         _run("ip", "link", "set", peer, "netns", ns)
-        _run("ip", "addr", "add", f"10.200.{subnet}.1/24", "dev", veth)
+        _run("ip", "link", "set", veth, "master", bridge)
+        rig_end = f"10.200.{subnet}.1/24"
+        _run("ip", "addr", "add", rig_end, "dev", bridge)
         _run("ip", "link", "set", veth, "up")
         _run("ip", "-n", ns, "addr", "add", f"10.200.{subnet}.2/24", "dev", peer)
         _run("ip", "-n", ns, "link", "set", peer, "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
+        # The other hosts' subnets are on the same bridge: reached directly
+        # (ARP over the bridge), so nothing is forwarded by this machine.
+        _run("ip", "-n", ns, "route", "add", FENCE, "dev", peer)
         host = self.start(honest=True, address=f"10.200.{subnet}.2", port=22, netns=ns,
                           hostname=f"h{index}")
         host.veth = veth
+        host.rig_end = rig_end
         return host
+
+    def _bridge(self) -> str:
+        """The bridge of this rig's namespace hosts, made on first use."""
+        if self.bridge is None:
+            name = f"{BRIDGE_PREFIX}{os.getpid()}"
+            _run("ip", "link", "del", name, check=False)
+            _run("ip", "link", "add", name, "type", "bridge")
+            _run("ip", "link", "set", name, "up")
+            self.bridge = name
+        return self.bridge
+
+    def forget(self, host: SSHHost) -> None:
+        """Stop a namespace host and remove its namespace and its address on the bridge."""
+        if host.cut_how is not None:
+            host.mend()
+        host.stop()
+        self.hosts.remove(host)
+        if host.netns is not None:
+            _run("ip", "netns", "del", host.netns, check=False)
+            self.namespaces.remove(host.netns)
+        if host.rig_end is not None and self.bridge is not None:
+            _run("ip", "addr", "del", host.rig_end, "dev", self.bridge, check=False)
 
     def close(self) -> None:
         for host in self.hosts:
@@ -315,6 +354,9 @@ class SSHRig:
         for ns in self.namespaces:
             _run("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
+        if self.bridge is not None:
+            _run("ip", "link", "del", self.bridge, check=False)
+            self.bridge = None
         if self._fence:
             _run("ip", "route", "del", "unreachable", FENCE, check=False)
             self._fence = False
@@ -334,7 +376,7 @@ def _free_subnet() -> int:
 
 
 def remove_stale_namespaces() -> None:
-    """Delete the network namespaces of earlier rigs whose process is gone (and the fence, once none is left)."""
+    """Delete the network namespaces and bridges of earlier rigs whose process is gone (and the fence, once none is left)."""
     listing = _run("ip", "netns", "list", check=False).stdout
     for line in listing.splitlines():
         name = line.split()[0] if line.split() else ""
@@ -343,6 +385,13 @@ def remove_stale_namespaces() -> None:
         owner = name[len(NS_PREFIX):].split("-")[0]
         if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
             _run("ip", "netns", "del", name, check=False)
+    for line in _run("ip", "-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
+        words = line.split()
+        name = words[1].rstrip(":") if len(words) > 1 else ""
+        owner = name[len(BRIDGE_PREFIX):]
+        if name.startswith(BRIDGE_PREFIX) and owner.isdigit() and int(owner) != os.getpid() \
+                and not Path(f"/proc/{owner}").exists():
+            _run("ip", "link", "del", name, check=False)
     if NS_PREFIX not in _run("ip", "netns", "list", check=False).stdout:
         _run("ip", "route", "del", "unreachable", FENCE, check=False)
 
@@ -388,10 +437,4 @@ def namespace_hosts(rig: SSHRig, count: int = 4) -> Iterator[list[SSHHost]]:
         yield hosts
     finally:
         for host in hosts:
-            if host.cut_how is not None:
-                host.mend()
-            host.stop()
-            rig.hosts.remove(host)
-            if host.netns is not None:
-                _run("ip", "netns", "del", host.netns, check=False)
-                rig.namespaces.remove(host.netns)
+            rig.forget(host)

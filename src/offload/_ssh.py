@@ -44,13 +44,14 @@ from engine.extend import BackendContext, Handle, HostLost, Start
 
 from ._errors import HostKeyError
 from ._local import SHUTDOWN_GRACE, _Attempt, cancel_attempt, outcome_of
+from ._ssh_gang import Gangs
 from ._ssh_link import _Link
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
 
-    from engine.extend import AttemptHooks, Outcome, Payload
+    from engine.extend import AttemptHooks, Gang, Outcome, Payload
 
     from ._local import WorkerClient
     from ._ssh_workers import RemoteWorker
@@ -194,6 +195,8 @@ class SSH:
     bounds a connect and login; a connection whose ``keepalive_count_max``
     keepalives in a row (one each ``keepalive_interval`` seconds) go
     unanswered is lost.  ``retries``: infrastructure retries per attempt.
+    ``ranks_per_host``: the most ranks of gangs (``nodes=``) on one host at
+    once, unless the task says (see ``_ssh_gang``).
 
     One connection per host, opened when the target is opened (by the
     engine, on first use, or ``async with``) and reused; a host that cannot
@@ -220,6 +223,7 @@ class SSH:
         retries: int = 3,
         concurrency: int = 1,
         insecure_no_host_check: bool = False,
+        ranks_per_host: int = 1,
     ) -> None:
         if isinstance(hosts, str | Host):
             hosts = [hosts]
@@ -285,6 +289,7 @@ class SSH:
         self.keepalive_count_max = _count("keepalive_count_max", keepalive_count_max, 1)
         self.retries = _count("retries", retries, 0)
         self.concurrency = _count("concurrency", concurrency, 1)
+        self.ranks_per_host = _count("ranks_per_host", ranks_per_host, 1)
         self._context: BackendContext | None = None
         #: Marks the processes this target starts on its hosts (see _Link.spawn).
         self.token = secrets.token_hex(8)
@@ -304,6 +309,8 @@ class SSH:
         self._reconnects: dict[Host, asyncio.Task[None]] = {}
         # Bumped by aclose(): a submit or a worker start that finishes after it is not kept.
         self._generation = 0
+        # Gangs (nodes=): their places on the hosts and their ranks' workers.
+        self._gangs = Gangs(self)
 
     def __repr__(self) -> str:
         hosts = ", ".join(repr(str(h)) for h in self.hosts)
@@ -369,7 +376,9 @@ class SSH:
         workers = [w for link in self._links for w in link.workers]
         for link in self._links:
             link.workers.clear()
-        await asyncio.gather(*(w.stop(SHUTDOWN_GRACE, "offload.SSH was closed") for w in workers))
+        await asyncio.gather(
+            *(w.stop(SHUTDOWN_GRACE, "offload.SSH was closed") for w in workers), self._gangs.aclose()
+        )
         for attempt in self._attempts.values():
             attempt.future.cancel()
         self._attempts.clear()
@@ -523,14 +532,35 @@ class SSH:
         return handle
 
     async def wait(self, handle: Handle) -> Outcome:
-        attempt, outcome = await outcome_of(self._attempts, handle, "offload.SSH", self._discard)
+        gang = self._gangs.attempts.get(handle.id)
+        if gang is not None:
+            payload, outcome = gang.attempts[0].payload, await self._gangs.wait(handle)
+        else:
+            attempt, outcome = await outcome_of(self._attempts, handle, "offload.SSH", self._discard)
+            payload = attempt.payload
         if outcome.ok:
-            self._refuse_local_blobs(attempt.payload, outcome.value, "its result references")
+            self._refuse_local_blobs(payload, outcome.value, "its result references")
         return outcome
 
     async def cancel(self, handle: Handle) -> None:
-        """Kill the worker running the attempt, and its process group (a fresh worker replaces it)."""
+        """Kill the worker running the attempt (every rank's, for a gang), and its process group."""
+        if handle.id in self._gangs.attempts:
+            await self._gangs.cancel(handle)
+            return
         await cancel_attempt(self._attempts, handle, self._discard)
+
+    def gang_unfit(self, gang: Gang, cpu: float, gpu: int) -> str | None:
+        """Why the hosts can never hold ``gang`` (``ranks_per_host`` and each host's slots), or None."""
+        return self._gangs.unfit(gang, cpu, gpu)
+
+    async def submit_gang(self, payload: Payload, gang: Gang, hooks: AttemptHooks) -> Handle:
+        """Place ``gang.nodes`` ranks over the hosts, all or none, each in a fresh worker (see ``_ssh_gang``)."""
+        if self._context is None or not self._links:
+            raise OffloadError(
+                f"{self!r} is not open: use it through an engine, or `async with offload.SSH(...)`"
+            )
+        self._refuse_local_blobs(payload, payload.args, "its arguments reference")
+        return await self._gangs.submit(payload, gang, hooks)
 
     async def reattach(self, handle: Handle) -> Handle | None:
         # Workers die with the connection that started them: nothing to find again.
@@ -667,6 +697,7 @@ class SSH:
                 )
 
             worker.fail_all(error)
+        self._gangs.host_lost(link, why)
         self._wake()
 
     # -- what the workers ask of their backend -------------------------------------
