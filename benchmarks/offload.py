@@ -4,6 +4,7 @@
     python benchmarks/offload.py --quick    # N = 300
     python benchmarks/offload.py batch [--items N] [--slots S]   # AWS Batch on the moto rig
     python benchmarks/offload.py ssh [--quick]   # offload.SSH on a loopback sshd (see ssh_main)
+    python benchmarks/offload.py cluster [--quick]   # gangs of 4 ranks (see _offload_cluster)
 
 ``batch`` (see :func:`batch_main`) runs against the tests' moto rig (a
 moto server whose Batch jobs really run as local processes, ``--slots`` at
@@ -298,13 +299,17 @@ def batch_main(n: int, slots: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("mode", nargs="?", choices=["local", "batch", "ssh"], default="local")
+    parser.add_argument("mode", nargs="?", choices=["local", "batch", "ssh", "cluster"], default="local")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--items", type=int, default=10_000, help="batch: items in the map")
     parser.add_argument("--slots", type=int, default=8, help="batch: jobs the rig runs at once")
     args = parser.parse_args()
     if args.mode == "batch":
         batch_main(200 if args.quick else args.items, args.slots)
+    elif args.mode == "cluster":
+        from _offload_cluster import cluster_main
+
+        asyncio.run(cluster_main(3 if args.quick else 10, _TESTS))
     elif args.mode == "ssh":
         asyncio.run(ssh_main(300, 3, 3) if args.quick else ssh_main(2000, 5, 5))
     elif args.quick:

@@ -7,18 +7,38 @@ ranks do.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import engine
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 #: Seconds a rank keeps trying to reach rank 0 (which starts at the same time).
 CONNECT_FOR = 30.0
+
+
+def _mark(folder: str, name: str, text: str) -> None:
+    """Write ``folder/name`` whole at once (a reader polling for it never sees it empty)."""
+    where = Path(folder)
+    where.mkdir(parents=True, exist_ok=True)
+    part = where / f".{name}.part"
+    part.write_text(text)
+    part.rename(where / name)
+
+
+async def _until(check: Callable[[], bool], every: float = 0.01) -> None:
+    while True:
+        if check():
+            return
+        await asyncio.sleep(every)
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -82,10 +102,8 @@ def allreduce(base: int) -> dict[str, Any]:
 def _started(pids: str) -> tuple[engine.Cluster, Path]:
     """This rank's place, its pid written under ``pids`` (so a test can watch every rank)."""
     me = engine.cluster()
-    folder = Path(pids)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{me.rank}").write_text(str(os.getpid()))
-    return me, folder
+    _mark(pids, f"rank-{me.rank}", str(os.getpid()))
+    return me, Path(pids)
 
 
 def _all_started(folder: Path, world: int) -> None:
@@ -141,24 +159,18 @@ async def _step(i: int) -> int:
 @engine.task(nodes=3)
 async def held(base: int, folder: str) -> dict[str, Any]:
     """Each rank writes ``folder/rank-R`` (its host and pid), waits for ``folder/go``, then joins an allreduce."""
-    import asyncio
-
     me = engine.cluster()
-    where = Path(folder)
-    where.mkdir(parents=True, exist_ok=True)
-    (where / f"rank-{me.rank}").write_text(f"{socket.gethostname()} {os.getpid()}")
-    while not (where / "go").exists():
-        await asyncio.sleep(0.02)
+    _mark(folder, f"rank-{me.rank}", f"{socket.gethostname()} {os.getpid()}")
+    go = Path(folder, "go")
+    await _until(go.exists, 0.02)
     total = await asyncio.to_thread(socket_allreduce, base * (me.rank + 1))
-    print(f"rank {me.rank} on {socket.gethostname()} summed {total}", flush=True)
+    print(f"rank {me.rank} on {socket.gethostname()} summed {total}", flush=True)  # noqa: T201 - output to capture
     return {"total": total, "hosts": list(me.hosts), "master_addr": me.master_addr, "host": socket.gethostname()}
 
 
 @engine.task(nodes=2, resources=engine.Resources(gpu=1))
 async def gpu_ranks() -> list[str]:
     """Every rank's ``CUDA_VISIBLE_DEVICES``, gathered by rank 0 over the allreduce's socket (as a bit mask)."""
-    import asyncio
-
     mine = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     mask = sum(1 << int(d) for d in mine.split(",") if d.isdigit())
     total = await asyncio.to_thread(socket_allreduce, mask)

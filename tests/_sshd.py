@@ -156,6 +156,28 @@ class SSHHost:
             _run("ip", "route", "del", "blackhole", f"{self.address}/32", check=False)
         self.cut_how = None
 
+    def pid_here(self, pid: int) -> int | None:
+        """This machine's pid of the process that is ``pid`` on the host (None: no such process, or it ended).
+
+        An honest host has a PID namespace of its own; a namespace host
+        also its own network namespace, by which its processes are told
+        apart from the other hosts' (loopback hosts share this machine's).
+        """
+        space = os.stat(f"/run/netns/{self.netns}").st_ino if self.netns is not None else None
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if space is not None and os.stat(entry / "ns" / "net").st_ino != space:
+                    continue
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if fields.get("NSpid", "").split()[-1:] == [str(pid)] and not fields.get("State", "").strip().startswith("Z"):
+                return int(entry.name)
+        return None
+
     def stop(self) -> None:
         """Kill the host's first process (and with it everything on the host); wait for it."""
         if self.proc.poll() is None:

@@ -121,7 +121,8 @@ async def test_four_ranks_on_one_host_allreduce_and_see_their_cluster(
     [action] = [a for a in shown.action_records if a.task == "allreduce"]
     [attempt] = action.attempts
     assert attempt.state == "succeeded" and attempt.backend == "ssh"
-    assert attempt.where == f"{ssh_host.hostname}:{value['pid']}"
+    assert attempt.where == f"{ssh_host.hostname}:{value['pid']}" == attempt.ranks[0]
+    assert len(set(attempt.ranks)) == 4  # a process of its own for each rank
     text, lines = await logs(home, run.id)
     for rank in range(4):
         assert f"[rank {rank}] rank {rank} of 4 summed 100" in text
@@ -231,6 +232,8 @@ async def test_ranks_on_four_hosts_reach_rank_zeros_host_and_every_ranks_output_
     [action] = [a for a in shown.action_records if a.task == "allreduce"]
     [attempt] = action.attempts
     assert attempt.where == f"h1:{value['pid']}"
+    assert [where.split(":")[0] for where in attempt.ranks] == ["h1", "h2", "h3", "h4"]
+    assert attempt.ranks[0] == attempt.where and all(where.split(":")[1].isdigit() for where in attempt.ranks)
     text, _ = await logs(home, run.id)
     for rank in range(4):
         assert f"[rank {rank}] rank {rank} of 4 summed 10" in text

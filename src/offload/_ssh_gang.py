@@ -39,7 +39,7 @@ import shlex
 from typing import TYPE_CHECKING, Any, Final
 
 from engine import OffloadError
-from engine.extend import Cluster, HostLost, SubmitFailed
+from engine.extend import Cluster, HostLost, SubmitFailed, WorkerLost
 
 from ._local import SHUTDOWN_GRACE
 
@@ -285,8 +285,13 @@ class Gangs:
         if not errors:
             workers = [s.result() for s in starts]
             moved = [w for w in workers if w.link._conn is not w.conn]
+            # A worker that ended while the others started would never
+            # answer its rank (its reader is gone): the gang starts again.
+            ended = [w for w in workers if w.reader is None or w.reader.done()]
             if moved:
                 errors = [HostLost(f"host {moved[0].link.host} was lost while a rank of the gang started there")]
+            elif ended:
+                errors = [WorkerLost(f"{ended[0].what} ended while the other ranks of its gang started")]
         if errors:
             await _kill_started(starts, "its gang could not start")
             error = next((e for e in errors if not isinstance(e, asyncio.CancelledError)), errors[0])
