@@ -205,6 +205,39 @@ async def test_a_gang_the_hosts_can_never_hold_is_a_resource_error_naming_their_
     assert workers_of(backend) == {}
 
 
+async def test_a_gang_past_its_timeout_has_every_rank_killed(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    backend = target(sshd_rig, [ssh_host.spec], ranks_per_host=3)
+    folder = sshd_rig.folder / f"late-{tmp_path.name}"  # no "go": the ranks wait until killed
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        run = await eng.run(g.held.override(offload="lab", timeout=2.0, retries=0), 1, str(folder))
+        assert run.status == "failed" and isinstance(run.error, engine.ActionTimeout), run.error
+        pids = [pid for _, pid in ranks_seen(folder, 3)]
+        await until(lambda: not any(alive(p) for p in pids), within=10.0)
+        assert workers_of(backend) == {}
+        again = await eng.run(g.allreduce.override(offload="lab", nodes=3), 1)  # the places were given back
+        assert again.status == "succeeded" and again.result["total"] == 1 + 2 + 3, again.error
+
+
+async def test_closing_the_engine_mid_gang_leaves_no_rank_on_the_host(
+    sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path
+) -> None:
+    backend = target(sshd_rig, [honest_host.spec], ranks_per_host=3)
+    folder = sshd_rig.folder / f"closed-{tmp_path.name}"
+    eng = engine.Engine(home=tmp_path / "home", targets={"lab": backend})
+    await eng.__aenter__()
+    run = await eng.submit(g.held.override(offload="lab"), 1, str(folder))
+    await until(lambda: len(list(folder.glob("rank-*"))) == 3)
+    assert len(workers_of(backend)) == 3
+    await asyncio.wait_for(eng.aclose(), 30)
+    assert run.done and run.status == "cancelled"
+    assert workers_of(backend) == {}
+    async with target(sshd_rig, [honest_host.spec]) as check:
+        left = await check._link(honest_host.spec).run("pgrep -f 'offload[.]worker' || true")
+    assert left.stdout.strip() == ""
+
+
 def test_ranks_per_host_must_be_a_whole_number_of_at_least_one() -> None:
     with pytest.raises(engine.ConfigError, match="ranks_per_host= takes a whole number >= 1"):
         offload.SSH(["gpu1"], known_hosts="kh", ranks_per_host=0)
