@@ -175,3 +175,37 @@ async def gpu_ranks() -> list[str]:
     mask = sum(1 << int(d) for d in mine.split(",") if d.isdigit())
     total = await asyncio.to_thread(socket_allreduce, mask)
     return [mine, str(total)]
+
+
+def _interface_towards(addr: str) -> str:
+    """The network interface of this host on ``addr``'s network (/16), for gloo to listen on."""
+    import subprocess
+
+    listing = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    prefix = ".".join(addr.split(".")[:2]) + "."
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[2] == "inet" and words[3].startswith(prefix):
+            return words[1].split("@")[0]
+    return "lo"
+
+
+@engine.task(nodes=4)
+def gloo_allreduce(value: int) -> dict[str, Any]:
+    """A real ``torch.distributed`` allreduce over gloo, set up from the environment alone (``env://``)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    me = engine.cluster()
+    # gloo finds its own address through the host name unless told the
+    # interface; the rig's hosts have names no resolver knows.
+    os.environ["GLOO_SOCKET_IFNAME"] = _interface_towards(me.master_addr)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        tensor = torch.tensor([value * (me.rank + 1)], dtype=torch.int64)
+        dist.all_reduce(tensor)
+        return {"total": int(tensor.item()), "world_size": dist.get_world_size(), "rank": dist.get_rank()}
+    finally:
+        dist.destroy_process_group()

@@ -313,3 +313,20 @@ async def test_a_host_lost_mid_gang_has_every_rank_stopped_and_the_gang_retried_
     assert gone_after < interval * count + 2.0 + 3.0
     # After aclose no worker is left on any host (h1's, cut off, was killed over a new connection).
     await until(lambda: workers_of(backend) == {}, within=10.0)
+
+
+@pytest.mark.slow
+async def test_a_torch_distributed_gloo_allreduce_across_the_hosts_works_unchanged(
+    sshd_rig: SSHRig, ns_hosts: list[SSHHost], tmp_path: Path
+) -> None:
+    import importlib.util
+
+    import _sshd
+
+    if importlib.util.find_spec("torch") is None:
+        _sshd.missing("no torch here (CPU-only: pip install torch==2.13.0+cpu, as .ci/run does)")
+    backend = target(sshd_rig, [h.spec for h in ns_hosts])
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        run = await eng.run(g.gloo_allreduce.override(offload="lab"), 5)
+    assert run.status == "succeeded", run.error
+    assert run.result == {"total": 5 * (1 + 2 + 3 + 4), "world_size": 4, "rank": 0}
