@@ -120,7 +120,7 @@ def test_ssh_without_host_checks_must_say_so_twice(tmp_path: Path) -> None:
 
 SSH_KEYS = (
     "backend, hosts, known_hosts, client_keys, username, workers, python, remote_dir, env, "
-    "connect_timeout, keepalive_interval, keepalive_count_max, retries, insecure_no_host_check, concurrency"
+    "connect_timeout, keepalive_interval, keepalive_count_max, retries, insecure_no_host_check, concurrency, ranks_per_host"
 )
 
 

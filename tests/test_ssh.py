@@ -459,13 +459,13 @@ async def test_a_config_table_with_backend_ssh_is_an_ssh_target_that_connects(
         tmp_path,
         f'hosts = ["{ssh_host.spec}"]\nknown_hosts = "{sshd_rig.known_hosts}"\n'
         f'client_keys = ["{sshd_rig.client_key}"]\nworkers = 2\nkeepalive_interval = 1.5\n'
-        'env = { OMP_NUM_THREADS = "1" }\n',
+        'env = { OMP_NUM_THREADS = "1" }\nranks_per_host = 2\n',
     )
     lab = build_target("lab", table, config)
     assert isinstance(lab, offload.SSH)
     assert lab.hosts == (parse_host(ssh_host.spec),)
     assert (lab.workers, lab.keepalive_interval, lab.env) == (2, 1.5, {"OMP_NUM_THREADS": "1"})
-    assert lab.known_hosts == str(sshd_rig.known_hosts) and lab.retries == 3
+    assert lab.known_hosts == str(sshd_rig.known_hosts) and lab.retries == 3 and lab.ranks_per_host == 2
     async with lab:
         assert (await lab._link(ssh_host.spec).run("echo from-config")).stdout == "from-config\n"
 

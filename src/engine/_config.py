@@ -119,6 +119,8 @@ class SSHTarget(Target, frozen=True, tag="ssh"):
     retries: Retries = 3
     insecure_no_host_check: bool = False
     concurrency: Count = 1
+    #: The most ranks of gangs (``nodes=``) on one host at once.
+    ranks_per_host: Count = 1
 
     def __post_init__(self) -> None:
         if not self.known_hosts and not self.insecure_no_host_check:
