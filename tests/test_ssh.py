@@ -647,7 +647,7 @@ sys.path.insert(0, sys.argv[1])
 import _sshd
 rig = _sshd.SSHRig(Path(tempfile.mkdtemp(prefix="shoal-sshd-")))
 host = rig.namespace_host(1)
-print(host.pid, host.netns, flush=True)
+print(host.pid, host.netns, rig.bridge, flush=True)
 time.sleep(60)
 """
 
@@ -668,7 +668,7 @@ def test_a_killed_test_run_leaves_no_server_and_its_namespace_goes_at_the_next_s
     )
     assert child.stdout is not None
     with child.stdout:
-        pid, netns = child.stdout.readline().split()
+        pid, netns, bridge = child.stdout.readline().split()
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     deadline = time.monotonic() + 10
@@ -678,6 +678,7 @@ def test_a_killed_test_run_leaves_no_server_and_its_namespace_goes_at_the_next_s
     assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     _sshd.remove_stale_namespaces()
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert bridge not in subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
     assert _sshd.FENCE not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
 
 
