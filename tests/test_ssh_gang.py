@@ -149,6 +149,24 @@ async def test_a_rank_that_raises_has_the_others_killed_within_two_seconds_and_i
     assert workers_of(backend) == {}
 
 
+async def test_a_rank_that_dies_has_the_others_killed_and_the_gang_is_lost_naming_it(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    backend = target(sshd_rig, [ssh_host.spec], ranks_per_host=2, retries=0)
+    pids = sshd_rig.folder / f"dies-{tmp_path.name}"
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        run = await eng.submit(g.dies_on.override(offload="lab"), 1, str(pids))
+        await until(lambda: len(list(pids.glob("rank-*"))) == 2)
+        survivor = int((pids / "rank-0").read_text())
+        await run.wait()
+        ended = time.monotonic()
+        assert run.status == "failed" and isinstance(run.error, offload.WorkerLost), run.error
+        assert "rank 1 of 2" in str(run.error) and "SIGKILL" in str(run.error)
+        await until(lambda: not alive(survivor), within=2.0 + 3.0)
+        assert time.monotonic() - ended < 2.0 + 3.0
+    assert workers_of(backend) == {}
+
+
 async def test_gpu_ranks_each_get_their_own_gpus(sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path) -> None:
     backend = target(sshd_rig, [Host("127.0.0.1", port=ssh_host.port, gpus=2)], ranks_per_host=2)
     async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
