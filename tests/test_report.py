@@ -252,10 +252,10 @@ def _record_offloaded_attempts(db_path: Path, run_id: str, key: str) -> None:
             "SELECT task, started, finished FROM actions WHERE run_id=? AND key=?", (run_id, key)
         ).fetchone()
         db.executemany(
-            "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
-                (run_id, key, task, 1, 1, "lost", "gpu", "ssh", "h1-handle", "h1:4242", started - 0.5, started, None),
-                (run_id, key, task, 1, 1, "succeeded", "gpu", "ssh", "h2-handle", "h2:77", started, finished, None),
+                (run_id, key, task, 1, 1, "lost", "gpu", "ssh", "h1-handle", "h1:4242", started - 0.5, started, None, None),
+                (run_id, key, task, 1, 1, "succeeded", "gpu", "ssh", "h2-handle", "h2:77", started, finished, None, None),
             ],
         )
     db.close()
