@@ -911,22 +911,6 @@ async def test_a_gpu_attempt_sees_the_gpus_it_holds(sshd_rig: SSHRig, honest_hos
     assert {first.result, second.result} <= {"0", "1"}
 
 
-async def test_a_file_with_a_local_blob_store_is_refused_before_it_is_sent(lab_engine: engine.Engine, tmp_path: Path) -> None:
-    source = tmp_path / "data.txt"
-    source.write_text("local only")
-
-    @engine.task
-    async def send() -> int:
-        return await t.size_of(await engine.File.from_path(source))
-
-    run = await lab_engine.run(send)
-    assert run.status == "failed"
-    assert isinstance(run.error, engine.OffloadError)
-    assert "S3 blob store" in str(run.error) and "size_of" in str(run.error)
-    backend = lab_engine.targets["lab"]
-    assert all(not link.workers for link in backend._links)  # nothing was started for it
-
-
 @pytest.mark.slow
 async def test_a_host_lost_mid_run_has_its_attempts_retried_elsewhere_and_leaves_no_worker(
     sshd_rig: SSHRig, ns_hosts: list[SSHHost], tmp_path: Path

@@ -35,7 +35,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import msgspec
 
@@ -44,10 +44,11 @@ from engine.extend import BackendContext, Handle, HostLost, Start
 
 from ._errors import HostKeyError
 from ._local import SHUTDOWN_GRACE, _Attempt, cancel_attempt, outcome_of
+from ._ssh_blobs import BlobCopies
 from ._ssh_link import _Link
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from types import TracebackType
 
     from engine.extend import AttemptHooks, Outcome, Payload
@@ -59,9 +60,6 @@ __all__ = ["SSH", "Host", "parse_host"]
 
 #: Seconds a submit waiting for a slot looks again at hosts whose backoff may have passed.
 RECHECK: Final = 0.5
-#: How ``File``/``Dir`` references look inside encoded arguments and results
-#: (msgspec tags, and the module a pickled one names).
-_BLOB_MARKS: Final = (b"engine.File", b"engine.Dir", b"engine._files")
 
 _log = logging.getLogger("offload.ssh")
 
@@ -304,6 +302,9 @@ class SSH:
         self._reconnects: dict[Host, asyncio.Task[None]] = {}
         # Bumped by aclose(): a submit or a worker start that finishes after it is not kept.
         self._generation = 0
+        # What is done with the File/Dir blobs of attempts (copied to and
+        # from the hosts for a local store): set by open() for its engine's store.
+        self._copies = BlobCopies(None)
 
     def __repr__(self) -> str:
         hosts = ", ".join(repr(str(h)) for h in self.hosts)
@@ -323,6 +324,7 @@ class SSH:
         if self._links:
             return  # open already: one connection per host, not two
         self._context = context
+        self._copies = BlobCopies(context.blob_store)
         self._trust, self._keys = await asyncio.to_thread(self._credentials)
         clock = context.monotonic or time.monotonic
         self._links = [_Link(self, host, clock) for host in self.hosts]
@@ -481,16 +483,18 @@ class SSH:
     async def submit(self, payload: Payload, hooks: AttemptHooks) -> Handle:
         """Send one attempt to a worker of the least-loaded host that fits it; its handle.
 
-        The code bundle goes to that host first (once per digest, SFTP).
-        A GPU attempt gets ``CUDA_VISIBLE_DEVICES`` for the GPUs it holds
-        there.  No host up: ``HostLost`` (retried by the engine).
+        The code bundle goes to that host first (once per digest, SFTP),
+        and so do the blobs of the engine's local store that the arguments
+        reference (see ``_ssh_blobs``).  A GPU attempt gets
+        ``CUDA_VISIBLE_DEVICES`` for the GPUs it holds there.  No host up:
+        ``HostLost`` (retried by the engine).
         """
         context = self._context
         if context is None or not self._links:
             raise OffloadError(
                 f"{self!r} is not open: use it through an engine, or `async with offload.SSH(...)`"
             )
-        self._refuse_local_blobs(payload, payload.args, "its arguments reference")
+        blobs = self._copies.needed(payload)
         link, worker, gpus = await self._place(payload)
         # From here to registering the attempt there is no await: the
         # worker's reader sees it if the worker or the host is lost.
@@ -509,8 +513,10 @@ class SSH:
 
         attempt.future.add_done_callback(release)
         try:
+            sends: list[Awaitable[object]] = [self._copies.send(link, blobs)]
             if payload.bundle is not None and context.bundle_path is not None:
-                await link.bundle(payload.bundle, context.bundle_path(payload.bundle))
+                sends.append(link.bundle(payload.bundle, context.bundle_path(payload.bundle)))
+            await asyncio.gather(*sends)
         except BaseException:
             worker.in_flight.pop(n, None)
             self._attempts.pop(handle.id, None)
@@ -524,8 +530,9 @@ class SSH:
 
     async def wait(self, handle: Handle) -> Outcome:
         attempt, outcome = await outcome_of(self._attempts, handle, "offload.SSH", self._discard)
-        if outcome.ok:
-            self._refuse_local_blobs(attempt.payload, outcome.value, "its result references")
+        # The blobs a result names are here before the result is delivered.
+        link = cast("RemoteWorker", attempt.worker).link
+        await self._copies.bring_back(link, attempt.payload, outcome)
         return outcome
 
     async def cancel(self, handle: Handle) -> None:
@@ -536,29 +543,8 @@ class SSH:
         # Workers die with the connection that started them: nothing to find again.
         return None
 
-    def _refuse_local_blobs(self, payload: Payload, data: bytes, what: str) -> None:
-        """Refuse ``File``/``Dir`` with a blob store the hosts cannot read (anything but S3).
-
-        The rule is the simplest sound one: with an S3 blob store every
-        host reads and writes blobs itself (its workers get
-        ``SHOAL_BLOB_STORE``); with this machine's store nothing of it is
-        copied, so an attempt that takes or returns a ``File``/``Dir`` fails
-        before it is sent (or when its result comes back) with this error.
-        """
-        store = payload.blob_store or (self._context.blob_store if self._context else None)
-        if store is not None and store.startswith("s3://"):
-            return
-        if any(mark in data for mark in _BLOB_MARKS):
-            raise OffloadError(
-                f"attempt {payload.attempt} of action {payload.key} of task {payload.task!r}: "
-                f"{what} an engine.File or engine.Dir, and offload.SSH hosts cannot read or write "
-                f"this engine's blob store ({store or 'none'}); give the engine an S3 blob store "
-                f"(blob_store='s3://bucket/prefix') that the hosts can reach, or pass the data by value"
-            )
-
-    def _worker_env(self) -> dict[str, str]:
-        store = self._context.blob_store if self._context is not None else None
-        return {"SHOAL_BLOB_STORE": store} if store is not None and store.startswith("s3://") else {}
+    def _worker_env(self, link: _Link) -> dict[str, str]:
+        return self._copies.worker_env(link.facts.dir) if link.facts is not None else {}
 
     def _slots_of(self, link: _Link) -> tuple[int, int]:
         """The CPUs and GPUs of a host: its ``Host(cpus=, gpus=)``, else what its probe found."""
@@ -601,7 +587,7 @@ class SSH:
                     return link, min(idle, key=lambda w: len(w.in_flight)), gpus_held
                 link.starting += 1
                 try:
-                    worker = await start_worker(self, link, self._worker_env())
+                    worker = await start_worker(self, link, self._worker_env(link))
                 except BaseException:
                     self._release(link, payload.cpu, gpus_held)
                     raise

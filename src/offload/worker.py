@@ -22,7 +22,9 @@ bundles are unpacked under it, and it holds the worker's private
 ``SHOAL_CONFIG``: no journal, ``store = "memory"``) so that the worker
 never writes into the folder it was started in and never reads a project's
 config.  ``File``/``Dir``/``DataFrame`` made by an attempt go to the blob
-store named by ``SHOAL_BLOB_STORE``, which the backend sets.
+store named by ``SHOAL_BLOB_STORE``, which the backend sets (on an SSH host
+whose engine has a local store: the host's copy of it, under ``--cache``,
+see :mod:`offload._mirror`).
 
 Exit status 0 after ``Shutdown`` or the end of stdin (the engine has gone:
 the worker ends by itself); :data:`engine.extend.EXIT_STUCK` after
