@@ -40,19 +40,39 @@ _BAD_DIR: Final = 97
 #: Exit status of a shell that did not find the command (POSIX).
 _NOT_FOUND: Final = 127
 
-# Run by the host's interpreter: what it is, and which shoal it has.  It
-# does not import shoal (a worker pays for that, and the probe is on the way
-# to the first result): the version comes from the installed metadata, and
-# the CPUs and GPUs are counted as engine.extend's usable_cpus and
-# detect_gpus count them.
+# Run by the host's interpreter: what it is, and which shoal it has.  It is
+# on the way to the first result, so it imports next to nothing (no shoal,
+# no importlib.metadata, platform or socket): the version is read from the
+# first shoal distribution's METADATA on sys.path, which is where
+# importlib.metadata would find it (it is asked only when that file is not
+# found), and the CPUs and GPUs are counted as engine.extend's usable_cpus
+# and detect_gpus count them.
 _PROBE: Final = """\
-import json, os, platform, socket, sys
-facts = {"python": platform.python_version(), "executable": sys.executable,
-         "hostname": socket.gethostname(), "dir": os.getcwd()}
-try:
+import json, os, sys
+facts = {"python": sys.version.split()[0], "executable": sys.executable,
+         "hostname": os.uname().nodename, "dir": os.getcwd()}
+def shoal_version():
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.lower().startswith("shoal-") and name.endswith(".dist-info"):
+                try:
+                    with open(os.path.join(entry or ".", name, "METADATA"), encoding="utf-8") as fh:
+                        for line in fh:
+                            if line.startswith("Version:"):
+                                return line.split(":", 1)[1].strip()
+                            if not line.strip():
+                                break
+                except OSError:
+                    pass
     from importlib.metadata import version
+    return version("shoal")
+try:
     from importlib.util import find_spec
-    facts["shoal"] = version("shoal")
+    facts["shoal"] = shoal_version()
     if find_spec("offload") is None:
         raise ImportError("the offload package is missing")
 except Exception as exc:
