@@ -22,3 +22,12 @@ async def echo_batch(x: int) -> int:
 @engine.task(offload="lab")
 async def echo_ssh(x: int) -> int:
     return x
+
+
+@engine.task(offload="lab")
+async def peek_ssh(f: engine.File) -> int:
+    """The size of ``f`` as the host sees it, and its first bytes read there (the whole file is not hashed)."""
+    async with f.open() as fh:
+        head = await fh.read_range(0, 16)
+    assert head
+    return fh.size

@@ -897,8 +897,6 @@ async def test_a_gpu_request_no_host_can_give_is_a_resource_error_at_once(lab_en
     shown = await lab_engine.get_run(run.id, actions=True)
     [action] = [a for a in shown.action_records if a.task == "on_gpu"]
     assert [a.backend for a in action.attempts] == ["in-process"]  # failed here: nothing was sent
-    backend = lab_engine.targets["lab"]
-    assert all(not link.workers for link in backend._links)
 
 
 async def test_a_gpu_attempt_sees_the_gpus_it_holds(sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path) -> None:

@@ -212,7 +212,8 @@ async def test_a_store_the_hosts_cannot_reach_is_refused_saying_what_to_use(
     sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path
 ) -> None:
     store = Elsewhere(tmp_path / "vault")
-    async with engine.Engine(home=tmp_path / "home", blob_store=store, targets={"lab": lab(sshd_rig, honest_host)}) as e:
+    target = lab(sshd_rig, honest_host, remote_dir="~/.cache/shoal-vault")
+    async with engine.Engine(home=tmp_path / "home", blob_store=store, targets={"lab": target}) as e:
         source = tmp_path / "data.txt"
         source.write_text("where?")
         run = await e.run(t.send_file, str(source))
@@ -221,10 +222,10 @@ async def test_a_store_the_hosts_cannot_reach_is_refused_saying_what_to_use(
         message = str(run.error)
         assert "vault://team/blobs" in message and "digest_of" in message
         assert "blob_store='s3://" in message and "folder" in message
-        backend: offload.SSH = e.targets["lab"]
-        assert all(not link.workers for link in backend._links)  # refused before anything was started
-        # Data by value still goes.
+        # Data by value still goes; nothing of the store went to the host.
         assert (await e.run(t.where, 2)).result[0] == 4
+        listing = await target._link(honest_host.spec).run("ls ~/.cache/shoal-vault")
+        assert "home" in listing.stdout.split() and "blobs" not in listing.stdout.split()
 
 
 async def test_with_an_s3_store_the_host_reads_s3_itself_and_nothing_is_copied(

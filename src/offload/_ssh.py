@@ -319,8 +319,13 @@ class SSH:
         ``remote_dir`` that cannot be used or an interpreter without the
         same shoal fails the open (the target is set up wrongly); a host
         that cannot be reached is left out until its backoff has passed,
-        unless none can be reached.
+        unless none can be reached.  An engine opens its target when the
+        first attempt is on its way, so each host's first worker starts
+        while the host is probed (see ``_warm``).
         """
+        await self._open(context, warm=True)
+
+    async def _open(self, context: BackendContext, *, warm: bool) -> None:
         if self._links:
             return  # open already: one connection per host, not two
         self._context = context
@@ -330,7 +335,7 @@ class SSH:
         self._links = [_Link(self, host, clock) for host in self.hosts]
         for link in self._links:
             link.on_lost(functools.partial(self._host_lost, link))
-        results = await asyncio.gather(*(link.prepare() for link in self._links), return_exceptions=True)
+        results = await asyncio.gather(*(self._ready(link, warm) for link in self._links), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         fatal = [e for e in errors if not isinstance(e, HostLost)]
         if fatal:
@@ -347,10 +352,18 @@ class SSH:
         for error in errors:
             _log.warning("%s; it gets no work until it can be reached", error)
 
+    async def _ready(self, link: _Link, warm: bool) -> None:
+        """Connect to a host, then probe it (while its first worker starts, with ``warm``)."""
+        await link.connection()
+        if warm:
+            self._warm(link)
+        await link.prepare()
+
     async def __aenter__(self) -> SSH:
         if self._context is None:
-            # On its own: nothing is kept on this machine, so no home is needed.
-            await self.open(BackendContext(home=Path(os.devnull)))
+            # On its own: nothing is kept on this machine, so no home is
+            # needed; no attempt is on its way, so no worker is started yet.
+            await self._open(BackendContext(home=Path(os.devnull)), warm=False)
         return self
 
     async def __aexit__(
@@ -368,6 +381,10 @@ class SSH:
         for task in self._reconnects.values():
             task.cancel()
         self._reconnects.clear()
+        warming = [link.warming for link in self._links if link.warming is not None]
+        for start in warming:
+            start.cancel()
+        await asyncio.gather(*warming, return_exceptions=True)
         workers = [w for link in self._links for w in link.workers]
         for link in self._links:
             link.workers.clear()
@@ -543,8 +560,50 @@ class SSH:
         # Workers die with the connection that started them: nothing to find again.
         return None
 
-    def _worker_env(self, link: _Link) -> dict[str, str]:
-        return self._copies.worker_env(link.facts.dir) if link.facts is not None else {}
+    def _warm(self, link: _Link) -> None:
+        """Start the host's first worker now, while it is probed: the first attempt need not wait for both.
+
+        A submitter that finds no idle worker takes the start over
+        (``_take_over``); otherwise the worker joins the host's workers
+        when it has said hello.  A start that fails is only logged: the
+        probe, or the next start, says what is wrong.
+        """
+        from ._ssh_workers import start_worker
+
+        if link.warming is not None or link.workers:
+            return
+        generation = self._generation
+        task = asyncio.get_running_loop().create_task(
+            start_worker(self, link, self._copies.worker_env(), self._copies.worker_args()),
+            name=f"shoal-ssh-warm-{link.host}",
+        )
+        link.warming = task
+
+        def landed(done: asyncio.Task[RemoteWorker]) -> None:
+            if link.warming is not done:
+                return  # taken over by a submitter
+            link.warming = None
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                _log.debug("the first worker on host %s did not start: %s", link.host, error)
+                return
+            worker = done.result()
+            if generation != self._generation or link._conn is not worker.conn:
+                asyncio.get_running_loop().create_task(worker.stop(0, "offload.SSH was closed, or the host was lost"))
+                return
+            link.workers.append(worker)
+            self._wake()
+
+        task.add_done_callback(landed)
+
+    async def _take_over(self, warming: asyncio.Task[RemoteWorker]) -> RemoteWorker | None:
+        """The worker that a warm start gives; None if it failed (a fresh start then says why)."""
+        try:
+            return await warming
+        except (OffloadError, ConnectionError):
+            return None
 
     def _slots_of(self, link: _Link) -> tuple[int, int]:
         """The CPUs and GPUs of a host: its ``Host(cpus=, gpus=)``, else what its probe found."""
@@ -586,8 +645,11 @@ class SSH:
                 if idle:
                     return link, min(idle, key=lambda w: len(w.in_flight)), gpus_held
                 link.starting += 1
+                warming, link.warming = link.warming, None
                 try:
-                    worker = await start_worker(self, link, self._worker_env(link))
+                    worker = await self._take_over(warming) if warming is not None else None
+                    if worker is None:
+                        worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
                 except BaseException:
                     self._release(link, payload.cpu, gpus_held)
                     raise

@@ -54,8 +54,6 @@ import msgspec
 from engine import OffloadError
 from engine.extend import corrupt_blob, hash_file, private_folder, run_bounded
 
-from ._mirror import mirror_uri
-
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
@@ -355,13 +353,13 @@ class BlobCopies:
             blobs = self._hosts[link] = HostBlobs(link, self.root)
         return blobs
 
-    def worker_env(self, remote_dir: str) -> dict[str, str]:
-        """``SHOAL_BLOB_STORE`` for the workers of a host whose ``remote_dir`` is ``remote_dir``."""
-        if self.s3:
-            return {"SHOAL_BLOB_STORE": self.store_uri}
-        if self.root is not None:
-            return {"SHOAL_BLOB_STORE": mirror_uri(f"{remote_dir}/blobs", self.store_uri)}
-        return {}
+    def worker_env(self) -> dict[str, str]:
+        """What the workers' environment needs for their blob store: an S3 store's URI."""
+        return {"SHOAL_BLOB_STORE": self.store_uri} if self.s3 else {}
+
+    def worker_args(self) -> list[str]:
+        """What ``python -m offload.worker`` needs for it: a local store is copied under its cache."""
+        return ["--blobs-of", self.store_uri] if self.root is not None else []
 
     def needed(self, payload: Payload) -> set[str]:
         """The blobs to send for an attempt; refuses blobs of a store that can be neither sent nor read there."""

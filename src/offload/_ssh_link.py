@@ -107,6 +107,11 @@ class _Link:
         # ``cpu_held``/``gpus_held`` are what the attempts placed here hold.
         self.workers: list[RemoteWorker] = []
         self.starting = 0
+        # Invariant: ``warming`` is the start of the host's first worker,
+        # begun with the probe of a connection made by open, until a
+        # submitter takes it over (then it is one of ``starting``) or it
+        # lands in ``workers``; None otherwise.
+        self.warming: asyncio.Task[RemoteWorker] | None = None
         self.cpu_held = 0.0
         self.gpus_held: set[int] = set()
 

@@ -36,6 +36,8 @@ from engine.extend import (
 from ._local import SHUTDOWN_GRACE, START_TIMEOUT, TAIL_BYTES, WorkerClient, check_hello
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import asyncssh
 
     from ._ssh import SSH
@@ -176,10 +178,15 @@ def _signum(name: str) -> int:
         return 0
 
 
-async def start_worker(backend: SSH, link: _Link, extra_env: dict[str, Any]) -> RemoteWorker:
-    """Start one worker on ``link``'s host and take its hello (refusing another shoal)."""
-    facts = await link.prepare()
-    words = [shlex.quote(backend.python), "-m", "offload.worker", "--cache", shlex.quote(facts.dir)]
+async def start_worker(
+    backend: SSH, link: _Link, extra_env: dict[str, Any], extra_args: Sequence[str] = ()
+) -> RemoteWorker:
+    """Start one worker on ``link``'s host and take its hello (refusing another shoal).
+
+    It needs no probe of the host first (the first worker starts while the
+    host is probed): it starts in ``remote_dir``, its cache.
+    """
+    words = [shlex.quote(backend.python), "-m", "offload.worker", "--cache", ".", *map(shlex.quote, extra_args)]
     if extra_env:
         words = ["env", *(f"{k}={shlex.quote(str(v))}" for k, v in extra_env.items()), *words]
     command = " ".join(words)
