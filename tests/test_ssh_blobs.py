@@ -118,6 +118,16 @@ async def test_a_file_made_here_is_read_on_the_host(eng: engine.Engine, honest_h
     modes = await host_run(eng, honest_host, f"stat -c %a {blobs} {blobs}/{digest[:2]}")
     assert modes.split() == ["700", "700"]
     assert await host_run(eng, honest_host, f"stat -c %s {blobs}/{digest[:2]}/{digest}") == f"{len(data)}\n"
+    # A Dir made here: each of its files goes, and the host rebuilds the tree from them.
+    texts = {"top.txt": f"top {uuid.uuid4()}", "a/b/deep.txt": f"deep {uuid.uuid4()}"}
+    for rel, text in texts.items():
+        (tmp_path / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / rel).write_text(text)
+    tree = await engine.Dir.from_path(tmp_path / "tree", store=eng.blob_store)
+    seen = await eng.run(t.tree_of, tree)
+    assert seen.status == "succeeded", seen.error
+    assert seen.result == texts
+    assert copies.uploads == 3
 
 
 async def test_a_file_and_a_dir_made_on_the_host_come_back_with_their_bytes(

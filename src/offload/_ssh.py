@@ -302,6 +302,8 @@ class SSH:
         self._reconnects: dict[Host, asyncio.Task[None]] = {}
         # Bumped by aclose(): a submit or a worker start that finishes after it is not kept.
         self._generation = 0
+        # Stops of workers that came up too late to be used, until they end.
+        self._stopping: set[asyncio.Task[None]] = set()
         # What is done with the File/Dir blobs of attempts (copied to and
         # from the hosts for a local store): set by open() for its engine's store.
         self._copies = BlobCopies(None)
@@ -591,7 +593,11 @@ class SSH:
                 return
             worker = done.result()
             if generation != self._generation or link._conn is not worker.conn:
-                asyncio.get_running_loop().create_task(worker.stop(0, "offload.SSH was closed, or the host was lost"))
+                stop = asyncio.get_running_loop().create_task(
+                    worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
+                )
+                self._stopping.add(stop)  # held: the loop keeps only a weak reference
+                stop.add_done_callback(self._stopping.discard)
                 return
             link.workers.append(worker)
             self._wake()

@@ -166,6 +166,9 @@ class HostBlobs:
         self._of: Any = None
         # Folders of the host's copy made over the connection ``_of``.
         self._folders: set[str] = set()
+        # Invariant: ``_coming`` holds the fetch of each digest being brought
+        # back now (results that name the same blob wait for one fetch).
+        self._coming: dict[str, asyncio.Task[None]] = {}
         # At most PARALLEL transfers per host at once: a Dir of many files
         # must not open thousands of SFTP transfers together.
         self._turn = asyncio.Semaphore(PARALLEL)
@@ -239,10 +242,17 @@ class HostBlobs:
             await run_bounded(self._get, missing, limit=PARALLEL)
 
     async def _get(self, digest: str) -> None:
-        async with self._turn:
-            await self._get_now(digest)
+        task = self._coming.get(digest)
+        if task is None:
+            task = self._coming[digest] = asyncio.get_running_loop().create_task(self._get_now(digest))
+            task.add_done_callback(lambda done: self._coming.pop(digest, None))
+        await asyncio.shield(task)
 
     async def _get_now(self, digest: str) -> None:
+        async with self._turn:
+            await self._get_one(digest)
+
+    async def _get_one(self, digest: str) -> None:
         sftp, folder = await self._session()
         remote = f"{folder}/{digest[:2]}/{digest}"
         size = await self._size_there(sftp, remote)
