@@ -323,7 +323,7 @@ class SSH:
         that cannot be reached is left out until its backoff has passed,
         unless none can be reached.  An engine opens its target when the
         first attempt is on its way, so each host's first worker starts
-        while the host is probed (see ``_warm``).
+        while the host is probed (see ``_ssh_workers.warm_first_worker``).
         """
         await self._open(context, warm=True)
 
@@ -355,10 +355,12 @@ class SSH:
             _log.warning("%s; it gets no work until it can be reached", error)
 
     async def _ready(self, link: _Link, warm: bool) -> None:
-        """Connect to a host, then probe it (while its first worker starts, with ``warm``)."""
+        """Connect to a host, then probe it (while its first worker starts, with ``warm``: see ``_ssh_workers``)."""
+        from ._ssh_workers import warm_first_worker
+
         await link.connection()
         if warm:
-            self._warm(link)
+            warm_first_worker(self, link)
         await link.prepare()
 
     async def __aenter__(self) -> SSH:
@@ -562,55 +564,6 @@ class SSH:
         # Workers die with the connection that started them: nothing to find again.
         return None
 
-    def _warm(self, link: _Link) -> None:
-        """Start the host's first worker now, while it is probed: the first attempt need not wait for both.
-
-        A submitter that finds no idle worker takes the start over
-        (``_take_over``); otherwise the worker joins the host's workers
-        when it has said hello.  A start that fails is only logged: the
-        probe, or the next start, says what is wrong.
-        """
-        from ._ssh_workers import start_worker
-
-        if link.warming is not None or link.workers:
-            return
-        generation = self._generation
-        task = asyncio.get_running_loop().create_task(
-            start_worker(self, link, self._copies.worker_env(), self._copies.worker_args()),
-            name=f"shoal-ssh-warm-{link.host}",
-        )
-        link.warming = task
-
-        def landed(done: asyncio.Task[RemoteWorker]) -> None:
-            if link.warming is not done:
-                return  # taken over by a submitter
-            link.warming = None
-            if done.cancelled():
-                return
-            error = done.exception()
-            if error is not None:
-                _log.debug("the first worker on host %s did not start: %s", link.host, error)
-                return
-            worker = done.result()
-            if generation != self._generation or link._conn is not worker.conn:
-                stop = asyncio.get_running_loop().create_task(
-                    worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
-                )
-                self._stopping.add(stop)  # held: the loop keeps only a weak reference
-                stop.add_done_callback(self._stopping.discard)
-                return
-            link.workers.append(worker)
-            self._wake()
-
-        task.add_done_callback(landed)
-
-    async def _take_over(self, warming: asyncio.Task[RemoteWorker]) -> RemoteWorker | None:
-        """The worker that a warm start gives; None if it failed (a fresh start then says why)."""
-        try:
-            return await warming
-        except (OffloadError, ConnectionError):
-            return None
-
     def _slots_of(self, link: _Link) -> tuple[int, int]:
         """The CPUs and GPUs of a host: its ``Host(cpus=, gpus=)``, else what its probe found."""
         host, facts = link.host, link.facts
@@ -620,7 +573,7 @@ class SSH:
 
     async def _place(self, payload: Payload) -> tuple[_Link, RemoteWorker, list[int]]:
         """A worker with a free slot on the least-loaded connected host that fits; its CPUs and GPUs held."""
-        from ._ssh_workers import start_worker
+        from ._ssh_workers import start_worker, take_over
 
         generation = self._generation
         while True:
@@ -653,7 +606,7 @@ class SSH:
                 link.starting += 1
                 warming, link.warming = link.warming, None
                 try:
-                    worker = await self._take_over(warming) if warming is not None else None
+                    worker = await take_over(warming) if warming is not None else None
                     if worker is None:
                         worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
                 except BaseException:
