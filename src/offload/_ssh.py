@@ -302,8 +302,6 @@ class SSH:
         self._reconnects: dict[Host, asyncio.Task[None]] = {}
         # Bumped by aclose(): a submit or a worker start that finishes after it is not kept.
         self._generation = 0
-        # Stops of workers that came up too late to be used, until they end.
-        self._stopping: set[asyncio.Task[None]] = set()
         # What is done with the File/Dir blobs of attempts (copied to and
         # from the hosts for a local store): set by open() for its engine's store.
         self._copies = BlobCopies(None)
@@ -322,8 +320,8 @@ class SSH:
         same shoal fails the open (the target is set up wrongly); a host
         that cannot be reached is left out until its backoff has passed,
         unless none can be reached.  An engine opens its target when the
-        first attempt is on its way, so each host's first worker starts
-        while the host is probed (see ``_ssh_workers.warm_first_worker``).
+        first attempt is on its way, so each host's first worker is started
+        then, and its hello stands in for the probe (see ``_ready``).
         """
         await self._open(context, warm=True)
 
@@ -355,13 +353,45 @@ class SSH:
             _log.warning("%s; it gets no work until it can be reached", error)
 
     async def _ready(self, link: _Link, warm: bool) -> None:
-        """Connect to a host, then probe it (while its first worker starts, with ``warm``: see ``_ssh_workers``)."""
-        from ._ssh_workers import warm_first_worker
+        """Connect to a host and learn what it is: with ``warm``, from the hello of its first worker.
 
-        await link.connection()
-        if warm:
-            warm_first_worker(self, link)
-        await link.prepare()
+        That worker is started anyway for the attempt on its way, and its
+        hello says what the probe would, so the probe is run only when the
+        worker does not come up: it says what is wrong with the host (no
+        such interpreter, no shoal, another version, ``remote_dir``).
+        """
+        from ._ssh_remote import facts_of
+        from ._ssh_workers import start_worker
+
+        conn = await link.connection()
+        if not warm:
+            await link.prepare()
+            return
+        generation = self._generation
+        # The first attempt checks its code bundle over SFTP: opened meanwhile.
+        session = asyncio.get_running_loop().create_task(link.sftp())
+        link.starting += 1
+        try:
+            worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
+        except HostLost:
+            raise
+        except OffloadError as exc:
+            await link.prepare()  # raises what is wrong with the host, if that is it
+            # The host is fine: the next attempt starts a worker again (and says why, if it fails).
+            _log.warning("host %s: its first worker did not start: %s", link.host, exc)
+            return
+        finally:
+            link.starting -= 1
+            with contextlib.suppress(Exception):
+                await session  # a failure is met again where SFTP is used
+        if generation != self._generation or link._conn is not conn:
+            await worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
+            if generation != self._generation:
+                raise OffloadError(f"{self!r} was closed while it opened")
+            raise HostLost(f"the connection to host {link.host} was lost as its first worker started")
+        link.told(facts_of(worker.hello, worker.folder), conn)
+        link.workers.append(worker)
+        self._wake()
 
     async def __aenter__(self) -> SSH:
         if self._context is None:
@@ -385,10 +415,6 @@ class SSH:
         for task in self._reconnects.values():
             task.cancel()
         self._reconnects.clear()
-        warming = [link.warming for link in self._links if link.warming is not None]
-        for start in warming:
-            start.cancel()
-        await asyncio.gather(*warming, return_exceptions=True)
         workers = [w for link in self._links for w in link.workers]
         for link in self._links:
             link.workers.clear()
@@ -573,7 +599,7 @@ class SSH:
 
     async def _place(self, payload: Payload) -> tuple[_Link, RemoteWorker, list[int]]:
         """A worker with a free slot on the least-loaded connected host that fits; its CPUs and GPUs held."""
-        from ._ssh_workers import start_worker, take_over
+        from ._ssh_workers import start_worker
 
         generation = self._generation
         while True:
@@ -604,11 +630,8 @@ class SSH:
                 if idle:
                     return link, min(idle, key=lambda w: len(w.in_flight)), gpus_held
                 link.starting += 1
-                warming, link.warming = link.warming, None
                 try:
-                    worker = await take_over(warming) if warming is not None else None
-                    if worker is None:
-                        worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
+                    worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
                 except BaseException:
                     self._release(link, payload.cpu, gpus_held)
                     raise

@@ -31,9 +31,11 @@ from engine.extend import VERSION
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from engine.extend import Hello
+
     from ._ssh_link import _Link
 
-__all__ = ["Facts", "ensure_bundle", "probe", "shell_prefix"]
+__all__ = ["Facts", "ensure_bundle", "facts_of", "probe", "shell_prefix"]
 
 #: Exit status of the probe when ``remote_dir`` cannot be made or written.
 _BAD_DIR: Final = 97
@@ -115,6 +117,14 @@ class Facts(msgspec.Struct, frozen=True):
     cpus: int = 0
     gpus: int = 0
     missing: str = ""
+
+
+def facts_of(hello: Hello, folder: str) -> Facts:
+    """What a worker's hello says of its host (the probe's facts; ``folder``: its ``remote_dir``)."""
+    return Facts(
+        python=hello.python, executable=hello.executable, hostname=hello.hostname, dir=folder,
+        shoal=hello.shoal, cpus=hello.cpus, gpus=hello.gpus,
+    )
 
 
 def shell_prefix(link: _Link) -> str:

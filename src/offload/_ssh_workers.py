@@ -8,9 +8,8 @@ stdout as byte streams; the engine's side of it is the same
 pipes.  Its stderr is drained all the time (unread output would hold the
 channel) and the end of it kept, to quote when the worker dies.
 
-The first worker of a host starts while the host is probed, when the
-engine opens its target (:func:`warm_first_worker`): the first attempt then
-waits for the slower of the two rather than for both.
+The first worker of a host is also its probe when an engine opens its
+target: its hello says what the probe would (see ``SSH._ready``).
 
 Ending a worker: closing its stdin (EOF) ends it by itself; a kill is a
 SIGKILL of its process group, sent over a command of its own on the same
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import shlex
 import signal
 from typing import TYPE_CHECKING, Any
@@ -48,9 +46,7 @@ if TYPE_CHECKING:
     from ._ssh import SSH
     from ._ssh_link import _Link
 
-__all__ = ["RemoteWorker", "start_worker", "take_over", "warm_first_worker"]
-
-_log = logging.getLogger("offload.ssh")
+__all__ = ["RemoteWorker", "start_worker"]
 
 
 class _Stdout:
@@ -121,9 +117,12 @@ class RemoteWorker(WorkerClient):
         pid: int,
         frames: Frames,
         hello: Hello,
+        folder: str,
     ) -> None:
         super().__init__(backend, frames, hello, pid, f"the worker process {pid} on host {link.host}")
         self.link = link
+        #: The folder it runs in: the host's ``remote_dir``, resolved.
+        self.folder = folder
         self.process = process
         # The connection it was started over: a kill can only go over that
         # one (after a reconnect the link's sweep kills it instead).
@@ -190,14 +189,14 @@ async def start_worker(
 ) -> RemoteWorker:
     """Start one worker on ``link``'s host and take its hello (refusing another shoal).
 
-    It needs no probe of the host first (the first worker starts while the
-    host is probed): it starts in ``remote_dir``, its cache.
+    It needs no probe of the host first (the first worker stands in for
+    it): it starts in ``remote_dir``, which is its cache.
     """
     words = [shlex.quote(backend.python), "-m", "offload.worker", "--cache", ".", *map(shlex.quote, extra_args)]
     if extra_env:
         words = ["env", *(f"{k}={shlex.quote(str(v))}" for k, v in extra_env.items()), *words]
     command = " ".join(words)
-    process, pid = await link.spawn(command)
+    process, pid, folder = await link.start(command)
     peer = f"the worker process {pid} on host {link.host} ({backend.python})"
     frames = Frames(_Stdout(process.stdout), _Stdin(process.stdin), peer)
 
@@ -228,55 +227,7 @@ async def start_worker(
     except BaseException:
         await give_up()
         raise
-    worker = RemoteWorker(backend, link, process, pid, frames, hello)
+    worker = RemoteWorker(backend, link, process, pid, frames, hello, folder)
     worker.reader = asyncio.get_running_loop().create_task(worker.read(), name=f"shoal-ssh-worker-{link.host}-{pid}")
     return worker
 
-
-def warm_first_worker(backend: SSH, link: _Link) -> None:
-    """Start the host's first worker now, while the host is probed: the first attempt need not wait for both.
-
-    A submitter that finds no idle worker takes the start over
-    (:func:`take_over`); otherwise the worker joins the host's workers
-    once it has said hello.  A start that fails is only logged: the probe,
-    or the next start, says what is wrong.
-    """
-    if link.warming is not None or link.workers:
-        return
-    generation = backend._generation
-    task = asyncio.get_running_loop().create_task(
-        start_worker(backend, link, backend._copies.worker_env(), backend._copies.worker_args()),
-        name=f"shoal-ssh-warm-{link.host}",
-    )
-    link.warming = task
-
-    def landed(done: asyncio.Task[RemoteWorker]) -> None:
-        if link.warming is not done:
-            return  # taken over by a submitter
-        link.warming = None
-        if done.cancelled():
-            return
-        error = done.exception()
-        if error is not None:
-            _log.debug("the first worker on host %s did not start: %s", link.host, error)
-            return
-        worker = done.result()
-        if generation != backend._generation or link._conn is not worker.conn:
-            stop = asyncio.get_running_loop().create_task(
-                worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
-            )
-            backend._stopping.add(stop)  # held: the loop keeps only a weak reference
-            stop.add_done_callback(backend._stopping.discard)
-            return
-        link.workers.append(worker)
-        backend._wake()
-
-    task.add_done_callback(landed)
-
-
-async def take_over(warming: asyncio.Task[RemoteWorker]) -> RemoteWorker | None:
-    """The worker that a warm start gives; None if it failed (a fresh start then says why)."""
-    try:
-        return await warming
-    except (OffloadError, ConnectionError):
-        return None
