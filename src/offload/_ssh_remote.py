@@ -5,7 +5,10 @@
 interpreter, with the target's ``env``, for its shoal version, CPUs, GPUs
 and hostname.  Each way this can fail has its own message, naming the
 host, the interpreter and what to do: no such interpreter, no shoal in it,
-another shoal version, a folder that cannot be used.
+another shoal version, a folder that cannot be used.  When an engine opens
+its target, the hello of each host's first worker gives the same facts
+(:func:`facts_of`), and the probe runs only when that worker does not come
+up, to say why.
 
 :func:`ensure_bundle` puts a code bundle on a host once per digest: if
 ``<remote_dir>/bundles/<digest>/`` is there (from an earlier run, or
