@@ -560,10 +560,15 @@ class SSH:
 
         attempt.future.add_done_callback(release)
         try:
-            sends: list[Awaitable[object]] = [self._copies.send(link, blobs)]
+            sends: list[Awaitable[object]] = []
             if payload.bundle is not None and context.bundle_path is not None:
                 sends.append(link.bundle(payload.bundle, context.bundle_path(payload.bundle)))
-            await asyncio.gather(*sends)
+            if blobs:
+                sends.append(self._copies.send(link, blobs))
+            if len(sends) > 1:
+                await asyncio.gather(*sends)
+            elif sends:
+                await sends[0]  # alone: no gather, which would cost a task per attempt
         except BaseException:
             worker.in_flight.pop(n, None)
             self._attempts.pop(handle.id, None)
