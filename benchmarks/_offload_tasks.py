@@ -66,3 +66,12 @@ async def gang_fails(folder: str) -> int:
         await asyncio.sleep(0.005)
     _put(Path(folder, "failed"), repr(time.time()))
     raise RuntimeError(f"rank {me.rank} gives up")
+
+
+@engine.task(offload="lab")
+async def peek_ssh(f: engine.File) -> int:
+    """The size of ``f`` as the host sees it, and its first bytes read there (the whole file is not hashed)."""
+    async with f.open() as fh:
+        head = await fh.read_range(0, 16)
+    assert head
+    return fh.size

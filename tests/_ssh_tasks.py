@@ -64,11 +64,6 @@ async def call_on_gpu() -> str:
 
 
 @engine.task(offload="lab")
-async def size_of(f: engine.File) -> int:
-    return len(await f.read_bytes())
-
-
-@engine.task(offload="lab")
 async def dies_once(marker: str) -> int:
     # The first attempt writes its pid and waits to be killed; the next one finds the marker.
     path = Path(marker)
@@ -108,3 +103,69 @@ async def chatty(n: int) -> int:
 @engine.task
 async def call_chatty(n: int) -> int:
     return await chatty(n)
+
+
+@engine.task(offload="lab")
+async def digest_of(f: engine.File) -> tuple[int, str, str]:
+    """The size and SHA-256 of what the host reads for ``f``, and the host's name."""
+    import hashlib
+
+    data = await f.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest(), socket.gethostname()
+
+
+@engine.task
+async def send_file(path: str) -> tuple[int, str, str]:
+    return await digest_of(await engine.File.from_path(path))
+
+
+@engine.task(offload="lab")
+async def tree_of(tree: engine.Dir) -> dict[str, str]:
+    """What the host finds in ``tree``: each file's text, by path."""
+    folder = await tree.download()
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@engine.task(offload="lab")
+async def make_file(text: str) -> engine.File:
+    return await engine.File.from_bytes(text.encode(), name="made.txt")
+
+
+def _write_tree(folder: str, texts: dict[str, str]) -> None:
+    for rel, text in texts.items():
+        path = Path(folder, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@engine.task(offload="lab")
+async def make_dir(texts: dict[str, str]) -> engine.Dir:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        await asyncio.to_thread(_write_tree, tmp, texts)
+        return await engine.Dir.from_path(tmp)
+
+
+class Box:
+    """Not msgspec-encodable: a value holding a File travels pickled."""
+
+    def __init__(self, file: engine.File) -> None:
+        self.file = file
+
+
+@engine.task(offload="lab")
+async def make_boxed(text: str) -> Box:
+    return Box(await engine.File.from_bytes(text.encode()))
+
+
+@engine.task(offload="lab")
+async def make_spoiled(text: str) -> engine.File:
+    """A File whose copy on the host is then changed (same size): it must not come back as is."""
+    from engine._context import current_engine
+
+    made = await engine.File.from_bytes(text.encode())
+    store = current_engine().blob_store
+    assert isinstance(store, engine.LocalBlobStore)
+    (store.root / made.digest[:2] / made.digest).write_bytes(text.upper().encode())
+    return made

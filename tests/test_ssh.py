@@ -578,6 +578,30 @@ async def test_another_remote_shoal_version_names_both_versions(
     assert f"pip install shoal=={VERSION}" in message
 
 
+async def test_through_an_engine_a_host_set_up_wrongly_says_what_the_probe_says(
+    sshd_rig: SSHRig, ssh_host: SSHHost, tmp_path: Path
+) -> None:
+    # An engine's open learns of a host from its first worker's hello; when
+    # that worker cannot start, the probe says why, as for a target opened alone.
+    from engine.extend import VERSION
+
+    other = tmp_path / "other"
+    (other / "shoal-0.0.1.dist-info").mkdir(parents=True)
+    (other / "shoal-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: shoal\nVersion: 0.0.1\n")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"python": "/opt/none/python3"}, "there is no interpreter '/opt/none/python3'"),
+        ({"env": {"PYTHONPATH": str(other)}}, f"has shoal 0.0.1 and this engine runs shoal {VERSION}"),
+        ({"remote_dir": "/proc/shoal"}, "remote_dir='/proc/shoal' cannot be used"),
+    ]
+    for options, words in cases:
+        backend = target(sshd_rig, [ssh_host.spec], **options)
+        async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+            run = await eng.run(t.where, 1)
+        assert run.status == "failed", options
+        assert isinstance(run.error, engine.OffloadError), run.error
+        assert words in str(run.error) and f"host 127.0.0.1:{ssh_host.port}" in str(run.error)
+
+
 @pytest.mark.parametrize("folder", ["/proc/shoal", "/etc/hostname/shoal"])
 async def test_an_unusable_remote_dir_is_refused_naming_host_and_folder(
     sshd_rig: SSHRig, honest_host: SSHHost, folder: str
@@ -789,6 +813,13 @@ async def test_an_action_sent_over_ssh_runs_on_the_host_and_says_where(lab_engin
     [action] = [a for a in shown.action_records if a.task == "where"]
     [attempt] = action.attempts
     assert (attempt.state, attempt.target, attempt.backend, attempt.where) == ("succeeded", "lab", "ssh", f"honest:{pid}")
+    # Opened by the engine: what the host is came from its first worker's hello.
+    from engine.extend import VERSION, usable_cpus
+
+    facts = lab_engine.targets["lab"]._links[0].facts
+    assert facts is not None
+    assert (facts.hostname, facts.shoal, facts.cpus, facts.gpus) == ("honest", VERSION, usable_cpus(), 0)
+    assert facts.dir.endswith("/.cache/shoal") and Path(facts.executable).parent == Path(sys.executable).parent
 
 
 async def test_an_ssh_actions_exception_keeps_its_type_and_remote_traceback_and_its_output_comes_back(
@@ -898,8 +929,6 @@ async def test_a_gpu_request_no_host_can_give_is_a_resource_error_at_once(lab_en
     shown = await lab_engine.get_run(run.id, actions=True)
     [action] = [a for a in shown.action_records if a.task == "on_gpu"]
     assert [a.backend for a in action.attempts] == ["in-process"]  # failed here: nothing was sent
-    backend = lab_engine.targets["lab"]
-    assert all(not link.workers for link in backend._links)
 
 
 async def test_a_gpu_attempt_sees_the_gpus_it_holds(sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path) -> None:
@@ -910,22 +939,6 @@ async def test_a_gpu_attempt_sees_the_gpus_it_holds(sshd_rig: SSHRig, honest_hos
         first, second = await asyncio.gather(eng.run(t.call_on_gpu), eng.run(t.call_on_gpu))
     assert first.status == second.status == "succeeded"
     assert {first.result, second.result} <= {"0", "1"}
-
-
-async def test_a_file_with_a_local_blob_store_is_refused_before_it_is_sent(lab_engine: engine.Engine, tmp_path: Path) -> None:
-    source = tmp_path / "data.txt"
-    source.write_text("local only")
-
-    @engine.task
-    async def send() -> int:
-        return await t.size_of(await engine.File.from_path(source))
-
-    run = await lab_engine.run(send)
-    assert run.status == "failed"
-    assert isinstance(run.error, engine.OffloadError)
-    assert "S3 blob store" in str(run.error) and "size_of" in str(run.error)
-    backend = lab_engine.targets["lab"]
-    assert all(not link.workers for link in backend._links)  # nothing was started for it
 
 
 @pytest.mark.slow

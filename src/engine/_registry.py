@@ -28,7 +28,9 @@ BACKENDS = {
 }
 
 #: Blob store URI schemes -> ``module:class`` (local folders and ``file://`` are built in).
-BLOB_STORES = {"s3": "offload._s3:S3BlobStore"}
+#: ``mirror://`` is an SSH host's copy of an engine's local store, which
+#: ``offload.SSH`` names for the workers it starts.
+BLOB_STORES = {"s3": "offload._s3:S3BlobStore", "mirror": "offload._mirror:MirrorBlobStore"}
 
 
 def _load(path: str, what: str) -> Any:

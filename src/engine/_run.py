@@ -263,15 +263,22 @@ class Run:
             if self.remote is None:
                 self.remote = {}
             self.remote[task] = place
+            if place.root is not None:
+                # Packed now, while the target opens (connects, starts its
+                # workers), rather than after: the first attempt waits for both.
+                self._packing(place.root)
         self.places[task] = place
         return place
 
     async def bundle(self, root: Any) -> str:
         """The digest of the code bundle of the project folder ``root``, packed once per run."""
+        return await asyncio.shield(self._packing(root))
+
+    def _packing(self, root: Any) -> asyncio.Task[str]:
         building = self._bundles.get(root)
         if building is None:
             building = self._bundles[root] = self.loop.create_task(self._build_bundle(root))
-        return await asyncio.shield(building)
+        return building
 
     async def _build_bundle(self, root: Any) -> str:
         from ._registry import bundler

@@ -23,8 +23,8 @@ Users of shoal do not need it.
   :class:`BackendContext` and its ``rng``) for polling and reconnects;
 - blob stores: :class:`BlobStore`, :class:`BlobReader`, :class:`ClosingStore`
   and the helpers a store needs (:func:`check_digest`, :func:`corrupt_blob`,
-  :func:`hash_file`, :func:`run_bounded`, :func:`unwritable_destination`,
-  :data:`CHUNK`);
+  :func:`hash_file`, :func:`private_folder`, :func:`run_bounded`,
+  :func:`unwritable_destination`, :data:`CHUNK`);
 - facts about this machine: :func:`usable_cpus`, :func:`detect_gpus`,
   :data:`VERSION`.
 """
@@ -43,6 +43,7 @@ from ._blobs import ClosingStore as ClosingStore
 from ._blobs import check_digest as check_digest
 from ._blobs import corrupt_blob as corrupt_blob
 from ._blobs import hash_file as hash_file
+from ._blobs import private_folder as private_folder
 from ._blobs import run_bounded as run_bounded
 from ._blobs import unwritable_destination as unwritable_destination
 from ._cluster import Cluster as Cluster
@@ -157,6 +158,7 @@ __all__ = [
     "frame_length",
     "hash_file",
     "load_function",
+    "private_folder",
     "run_bounded",
     "serve",
     "trace_key",

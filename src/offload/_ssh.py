@@ -35,7 +35,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import msgspec
 
@@ -44,11 +44,12 @@ from engine.extend import BackendContext, Handle, HostLost, Start
 
 from ._errors import HostKeyError
 from ._local import SHUTDOWN_GRACE, _Attempt, cancel_attempt, outcome_of
+from ._ssh_blobs import BlobCopies
 from ._ssh_gang import Gangs
 from ._ssh_link import _Link
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from types import TracebackType
 
     from engine.extend import AttemptHooks, Gang, Outcome, Payload
@@ -60,9 +61,6 @@ __all__ = ["SSH", "Host", "parse_host"]
 
 #: Seconds a submit waiting for a slot looks again at hosts whose backoff may have passed.
 RECHECK: Final = 0.5
-#: How ``File``/``Dir`` references look inside encoded arguments and results
-#: (msgspec tags, and the module a pickled one names).
-_BLOB_MARKS: Final = (b"engine.File", b"engine.Dir", b"engine._files")
 
 _log = logging.getLogger("offload.ssh")
 
@@ -311,6 +309,9 @@ class SSH:
         self._generation = 0
         # Gangs (nodes=): their places on the hosts and their ranks' workers.
         self._gangs = Gangs(self)
+        # What is done with the File/Dir blobs of attempts (copied to and
+        # from the hosts for a local store): set by open() for its engine's store.
+        self._copies = BlobCopies(None)
 
     def __repr__(self) -> str:
         hosts = ", ".join(repr(str(h)) for h in self.hosts)
@@ -325,17 +326,23 @@ class SSH:
         ``remote_dir`` that cannot be used or an interpreter without the
         same shoal fails the open (the target is set up wrongly); a host
         that cannot be reached is left out until its backoff has passed,
-        unless none can be reached.
+        unless none can be reached.  An engine opens its target when the
+        first attempt is on its way, so each host's first worker is started
+        then, and its hello stands in for the probe (see ``_ready``).
         """
+        await self._open(context, warm=True)
+
+    async def _open(self, context: BackendContext, *, warm: bool) -> None:
         if self._links:
             return  # open already: one connection per host, not two
         self._context = context
+        self._copies = BlobCopies(context.blob_store)
         self._trust, self._keys = await asyncio.to_thread(self._credentials)
         clock = context.monotonic or time.monotonic
         self._links = [_Link(self, host, clock) for host in self.hosts]
         for link in self._links:
             link.on_lost(functools.partial(self._host_lost, link))
-        results = await asyncio.gather(*(link.prepare() for link in self._links), return_exceptions=True)
+        results = await asyncio.gather(*(self._ready(link, warm) for link in self._links), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         fatal = [e for e in errors if not isinstance(e, HostLost)]
         if fatal:
@@ -352,10 +359,52 @@ class SSH:
         for error in errors:
             _log.warning("%s; it gets no work until it can be reached", error)
 
+    async def _ready(self, link: _Link, warm: bool) -> None:
+        """Connect to a host and learn what it is: with ``warm``, from the hello of its first worker.
+
+        That worker is started anyway for the attempt on its way, and its
+        hello says what the probe would, so the probe is run only when the
+        worker does not come up: it says what is wrong with the host (no
+        such interpreter, no shoal, another version, ``remote_dir``).
+        """
+        from ._ssh_remote import facts_of
+        from ._ssh_workers import start_worker
+
+        conn = await link.connection()
+        if not warm:
+            await link.prepare()
+            return
+        generation = self._generation
+        # The first attempt checks its code bundle over SFTP: opened meanwhile.
+        session = asyncio.get_running_loop().create_task(link.sftp())
+        link.starting += 1
+        try:
+            worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
+        except HostLost:
+            raise
+        except OffloadError as exc:
+            await link.prepare()  # raises what is wrong with the host, if that is it
+            # The host is fine: the next attempt starts a worker again (and says why, if it fails).
+            _log.warning("host %s: its first worker did not start: %s", link.host, exc)
+            return
+        finally:
+            link.starting -= 1
+            with contextlib.suppress(Exception):
+                await session  # a failure is met again where SFTP is used
+        if generation != self._generation or link._conn is not conn:
+            await worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
+            if generation != self._generation:
+                raise OffloadError(f"{self!r} was closed while it opened")
+            raise HostLost(f"the connection to host {link.host} was lost as its first worker started")
+        link.told(facts_of(worker.hello, worker.folder), conn)
+        link.workers.append(worker)
+        self._wake()
+
     async def __aenter__(self) -> SSH:
         if self._context is None:
-            # On its own: nothing is kept on this machine, so no home is needed.
-            await self.open(BackendContext(home=Path(os.devnull)))
+            # On its own: nothing is kept on this machine, so no home is
+            # needed; no attempt is on its way, so no worker is started yet.
+            await self._open(BackendContext(home=Path(os.devnull)), warm=False)
         return self
 
     async def __aexit__(
@@ -490,16 +539,18 @@ class SSH:
     async def submit(self, payload: Payload, hooks: AttemptHooks) -> Handle:
         """Send one attempt to a worker of the least-loaded host that fits it; its handle.
 
-        The code bundle goes to that host first (once per digest, SFTP).
-        A GPU attempt gets ``CUDA_VISIBLE_DEVICES`` for the GPUs it holds
-        there.  No host up: ``HostLost`` (retried by the engine).
+        The code bundle goes to that host first (once per digest, SFTP),
+        and so do the blobs of the engine's local store that the arguments
+        reference (see ``_ssh_blobs``).  A GPU attempt gets
+        ``CUDA_VISIBLE_DEVICES`` for the GPUs it holds there.  No host up:
+        ``HostLost`` (retried by the engine).
         """
         context = self._context
         if context is None or not self._links:
             raise OffloadError(
                 f"{self!r} is not open: use it through an engine, or `async with offload.SSH(...)`"
             )
-        self._refuse_local_blobs(payload, payload.args, "its arguments reference")
+        blobs = self._copies.needed(payload)
         link, worker, gpus = await self._place(payload)
         # From here to registering the attempt there is no await: the
         # worker's reader sees it if the worker or the host is lost.
@@ -518,8 +569,15 @@ class SSH:
 
         attempt.future.add_done_callback(release)
         try:
+            sends: list[Awaitable[object]] = []
             if payload.bundle is not None and context.bundle_path is not None:
-                await link.bundle(payload.bundle, context.bundle_path(payload.bundle))
+                sends.append(link.bundle(payload.bundle, context.bundle_path(payload.bundle)))
+            if blobs:
+                sends.append(self._copies.send(link, blobs))
+            if len(sends) > 1:
+                await asyncio.gather(*sends)
+            elif sends:
+                await sends[0]  # alone: no gather, which would cost a task per attempt
         except BaseException:
             worker.in_flight.pop(n, None)
             self._attempts.pop(handle.id, None)
@@ -534,12 +592,13 @@ class SSH:
     async def wait(self, handle: Handle) -> Outcome:
         gang = self._gangs.attempts.get(handle.id)
         if gang is not None:
-            payload, outcome = gang.attempts[0].payload, await self._gangs.wait(handle)
+            # A gang's result is rank 0's: its blobs come from rank 0's host.
+            attempt, outcome = gang.attempts[0], await self._gangs.wait(handle)
         else:
             attempt, outcome = await outcome_of(self._attempts, handle, "offload.SSH", self._discard)
-            payload = attempt.payload
-        if outcome.ok:
-            self._refuse_local_blobs(payload, outcome.value, "its result references")
+        # The blobs a result names are here before the result is delivered.
+        link = cast("RemoteWorker", attempt.worker).link
+        await self._copies.bring_back(link, attempt.payload, outcome)
         return outcome
 
     async def cancel(self, handle: Handle) -> None:
@@ -559,36 +618,11 @@ class SSH:
             raise OffloadError(
                 f"{self!r} is not open: use it through an engine, or `async with offload.SSH(...)`"
             )
-        self._refuse_local_blobs(payload, payload.args, "its arguments reference")
         return await self._gangs.submit(payload, gang, hooks)
 
     async def reattach(self, handle: Handle) -> Handle | None:
         # Workers die with the connection that started them: nothing to find again.
         return None
-
-    def _refuse_local_blobs(self, payload: Payload, data: bytes, what: str) -> None:
-        """Refuse ``File``/``Dir`` with a blob store the hosts cannot read (anything but S3).
-
-        The rule is the simplest sound one: with an S3 blob store every
-        host reads and writes blobs itself (its workers get
-        ``SHOAL_BLOB_STORE``); with this machine's store nothing of it is
-        copied, so an attempt that takes or returns a ``File``/``Dir`` fails
-        before it is sent (or when its result comes back) with this error.
-        """
-        store = payload.blob_store or (self._context.blob_store if self._context else None)
-        if store is not None and store.startswith("s3://"):
-            return
-        if any(mark in data for mark in _BLOB_MARKS):
-            raise OffloadError(
-                f"attempt {payload.attempt} of action {payload.key} of task {payload.task!r}: "
-                f"{what} an engine.File or engine.Dir, and offload.SSH hosts cannot read or write "
-                f"this engine's blob store ({store or 'none'}); give the engine an S3 blob store "
-                f"(blob_store='s3://bucket/prefix') that the hosts can reach, or pass the data by value"
-            )
-
-    def _worker_env(self) -> dict[str, str]:
-        store = self._context.blob_store if self._context is not None else None
-        return {"SHOAL_BLOB_STORE": store} if store is not None and store.startswith("s3://") else {}
 
     def _slots_of(self, link: _Link) -> tuple[int, int]:
         """The CPUs and GPUs of a host: its ``Host(cpus=, gpus=)``, else what its probe found."""
@@ -631,7 +665,7 @@ class SSH:
                     return link, min(idle, key=lambda w: len(w.in_flight)), gpus_held
                 link.starting += 1
                 try:
-                    worker = await start_worker(self, link, self._worker_env())
+                    worker = await start_worker(self, link, self._copies.worker_env(), self._copies.worker_args())
                 except BaseException:
                     self._release(link, payload.cpu, gpus_held)
                     raise

@@ -262,14 +262,20 @@ class Gangs:
         target = self.target
         context = target._context
         generation = target._generation
-        env = target._worker_env()
+        copies = target._copies
+        env, args = copies.worker_env(), copies.worker_args()
         links = [link for link, _ in places.ranks]
-        starts = [asyncio.ensure_future(start_worker(target, link, env)) for link in links]
+        starts = [asyncio.ensure_future(start_worker(target, link, env, args)) for link in links]
         port = asyncio.ensure_future(self._free_port(links[0]))
         others: list[asyncio.Future[Any]] = [port]
+        hosts = list(dict.fromkeys(links))
         if payload.bundle is not None and context is not None and context.bundle_path is not None:
             path = context.bundle_path(payload.bundle)
-            others += [asyncio.ensure_future(link.bundle(payload.bundle, path)) for link in dict.fromkeys(links)]
+            others += [asyncio.ensure_future(link.bundle(payload.bundle, path)) for link in hosts]
+        # The local store's blobs the arguments name go to every host of the gang.
+        blobs = copies.needed(payload)
+        if blobs:
+            others += [asyncio.ensure_future(copies.send(link, blobs)) for link in hosts]
         everything: list[asyncio.Future[Any]] = [*starts, *others]
         try:
             results = await asyncio.gather(*everything, return_exceptions=True)

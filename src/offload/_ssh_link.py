@@ -126,6 +126,11 @@ class _Link:
             self.facts, self._facts_of = facts, conn
         return self.facts
 
+    def told(self, facts: Facts, conn: asyncssh.SSHClientConnection | None) -> None:
+        """What a worker's hello over connection ``conn`` says of the host: the probe of that connection."""
+        if conn is not None and conn is self._conn:
+            self.facts, self._facts_of = facts, conn
+
     async def sftp(self) -> asyncssh.SFTPClient:
         """The SFTP session of the current connection, started on first use."""
         conn = await self.connection()
@@ -261,7 +266,12 @@ class _Link:
         return Completed(int(result.exit_status), _text(result.stdout), _text(result.stderr))
 
     async def spawn(self, command: str) -> tuple[asyncssh.SSHClientProcess[bytes], int]:
-        """Start a long-lived ``command`` on the host, in ``remote_dir`` with the target's env; it and its pid.
+        """Start a long-lived ``command`` on the host: see :meth:`start`, which also says where it runs."""
+        process, pid, _ = await self.start(command)
+        return process, pid
+
+    async def start(self, command: str) -> tuple[asyncssh.SSHClientProcess[bytes], int, str]:
+        """Start a long-lived ``command`` on the host, in ``remote_dir`` with the target's env; it, its pid and that folder.
 
         Its stdin, stdout and stderr are byte streams of its own channel;
         the caller must keep reading stderr (unread output holds the
@@ -273,13 +283,14 @@ class _Link:
         """
         conn = await self.connection()
         line = (
-            f"{shell_prefix(self)}export SHOAL_SSH_OWNER={self.target.token}; echo $$; exec {command}"
+            f'{shell_prefix(self)}export SHOAL_SSH_OWNER={self.target.token}; echo $$ "$(pwd -P)"; exec {command}'
         )
         with self._mapped(f"starting {command!r}"):
             process = await conn.create_process(line, encoding=None)
             first = await process.stdout.readline()
+        pid_text, _, folder = first.decode("utf-8", "replace").rstrip("\n").partition(" ")
         try:
-            pid = int(first)
+            pid = int(pid_text)
         except ValueError:
             process.close()
             err = _text(await process.stderr.read(2000)) if not first else first.decode(errors="replace")
@@ -287,7 +298,7 @@ class _Link:
                 f"host {self.host} did not start {command!r}: {' '.join(err.split()) or 'it exited at once'}"
             ) from None
         self._spawned.add(pid)
-        return process, pid
+        return process, pid, folder
 
     async def kill_group(self, pid: int) -> None:
         """SIGKILL the process group led by ``pid`` (started by :meth:`spawn`), over a command of its own."""

@@ -5,7 +5,10 @@
 interpreter, with the target's ``env``, for its shoal version, CPUs, GPUs
 and hostname.  Each way this can fail has its own message, naming the
 host, the interpreter and what to do: no such interpreter, no shoal in it,
-another shoal version, a folder that cannot be used.
+another shoal version, a folder that cannot be used.  When an engine opens
+its target, the hello of each host's first worker gives the same facts
+(:func:`facts_of`), and the probe runs only when that worker does not come
+up, to say why.
 
 :func:`ensure_bundle` puts a code bundle on a host once per digest: if
 ``<remote_dir>/bundles/<digest>/`` is there (from an earlier run, or
@@ -31,28 +34,50 @@ from engine.extend import VERSION
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from engine.extend import Hello
+
     from ._ssh_link import _Link
 
-__all__ = ["Facts", "ensure_bundle", "probe", "shell_prefix"]
+__all__ = ["Facts", "ensure_bundle", "facts_of", "probe", "shell_prefix"]
 
 #: Exit status of the probe when ``remote_dir`` cannot be made or written.
 _BAD_DIR: Final = 97
 #: Exit status of a shell that did not find the command (POSIX).
 _NOT_FOUND: Final = 127
 
-# Run by the host's interpreter: what it is, and which shoal it has.  It
-# does not import shoal (a worker pays for that, and the probe is on the way
-# to the first result): the version comes from the installed metadata, and
-# the CPUs and GPUs are counted as engine.extend's usable_cpus and
-# detect_gpus count them.
+# Run by the host's interpreter: what it is, and which shoal it has.  It is
+# on the way to the first result, so it imports next to nothing (no shoal,
+# no importlib.metadata, platform or socket): the version is read from the
+# first shoal distribution's METADATA on sys.path, which is where
+# importlib.metadata would find it (it is asked only when that file is not
+# found), and the CPUs and GPUs are counted as engine.extend's usable_cpus
+# and detect_gpus count them.
 _PROBE: Final = """\
-import json, os, platform, socket, sys
-facts = {"python": platform.python_version(), "executable": sys.executable,
-         "hostname": socket.gethostname(), "dir": os.getcwd()}
-try:
+import json, os, sys
+facts = {"python": sys.version.split()[0], "executable": sys.executable,
+         "hostname": os.uname().nodename, "dir": os.getcwd()}
+def shoal_version():
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.lower().startswith("shoal-") and name.endswith(".dist-info"):
+                try:
+                    with open(os.path.join(entry or ".", name, "METADATA"), encoding="utf-8") as fh:
+                        for line in fh:
+                            if line.startswith("Version:"):
+                                return line.split(":", 1)[1].strip()
+                            if not line.strip():
+                                break
+                except OSError:
+                    pass
     from importlib.metadata import version
+    return version("shoal")
+try:
     from importlib.util import find_spec
-    facts["shoal"] = version("shoal")
+    facts["shoal"] = shoal_version()
     if find_spec("offload") is None:
         raise ImportError("the offload package is missing")
 except Exception as exc:
@@ -95,6 +120,14 @@ class Facts(msgspec.Struct, frozen=True):
     cpus: int = 0
     gpus: int = 0
     missing: str = ""
+
+
+def facts_of(hello: Hello, folder: str) -> Facts:
+    """What a worker's hello says of its host (the probe's facts; ``folder``: its ``remote_dir``)."""
+    return Facts(
+        python=hello.python, executable=hello.executable, hostname=hello.hostname, dir=folder,
+        shoal=hello.shoal, cpus=hello.cpus, gpus=hello.gpus,
+    )
 
 
 def shell_prefix(link: _Link) -> str:

@@ -8,6 +8,9 @@ stdout as byte streams; the engine's side of it is the same
 pipes.  Its stderr is drained all the time (unread output would hold the
 channel) and the end of it kept, to quote when the worker dies.
 
+The first worker of a host is also its probe when an engine opens its
+target: its hello says what the probe would (see ``SSH._ready``).
+
 Ending a worker: closing its stdin (EOF) ends it by itself; a kill is a
 SIGKILL of its process group, sent over a command of its own on the same
 connection.  When that connection is gone there is nobody to send it: the
@@ -36,6 +39,8 @@ from engine.extend import (
 from ._local import SHUTDOWN_GRACE, START_TIMEOUT, TAIL_BYTES, WorkerClient, check_hello
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import asyncssh
 
     from ._ssh import SSH
@@ -112,9 +117,12 @@ class RemoteWorker(WorkerClient):
         pid: int,
         frames: Frames,
         hello: Hello,
+        folder: str,
     ) -> None:
         super().__init__(backend, frames, hello, pid, f"the worker process {pid} on host {link.host}")
         self.link = link
+        #: The folder it runs in: the host's ``remote_dir``, resolved.
+        self.folder = folder
         self.process = process
         # The connection it was started over: a kill can only go over that
         # one (after a reconnect the link's sweep kills it instead).
@@ -176,14 +184,19 @@ def _signum(name: str) -> int:
         return 0
 
 
-async def start_worker(backend: SSH, link: _Link, extra_env: dict[str, Any]) -> RemoteWorker:
-    """Start one worker on ``link``'s host and take its hello (refusing another shoal)."""
-    facts = await link.prepare()
-    words = [shlex.quote(backend.python), "-m", "offload.worker", "--cache", shlex.quote(facts.dir)]
+async def start_worker(
+    backend: SSH, link: _Link, extra_env: dict[str, Any], extra_args: Sequence[str] = ()
+) -> RemoteWorker:
+    """Start one worker on ``link``'s host and take its hello (refusing another shoal).
+
+    It needs no probe of the host first (the first worker stands in for
+    it): it starts in ``remote_dir``, which is its cache.
+    """
+    words = [shlex.quote(backend.python), "-m", "offload.worker", "--cache", ".", *map(shlex.quote, extra_args)]
     if extra_env:
         words = ["env", *(f"{k}={shlex.quote(str(v))}" for k, v in extra_env.items()), *words]
     command = " ".join(words)
-    process, pid = await link.spawn(command)
+    process, pid, folder = await link.start(command)
     peer = f"the worker process {pid} on host {link.host} ({backend.python})"
     frames = Frames(_Stdout(process.stdout), _Stdin(process.stdin), peer)
 
@@ -214,6 +227,7 @@ async def start_worker(backend: SSH, link: _Link, extra_env: dict[str, Any]) -> 
     except BaseException:
         await give_up()
         raise
-    worker = RemoteWorker(backend, link, process, pid, frames, hello)
+    worker = RemoteWorker(backend, link, process, pid, frames, hello, folder)
     worker.reader = asyncio.get_running_loop().create_task(worker.read(), name=f"shoal-ssh-worker-{link.host}-{pid}")
     return worker
+

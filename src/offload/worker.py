@@ -22,7 +22,10 @@ bundles are unpacked under it, and it holds the worker's private
 ``SHOAL_CONFIG``: no journal, ``store = "memory"``) so that the worker
 never writes into the folder it was started in and never reads a project's
 config.  ``File``/``Dir``/``DataFrame`` made by an attempt go to the blob
-store named by ``SHOAL_BLOB_STORE``, which the backend sets.
+store named by ``SHOAL_BLOB_STORE``, which the backend sets; ``--blobs-of
+STORE_URI`` sets it instead to a copy of that (``file://``) store kept under
+``--cache`` (an SSH host of an engine with a local store: see
+:mod:`offload._mirror`).
 
 Exit status 0 after ``Shutdown`` or the end of stdin (the engine has gone:
 the worker ends by itself); :data:`engine.extend.EXIT_STUCK` after
@@ -48,8 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="~/.cache/shoal", help="folder for code bundles and the worker's home")
     parser.add_argument("--batch", metavar="S3_URI", help="run one attempt of an AWS Batch job, stored under S3_URI")
     parser.add_argument("--pack", metavar="DIGEST", help="with --batch: the pack holding the job's payload")
+    parser.add_argument(
+        "--blobs-of", metavar="STORE_URI", help="keep a copy of this (file://) blob store under the cache, and use it"
+    )
     args = parser.parse_args(argv)
     cache = Path(args.cache).expanduser().absolute()
+    if args.blobs_of:
+        from ._mirror import mirror_uri
+
+        os.environ["SHOAL_BLOB_STORE"] = mirror_uri(str(cache / "blobs"), args.blobs_of)
     if args.batch:
         # A Batch job: no protocol stream; stdout and stderr are the job's log.
         if not args.pack:
