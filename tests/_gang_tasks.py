@@ -209,3 +209,14 @@ def gloo_allreduce(value: int) -> dict[str, Any]:
         return {"total": int(tensor.item()), "world_size": dist.get_world_size(), "rank": dist.get_rank()}
     finally:
         dist.destroy_process_group()
+
+
+@engine.task(nodes=2)
+async def read_and_make(f: engine.File) -> tuple[list[int], engine.File]:
+    """Every rank reads ``f`` where it runs (the sizes, summed by rank 0 from the others'), and rank 0 makes a File there."""
+    import hashlib
+
+    me = engine.cluster()
+    data = await f.read_bytes()
+    made = await engine.File.from_bytes(hashlib.sha256(data).hexdigest().encode() + b" seen by rank 0")
+    return [me.rank, len(data)], made

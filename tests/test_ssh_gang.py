@@ -11,6 +11,7 @@ this machine, which holds every host's processes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -180,6 +181,22 @@ async def test_gpu_ranks_each_get_their_own_gpus(sshd_rig: SSHRig, ssh_host: SSH
     assert run.status == "succeeded", run.error
     mine, total = run.result
     assert mine in ("0", "1") and total == str(0b11)  # rank 0 holds one, rank 1 the other
+
+
+async def test_a_gang_reads_files_of_the_local_store_and_its_result_brings_one_back(
+    sshd_rig: SSHRig, honest_host: SSHHost, tmp_path: Path
+) -> None:
+    backend = target(sshd_rig, [honest_host.spec], ranks_per_host=2)
+    data = os.urandom(3000)
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": backend}) as eng:
+        made_here = await engine.File.from_bytes(data, store=eng.blob_store)
+        run = await eng.run(g.read_and_make.override(offload="lab"), made_here)
+        assert run.status == "succeeded", run.error
+        (rank, size), made_there = run.result
+        assert (rank, size) == (0, len(data))
+        # The File rank 0 made on the host is in this engine's store now.
+        text = await made_there.read_bytes(store=eng.blob_store)
+    assert text == hashlib.sha256(data).hexdigest().encode() + b" seen by rank 0"
 
 
 async def test_a_gang_waits_for_all_its_places_and_never_starts_part_of_it(
