@@ -35,6 +35,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -84,6 +85,16 @@ MAX_BATCH = 8192
 #: before it is appended, and the backlog it waits for (see ``room``).
 HIGH_WATER = 32768
 LOW_WATER = HIGH_WATER // 2
+#: Seconds the writer waits before a batch that follows another at once
+#: (records arrived while that one was written), unless GATHER_ENOUGH wait
+#: already.  A stream of records (a fan-out of offloaded actions) was
+#: committed about 35 to a transaction, as fast as they came; writing
+#: several times as many per transaction costs SQLite a third less CPU per
+#: record (fewer pages rewritten, fewer fsyncs), and that CPU is taken
+#: from the actions themselves on a small machine.  A record that comes
+#: alone (a run's claim, its end) is written at once.
+GATHER = 0.002
+GATHER_ENOUGH = 512
 
 _error_encoder = msgspec.msgpack.Encoder()
 
@@ -142,6 +153,9 @@ class Journal(JournalQueries):
         self._draining = False
         # The newest commit future (resolved last: batches commit in order).
         self._last: Commit | None = None
+        # How many flush() calls wait now (written on the loop, read by the
+        # journal thread: while any does, batches are not held to gather).
+        self._flushing = 0
         # Invariant: ``_writing_now`` counts the records the journal thread
         # has taken and not yet committed (written by that thread only);
         # ``_waiters`` are the futures of appenders waiting for room (see
@@ -393,7 +407,12 @@ class Journal(JournalQueries):
         """Wait until everything appended so far is committed (or failed to be)."""
         last = self._last
         if last is not None:
-            await asyncio.wait([last])
+            # Someone waits: the writer stops gathering (read by its thread).
+            self._flushing += 1
+            try:
+                await asyncio.wait([last])
+            finally:
+                self._flushing -= 1
 
     def _drain(self) -> None:
         """On the journal thread: commit batches until nothing is pending.
@@ -403,7 +422,16 @@ class Journal(JournalQueries):
         :data:`MAX_BATCH` records, in order; the turn's shared future is
         resolved after its last one.
         """
+        follows = False
         while True:
+            if follows and not self._flushing:
+                with self._lock:
+                    few = 0 < len(self._pending) < GATHER_ENOUGH
+                if few:
+                    # Records came while the last batch was written: a
+                    # stream of them.  A few more gather first (see GATHER).
+                    time.sleep(GATHER)
+            follows = True
             with self._lock:
                 records, settles, commit = self._pending, self._settles, self._commit
                 if not records:
