@@ -85,14 +85,10 @@ MAX_BATCH = 8192
 #: before it is appended, and the backlog it waits for (see ``room``).
 HIGH_WATER = 32768
 LOW_WATER = HIGH_WATER // 2
-#: Seconds the writer waits before a batch that follows another at once
-#: (records arrived while that one was written), unless GATHER_ENOUGH wait
-#: already.  A stream of records (a fan-out of offloaded actions) was
-#: committed about 35 to a transaction, as fast as they came; writing
-#: several times as many per transaction costs SQLite a third less CPU per
-#: record (fewer pages rewritten, fewer fsyncs), and that CPU is taken
-#: from the actions themselves on a small machine.  A record that comes
-#: alone (a run's claim, its end) is written at once.
+#: Seconds the writer lets a stream of records gather (records came while the
+#: last batch was written, fewer than GATHER_ENOUGH), unless a flush waits: a
+#: fan-out went about 35 records to a transaction, and more per transaction
+#: cost SQLite a third less CPU each.  A lone record is written at once.
 GATHER = 0.002
 GATHER_ENOUGH = 512
 
@@ -153,8 +149,7 @@ class Journal(JournalQueries):
         self._draining = False
         # The newest commit future (resolved last: batches commit in order).
         self._last: Commit | None = None
-        # How many flush() calls wait now (written on the loop, read by the
-        # journal thread: while any does, batches are not held to gather).
+        # flush() calls waiting now (the writer does not gather meanwhile).
         self._flushing = 0
         # Invariant: ``_writing_now`` counts the records the journal thread
         # has taken and not yet committed (written by that thread only);
@@ -407,7 +402,6 @@ class Journal(JournalQueries):
         """Wait until everything appended so far is committed (or failed to be)."""
         last = self._last
         if last is not None:
-            # Someone waits: the writer stops gathering (read by its thread).
             self._flushing += 1
             try:
                 await asyncio.wait([last])
@@ -428,9 +422,7 @@ class Journal(JournalQueries):
                 with self._lock:
                     few = 0 < len(self._pending) < GATHER_ENOUGH
                 if few:
-                    # Records came while the last batch was written: a
-                    # stream of them.  A few more gather first (see GATHER).
-                    time.sleep(GATHER)
+                    time.sleep(GATHER)  # a stream of records: let more gather
             follows = True
             with self._lock:
                 records, settles, commit = self._pending, self._settles, self._commit
