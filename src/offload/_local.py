@@ -88,10 +88,11 @@ class Local:
     average), up to :data:`QUEUE` more wait in it, in order, so that it
     never waits a round trip for its next one; a worker whose attempts
     take longer gets only as many as it runs.  Attempts go to the worker
-    with the fewest, in the order they were submitted.  A worker's environment is this process's, plus
-    ``env``, plus ``SHOAL_BLOB_STORE`` naming the engine's blob store (so
-    ``File``/``Dir`` made inside an attempt land there) and a private
-    ``SHOAL_HOME``.  Its stderr is kept in a log file under the engine's
+    holding the fewest, in the order they were submitted.
+
+    A worker's environment is this process's, plus ``env``, plus
+    ``SHOAL_BLOB_STORE`` naming the engine's blob store (so ``File``/``Dir``
+    made inside an attempt land there) and a private ``SHOAL_HOME``.  Its stderr is kept in a log file under the engine's
     home, quoted when a worker dies at start.
 
     What it is for: isolation of code that crashes the interpreter, leaks
@@ -205,7 +206,7 @@ class Local:
     # -- the backend protocol ------------------------------------------------
 
     def capacity(self) -> int:
-        """Attempts submitted at once: ``workers x (concurrency + QUEUE)``; at most ``workers x concurrency`` run."""
+        """Attempts taken at once: ``workers x (concurrency + QUEUE)``, of which ``workers x concurrency`` run."""
         return self.workers * (self.concurrency + QUEUE)
 
     def unfit(self, cpu: float, gpu: int) -> str | None:
@@ -265,7 +266,12 @@ class Local:
         return self.concurrency + queue - len(worker.in_flight)
 
     async def _pick(self) -> _Worker:
-        """A live worker with room: the least loaded with a free slot, else a new one, else a place in a queue, else the first to free up."""
+        """A live worker with room for one more attempt.
+
+        The least loaded with a free slot; else a new worker; else (every
+        worker up) the least loaded with room in its queue; else the first
+        to make room, waiters served in the order they came.
+        """
         ticket: int | None = None
         generation = self._generation
         while True:
