@@ -367,7 +367,11 @@ class WorkerLoop:
             await self.frames.send(Done(id, outcome))
 
     def cancel(self, id: int) -> None:
-        """The engine cancels attempt ``id``: a queued one is dropped, a running async one is cancelled; a sync one cannot be."""
+        """The engine cancels attempt ``id``.
+
+        A queued one is dropped (answered with its Done at once), a running
+        async one is cancelled; a sync one cannot be.
+        """
         queued = self.queued.pop(id, None)
         if queued is not None:
             self.frames.post(Done(id, self._cancelled(queued, time.time())))

@@ -92,8 +92,9 @@ class Local:
 
     A worker's environment is this process's, plus ``env``, plus
     ``SHOAL_BLOB_STORE`` naming the engine's blob store (so ``File``/``Dir``
-    made inside an attempt land there) and a private ``SHOAL_HOME``.  Its stderr is kept in a log file under the engine's
-    home, quoted when a worker dies at start.
+    made inside an attempt land there) and a private ``SHOAL_HOME``.  Its
+    stderr is kept in a log file under the engine's home, quoted when a
+    worker dies at start.
 
     What it is for: isolation of code that crashes the interpreter, leaks
     memory or holds a GPU; another interpreter or environment
@@ -261,8 +262,9 @@ class Local:
         """
         queue = 0
         mean = worker.mean_seconds
+        budget = QUEUE_WAIT * self.concurrency
         if mean is not None:
-            queue = QUEUE if mean * QUEUE <= QUEUE_WAIT * self.concurrency else int(QUEUE_WAIT * self.concurrency / mean)
+            queue = QUEUE if mean * QUEUE <= budget else int(budget / mean)
         return self.concurrency + queue - len(worker.in_flight)
 
     async def _pick(self) -> _Worker:
