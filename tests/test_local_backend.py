@@ -10,20 +10,22 @@ import socket
 import subprocess
 import sys
 import textwrap
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 import psutil
 import pytest
 
+import _offload_tasks as t
 import engine
 import offload
 from _offload_funcs import Point
 from _offload_kit import Hooks, gone, payload, until, value, worker_env
 from engine.extend import VERSION, Backend, BackendContext, decode_value
+from offload._local import QUEUE
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
     from pathlib import Path
 
 
@@ -173,7 +175,8 @@ async def test_concurrent_async_attempts_share_one_worker(tmp_path: Path) -> Non
     folder = tmp_path / "arrived"
     folder.mkdir()
     async with offload.Local(workers=1, concurrency=3, env=worker_env()) as backend:
-        assert backend.capacity() == 3
+        # Three run at once; the target takes a queue's worth more (pipelined).
+        assert backend.capacity() == 3 + QUEUE
         handles = [
             await backend.submit(payload("rendezvous", str(folder), f"a{i}", 3, key=f"a{i}"), Hooks())
             for i in range(3)
@@ -202,6 +205,140 @@ async def test_waiting_submits_are_served_in_the_order_they_came(local: offload.
     served = [int(h.id.split(":")[1]) for h in handles]  # n of "pid:n": the worker's n-th attempt
     assert served == sorted(served) and len({worker_pid(h) for h in handles}) == 1
     assert [value(await local.wait(h)) for h in handles] == [0, 1, 2, 3]
+
+
+# -- pipelining: attempts queued in a worker ------------------------------------------------
+
+
+async def warm(backend: offload.Local) -> int:
+    """Run short attempts (a worker takes a queue once its attempts are seen to be short); the pid.
+
+    Eight, so that the first (which imports the task's module) is all but
+    forgotten by the worker's running mean.
+    """
+    pids = {value(await backend.wait(await backend.submit(payload("whoami"), Hooks()))) for _ in range(8)}
+    [pid] = pids
+    assert isinstance(pid, int)
+    return pid
+
+
+async def test_a_cancelled_attempt_still_queued_is_dropped_and_its_worker_serves_on(
+    local: offload.Local, tmp_path: Path
+) -> None:
+    pid = await warm(local)
+    folder = tmp_path / "arrived"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    busy = await local.submit(payload("rendezvous", str(folder), "busy", 2), Hooks())
+    queued = await local.submit(payload("traced", 1, str(marker)), Hooks())
+    after = await local.submit(payload("add", 1, 2), Hooks())
+    # One worker running one attempt at a time: the other two wait in it.
+    assert worker_pid(busy) == worker_pid(queued) == worker_pid(after) == pid
+    await local.cancel(queued)
+    assert not gone(pid)
+    (folder / "go").touch()  # lets the running attempt end
+    assert value(await local.wait(busy)) == pid
+    assert value(await local.wait(after)) == 3
+    assert not marker.exists()  # the cancelled attempt never ran
+    assert value(await local.wait(await local.submit(payload("whoami"), Hooks()))) == pid
+    with pytest.raises(engine.OffloadError, match="has no attempt"):
+        await local.wait(queued)
+
+
+async def test_cancelling_a_running_attempt_with_others_queued_still_kills_its_worker(
+    local: offload.Local,
+) -> None:
+    pid = await warm(local)
+    hooks = Hooks()
+    busy = await local.submit(payload("print_then_sleep", "started"), hooks)
+    queued = [await local.submit(payload("add", i, 0), Hooks()) for i in range(3)]
+    await until(lambda: "started" in hooks.text("stdout"), "the attempt to start")
+    await local.cancel(busy)
+    assert gone(pid)
+    for handle in queued:
+        assert worker_pid(handle) == pid
+        with pytest.raises(offload.WorkerLost, match="was cancelled"):
+            await local.wait(handle)
+
+
+async def test_a_worker_that_dies_fails_every_attempt_it_held_queued_or_running(
+    local: offload.Local,
+) -> None:
+    pid = await warm(local)
+    hooks = Hooks()
+    running = await local.submit(payload("print_then_sleep", "started"), hooks)
+    queued = [await local.submit(payload("add", i, 0, key=f"q{i}"), Hooks()) for i in range(3)]
+    assert {worker_pid(h) for h in [running, *queued]} == {pid}
+    await until(lambda: "started" in hooks.text("stdout"), "the attempt to start")
+    os.kill(pid, signal.SIGKILL)
+    for handle, name in [(running, "print_then_sleep"), *((h, "add") for h in queued)]:
+        with pytest.raises(offload.WorkerLost) as lost:
+            await local.wait(handle)
+        assert f"process {pid}" in str(lost.value) and "SIGKILL" in str(lost.value) and name in str(lost.value)
+    assert value(await local.wait(await local.submit(payload("whoami"), Hooks()))) != pid
+
+
+async def test_pipelined_attempts_are_spread_evenly_in_order_and_their_results_are_right(
+    tmp_path: Path,
+) -> None:
+    async with offload.Local(workers=2, env=worker_env()) as backend:
+        # Both workers up (a second one starts while the first is busy), and warm.
+        first = [await backend.submit(payload("sleepy", 0.05, key=f"s{i}"), Hooks()) for i in range(2)]
+        pids = [worker_pid(h) for h in first]
+        assert len(set(pids)) == 2
+        await asyncio.gather(*(backend.wait(h) for h in first))
+        for _ in range(8):
+            pair = [await backend.submit(payload("whoami"), Hooks()) for _ in range(2)]
+            assert sorted(value(o) for o in await asyncio.gather(*(backend.wait(h) for h in pair))) == sorted(pids)
+        room = backend.capacity()
+        handles = [await backend.submit(payload("add", i, i, key=f"a{i}"), Hooks()) for i in range(room)]
+        # Each goes to the worker holding fewer: the first two to one each, then both take some.
+        assert {worker_pid(h) for h in handles[:2]} == set(pids)
+        assert all(sum(worker_pid(h) == p for h in handles) >= 2 for p in pids)
+        more = [await backend.submit(payload("add", i, 1, key=f"b{i}"), Hooks()) for i in range(200)]
+        outcomes = await asyncio.gather(*(backend.wait(h) for h in handles + more))
+        assert [value(o) for o in outcomes] == [2 * i for i in range(room)] + [i + 1 for i in range(200)]
+        assert {o.where.split(":")[1] for o in outcomes} == {str(p) for p in pids}
+        assert len(set(pids)) == len(backend._workers) == 2  # nothing was lost on the way
+
+
+@engine.task
+async def warm_up(n: int) -> int:
+    for i in range(n):
+        await t.where(i)
+    return n
+
+
+@engine.task
+async def fan_behind_one(marker: str, n: int) -> list[int]:
+    """``dies_once`` first; once it runs, ``n`` quick actions (queued behind it in the one worker)."""
+    # A sync task, called from async code: what the call returns is awaited.
+    first: asyncio.Future[int] = asyncio.ensure_future(cast("Awaitable[int]", t.dies_once(marker)))
+    await until(lambda: os.path.exists(marker), "dies_once to start")
+    rest = await asyncio.gather(*(t.where(i) for i in range(n)))
+    return [await first, *(x for x, _ in rest)]
+
+
+async def test_a_worker_that_dies_with_attempts_queued_has_every_one_retried(tmp_path: Path) -> None:
+    box = offload.Local(workers=1)
+    marker = tmp_path / "runs"
+    async with engine.Engine(home=tmp_path / "home", targets={"box": box}) as eng:
+        assert (await eng.run(warm_up, 8)).result == 8
+        run = await eng.submit(fan_behind_one, str(marker), 4)
+        await until(lambda: marker.exists() and marker.read_text().strip(), "the first attempt to start")
+        pid = int(marker.read_text().split()[0])
+        await until(lambda: sum(len(w.in_flight) for w in box._workers) == 5, "the others to be queued behind it")
+        os.kill(pid, signal.SIGKILL)
+        await run.wait()
+        assert (run.status, run.result) == ("succeeded", [2, 0, 2, 4, 6])
+        shown = await eng.get_run(run.id, actions=True)
+    held = [a for a in shown.action_records if a.task in ("where", "dies_once")]
+    assert len(held) == 5
+    for action in held:
+        # Lost with the worker (running or queued), retried on a new one, the task's retries untouched.
+        assert [(a.attempt, a.state) for a in action.attempts] == [(1, "lost"), (1, "succeeded")]
+        assert action.attempts[0].where.endswith(f":{pid}") and not action.attempts[1].where.endswith(f":{pid}")
+    assert run.stats["retries"] == 5
 
 
 async def test_files_made_in_an_attempt_go_to_the_engines_blob_store(

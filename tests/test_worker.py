@@ -29,6 +29,8 @@ from engine.extend import (
     Shutdown,
     Start,
     StreamBroken,
+    Withdraw,
+    Withdrawn,
     encode_frame,
     serve,
     usable_cpus,
@@ -65,9 +67,9 @@ class Worker:
         return (await self.proc.stderr.read()).decode()
 
 
-async def start_worker(cache: Path, **kwargs: Any) -> Worker:
+async def start_worker(cache: Path, *args: str, **kwargs: Any) -> Worker:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "offload.worker", "--cache", str(cache),
+        sys.executable, "-m", "offload.worker", "--cache", str(cache), *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -212,6 +214,96 @@ async def test_a_killed_worker_takes_nothing_with_it_but_its_stream(worker: Work
     assert await worker.recv() is None
     assert await worker.proc.wait() == -signal.SIGKILL
     await until(lambda: gone(worker.proc.pid), "the worker to be gone")
+
+
+# -- pipelining: a worker with a concurrency queues what it is sent beyond it ------------
+
+
+@pytest.fixture
+async def queueing(tmp_path: Path) -> AsyncIterator[Worker]:
+    """A worker that runs one attempt at a time and queues the others."""
+    w = await start_worker(tmp_path / "cache", "--concurrency", "1")
+    assert isinstance(await w.recv(), Hello)
+    yield w
+    if w.proc.returncode is None:
+        w.proc.kill()
+    await w.proc.wait()
+    await w.frames.aclose()
+
+
+async def answers(worker: Worker, until_done: int) -> list[Any]:
+    """The Done and Withdrawn messages the worker sends, up to and including the Done of ``until_done``."""
+    seen: list[Any] = []
+    while True:
+        message = await worker.recv()
+        assert message is not None, "the worker closed its stream"
+        if isinstance(message, Done | Withdrawn):
+            seen.append(message)
+        if isinstance(message, Done) and message.id == until_done:
+            return seen
+
+
+async def test_attempts_beyond_the_concurrency_wait_and_start_in_the_order_they_came(
+    queueing: Worker, tmp_path: Path
+) -> None:
+    folder = tmp_path / "arrived"
+    folder.mkdir()
+    await queueing.frames.send(Start(1, payload("rendezvous", str(folder), "first", 2)))
+    await queueing.frames.send(Start(2, payload("add", 1, 2)))
+    await queueing.frames.send(Start(3, payload("add", 2, 2)))
+    (folder / "second").touch()  # lets the first one end
+    dones = await answers(queueing, 3)
+    # Run one at a time: the quick ones waited for the first (without the
+    # queue they would have ended while it waited).
+    assert [d.id for d in dones] == [1, 2, 3]
+    assert [value(d.outcome) for d in dones[1:]] == [3, 4]
+    assert dones[1].outcome.started_at >= dones[0].outcome.finished_at
+    assert dones[2].outcome.started_at >= dones[1].outcome.finished_at
+
+
+async def test_a_queued_attempt_can_be_withdrawn_or_cancelled_and_a_started_one_is_not_withdrawn(
+    queueing: Worker,
+) -> None:
+    await queueing.frames.send(Start(1, payload("sleepy", 60.0)))
+    for i in (2, 3):
+        await queueing.frames.send(Start(i, payload("add", i, 0)))
+    await queueing.frames.send(Start(4, payload("add", 20, 22)))
+    await queueing.frames.send(Withdraw(2))
+    await queueing.frames.send(Cancel(3))
+    await queueing.frames.send(Withdraw(1))
+    await queueing.frames.send(Cancel(1))
+    seen = await answers(queueing, 4)
+    withdrawn = {m.id: m.dropped for m in seen if isinstance(m, Withdrawn)}
+    assert withdrawn == {2: True, 1: False}
+    dones = {m.id: m.outcome for m in seen if isinstance(m, Done)}
+    assert sorted(dones) == [1, 3, 4]  # none for the withdrawn attempt: it never ran
+    for cancelled in (dones[1], dones[3]):
+        assert cancelled.error is not None and "cancelled" in cancelled.error.message
+        assert cancelled.error_kind == "system"
+    assert value(dones[4]) == 42
+
+
+async def test_time_spent_in_the_queue_counts_against_the_timeout(queueing: Worker) -> None:
+    await queueing.frames.send(Start(1, payload("sleepy", 1.0)))
+    await queueing.frames.send(Start(2, payload("add", 1, 1, timeout=0.1)))
+    seen = await answers(queueing, 2)
+    dones = {m.id: m.outcome for m in seen if isinstance(m, Done)}
+    assert value(dones[1]) == 1.0
+    late = dones[2].error
+    assert late is not None and late.type == "engine.ActionTimeout"
+    assert "waiting in the worker's queue and did not run" in late.message
+    await queueing.frames.send(Start(3, payload("add", 2, 3)))
+    assert value((await queueing.done(3))[0].outcome) == 5
+
+
+def test_a_concurrency_below_one_is_refused(tmp_path: Path) -> None:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "offload.worker", "--cache", str(tmp_path), "--concurrency", "0"],
+        capture_output=True, text=True, env={**os.environ, **worker_env()}, check=False,
+    )
+    assert out.returncode == 2 and "--concurrency: takes a whole number >= 1, got '0'" in out.stderr
 
 
 # -- one serving loop for offloaded attempts and parallel_map chunks --------------------

@@ -118,7 +118,11 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
     def capacity(self) -> int:
-        """How many attempts may run at once (workers x concurrency), once open."""
+        """How many attempts the target takes at once, once open: the engine submits no more.
+
+        Those that run at once (workers x concurrency), plus any a backend
+        queues on its workers ahead of time (``offload.Local`` pipelines).
+        """
         ...
 
     def unfit(self, cpu: float, gpu: int) -> str | None:

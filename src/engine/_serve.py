@@ -22,16 +22,23 @@ How an attempt runs:
   when it is not in the cache yet, then put first on ``sys.path``).  A task
   runs its plain function: task calls inside it are plain calls.
 - Async functions run as tasks of this loop, several at once; sync ones
-  in a thread each, carrying the attempt's context.
+  in a thread each, carrying the attempt's context.  A loop given a
+  ``concurrency`` runs at most that many at once: the engine may send more
+  (it pipelines, so that the worker never waits a round trip for its next
+  attempt), and those wait here in the order they came.  A queued attempt
+  can be taken back (``Withdraw``) or cancelled without disturbing the
+  running ones.
 - What it prints (``sys.stdout``, ``sys.stderr``) and logs (``logging``)
   is attributed to it through a ContextVar and streamed back as ``Log``
   frames every :data:`FLUSH_EVERY` seconds; trace results go back as
   ``Trace`` frames as they finish, and traces recorded before (the
   payload's ``traces``) are returned without running.
 - ``timeout`` is enforced here too, :data:`TIMEOUT_GRACE` seconds after
-  the engine's own deadline, so that it holds if the engine has gone: an
-  async attempt is cancelled; a sync one cannot be stopped, so the worker
-  reports the timeout and then exits (status :data:`EXIT_STUCK`).
+  the engine's own deadline, so that it holds if the engine has gone, and
+  counted from when the Start arrived (time queued here counts): an async
+  attempt is cancelled; a sync one cannot be stopped, so the worker
+  reports the timeout and then exits (status :data:`EXIT_STUCK`); one whose
+  time ran out while it was queued is reported without running.
 - ``env`` is set in ``os.environ`` around the attempt.  The environment is
   the process's, not the attempt's: while several attempts run at once,
   all their variables are set, and they are restored when the last one
@@ -81,6 +88,8 @@ from ._wire import (
     Shutdown,
     Start,
     Trace,
+    Withdraw,
+    Withdrawn,
 )
 
 if TYPE_CHECKING:
@@ -138,16 +147,19 @@ class BundleCache(Protocol):
         ...
 
 
-async def serve(frames: Channel, bundles: BundleCache | None = None, *, capture: bool = True) -> int:
+async def serve(
+    frames: Channel, bundles: BundleCache | None = None, *, capture: bool = True, concurrency: int | None = None
+) -> int:
     """Serve attempts and chunks over ``frames`` until ``Shutdown`` or the end of the stream.
 
     ``capture``: send what attempts print and log back to the engine (the
     offload workers); without it, prints go to the process's own streams
     (the ``parallel_map`` pool's workers share their parent's terminal).
-    Returns how many attempts were still running then (abandoned: nobody
-    is left to take their results).
+    ``concurrency``: how many attempts run at once (None: every one sent);
+    the others wait in order.  Returns how many attempts were still running
+    then (abandoned: nobody is left to take their results).
     """
-    return await WorkerLoop(frames, bundles, capture=capture).serve()
+    return await WorkerLoop(frames, bundles, capture=capture, concurrency=concurrency).serve()
 
 
 class _Attempt:
@@ -156,6 +168,8 @@ class _Attempt:
     def __init__(self, id: int, payload: Payload) -> None:
         self.id = id
         self.payload = payload
+        #: When its Start arrived (monotonic): its timeout counts from here.
+        self.received = time.monotonic()
         #: The task running the attempt (set once it runs).
         self.task: asyncio.Task[None] | None = None
         #: Whether the function is sync (runs in a thread; cannot be cancelled).
@@ -211,15 +225,29 @@ class _Sink:
 class WorkerLoop:
     """The state of one serving worker: the attempts in flight, the bundles being fetched, the map functions."""
 
-    def __init__(self, frames: Channel, bundles: BundleCache | None = None, *, capture: bool = True) -> None:
+    def __init__(
+        self,
+        frames: Channel,
+        bundles: BundleCache | None = None,
+        *,
+        capture: bool = True,
+        concurrency: int | None = None,
+    ) -> None:
         self.frames = frames
         self.bundle_cache = bundles
         self.capture = capture
+        self.concurrency = concurrency
         self.chunks = ChunkRunner()
         self.where = f"{socket.gethostname()}:{os.getpid()}"
         # Invariant: ``attempts`` holds every attempt started and not yet
-        # answered with its Done, by id.
+        # answered with its Done, by id; at most ``concurrency`` of them.
         self.attempts: dict[int, _Attempt] = {}
+        # Invariant: ``queued`` holds the attempts received and not started,
+        # oldest first; it is empty unless ``attempts`` is full (the oldest
+        # starts as soon as one running ends).
+        self.queued: dict[int, _Attempt] = {}
+        # Set once serving ends: nothing queued starts any more.
+        self._closing = False
         # Invariant: ``bundles`` holds a future for each bundle asked for
         # with NeedBundle whose data has not arrived; every attempt needing
         # that bundle waits on the same one.
@@ -258,6 +286,8 @@ class WorkerLoop:
             # being sent, or it reset the stream): nobody is left to tell.
             return len(self.attempts)
         finally:
+            self._closing = True
+            self.queued.clear()
             background = list(self._tasks)
             if flusher is not None:
                 flusher.cancel()
@@ -283,6 +313,8 @@ class WorkerLoop:
             self._start(message.id, message.payload)
         elif isinstance(message, Cancel):
             self.cancel(message.id)
+        elif isinstance(message, Withdraw):
+            self.withdraw(message.id)
         elif isinstance(message, BundleData):
             waiter = self.bundles.pop(message.digest, None)
             if waiter is not None and not waiter.done():
@@ -292,10 +324,24 @@ class WorkerLoop:
         return True
 
     def _start(self, id: int, payload: Payload) -> None:
-        attempt = self.attempts[id] = _Attempt(id, payload)
+        attempt = _Attempt(id, payload)
+        if self.concurrency is not None and len(self.attempts) >= self.concurrency:
+            self.queued[id] = attempt
+        else:
+            self._launch(attempt)
+
+    def _launch(self, attempt: _Attempt) -> None:
+        self.attempts[attempt.id] = attempt
         task = attempt.task = asyncio.create_task(self._run(attempt))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _next(self) -> None:
+        """Start the oldest queued attempts while there is room (an attempt just ended)."""
+        queued = self.queued
+        while queued and not self._closing and (self.concurrency is None or len(self.attempts) < self.concurrency):
+            first = next(iter(queued))
+            self._launch(queued.pop(first))
 
     # -- one attempt ---------------------------------------------------------
 
@@ -321,12 +367,21 @@ class WorkerLoop:
             self.attempts.pop(id, None)
             if not self.attempts and self._saved_env:
                 self._restore_env()
+            self._next()
         self._send_logs(attempt)
         with contextlib.suppress(ConnectionError):
             await self.frames.send(Done(id, outcome))
 
     def cancel(self, id: int) -> None:
-        """The engine cancels attempt ``id``: an async one is cancelled; a sync one cannot be."""
+        """The engine cancels attempt ``id``.
+
+        A queued one is dropped (answered with its Done at once), a running
+        async one is cancelled; a sync one cannot be.
+        """
+        queued = self.queued.pop(id, None)
+        if queued is not None:
+            self.frames.post(Done(id, self._cancelled(queued, time.time())))
+            return
         attempt = self.attempts.get(id)
         if attempt is None or attempt.task is None or attempt.sync:
             return
@@ -337,16 +392,27 @@ class WorkerLoop:
             # at all, so its Done is sent from here.
             del self.attempts[id]
             self.frames.post(Done(id, self._cancelled(attempt, time.time())))
+            self._next()
+
+    def withdraw(self, id: int) -> None:
+        """The engine takes back attempt ``id``: dropped if it is still queued (no Done follows)."""
+        dropped = self.queued.pop(id, None) is not None
+        self.frames.post(Withdrawn(id, dropped))
 
     async def _attempt(self, attempt: _Attempt, started: float) -> Outcome:
         payload = attempt.payload
+        deadline = None if payload.timeout is None else attempt.received + payload.timeout + TIMEOUT_GRACE
+        if deadline is not None and deadline <= time.monotonic():
+            return self._timed_out(attempt, started, queued=True)
         try:
             fn, is_async, args, kwargs = await self._prepare(payload)
         except Exception as exc:
             return self._failed(exc, started, "system")
         trace_sink_var.set(_Sink(attempt, self.frames))
         attempt.sync = not is_async
-        limit = None if payload.timeout is None else payload.timeout + TIMEOUT_GRACE
+        limit = None if deadline is None else deadline - time.monotonic()
+        if limit is not None and limit <= 0:
+            return self._timed_out(attempt, started, queued=True)
         try:
             if is_async:
                 # Run in this task itself (no task per call): cancelling the
@@ -397,17 +463,17 @@ class WorkerLoop:
             error_kind="system",
         )
 
-    def _timed_out(self, attempt: _Attempt, started: float) -> Outcome:
+    def _timed_out(self, attempt: _Attempt, started: float, *, queued: bool = False) -> Outcome:
         payload = attempt.payload
+        if queued:
+            how = "; it was still waiting in the worker's queue and did not run"
+        elif attempt.sync:
+            how = "; it is sync code that cannot be stopped, so the worker exits"
+        else:
+            how = "; it was cancelled there"
         error = ActionTimeout(
             f"task {payload.task!r} (action {payload.key}, attempt {payload.attempt}) ran past its "
-            f"timeout of {payload.timeout:g}s on worker {self.where}"
-            + (
-                "; it is sync code that cannot be stopped, so the worker exits"
-                if attempt.sync
-                else "; it was cancelled there"
-            )
-            + ": raise timeout= or make it faster"
+            f"timeout of {payload.timeout:g}s on worker {self.where}{how}: raise timeout= or make it faster"
         )
         return self._failed(error, started, "user")
 

@@ -13,8 +13,19 @@ A conversation::
     engine -> BundleData(digest, data)
     worker -> Log / Trace                 while the attempt runs
     engine -> Cancel(id)                  optional
-    worker -> Done(id, outcome)           exactly one per Start
+    engine -> Withdraw(id)                optional: take back an attempt still queued
+    worker -> Withdrawn(id, dropped)      one per Withdraw
+    worker -> Done(id, outcome)           exactly one per Start that was not withdrawn
     engine -> Shutdown                    or the transport closes
+
+A worker started with a concurrency (``--concurrency N``) runs at most N
+attempts at once; the engine may send it more, which wait in the worker,
+in the order they came, and start as running ones end (pipelining: the
+worker never waits a round trip for its next attempt).  ``Withdraw`` drops
+such a queued attempt (``Withdrawn(dropped=True)``, and no Done follows);
+one that has started is not stopped by it (``dropped=False``; its Done
+comes, or came, as usual).  ``Cancel`` of a queued attempt drops it too,
+answered with its Done.
 
 The engine's ``parallel_map`` pool speaks the same protocol to its own
 worker processes, with one more pair of messages::
@@ -56,6 +67,8 @@ __all__ = [
     "Shutdown",
     "Start",
     "Trace",
+    "Withdraw",
+    "Withdrawn",
     "decode_message",
     "encode_frame",
     "frame_length",
@@ -63,7 +76,7 @@ __all__ = [
 ]
 
 #: Version of this protocol; a worker speaking another one is refused at hello.
-PROTOCOL: Final = 1
+PROTOCOL: Final = 2
 #: Largest frame either side accepts (a bigger value goes through the blob store).
 MAX_FRAME: Final = 1 << 30
 HEADER: Final = struct.Struct(">I")
@@ -165,6 +178,19 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
     id: int
 
 
+class Withdraw(msgspec.Struct, frozen=True, tag="withdraw"):
+    """Take back attempt ``id`` if it is still queued in the worker (it has not started)."""
+
+    id: int
+
+
+class Withdrawn(msgspec.Struct, frozen=True, tag="withdrawn"):
+    """The answer to ``Withdraw(id)``: ``dropped`` if it never ran (no Done follows), else it had started."""
+
+    id: int
+    dropped: bool
+
+
 class NeedBundle(msgspec.Struct, frozen=True, tag="need-bundle"):
     digest: str
 
@@ -246,6 +272,8 @@ Message = (
     Hello
     | Start
     | Cancel
+    | Withdraw
+    | Withdrawn
     | NeedBundle
     | BundleData
     | Log

@@ -94,6 +94,8 @@ from ._wire import Payload as Payload
 from ._wire import Shutdown as Shutdown
 from ._wire import Start as Start
 from ._wire import Trace as Trace
+from ._wire import Withdraw as Withdraw
+from ._wire import Withdrawn as Withdrawn
 from ._wire import decode_message as decode_message
 from ._wire import encode_frame as encode_frame
 from ._wire import frame_length as frame_length
@@ -146,6 +148,8 @@ __all__ = [
     "SubmitFailed",
     "Trace",
     "TraceSink",
+    "Withdraw",
+    "Withdrawn",
     "WorkerLost",
     "check_digest",
     "corrupt_blob",

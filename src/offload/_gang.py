@@ -33,8 +33,8 @@ import msgspec
 from engine import OffloadError
 from engine.extend import Cluster, Handle, InfrastructureError, Outcome, Payload, Start
 
-from ._local import WorkerClient
-from ._local import _Attempt as Attempt
+from ._worker_client import WorkerClient
+from ._worker_client import _Attempt as Attempt
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import heapq
 import itertools
-import logging
 import os
 import re
 import shutil
@@ -15,51 +13,70 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from engine import ConfigError, OffloadError
 from engine.extend import (
-    PROTOCOL,
     VERSION,
     BackendContext,
-    BundleData,
     Cluster,
-    Done,
     Frames,
     Handle,
     Hello,
-    Log,
-    NeedBundle,
     Outcome,
     Payload,
-    Shutdown,
     Start,
     StreamBroken,
     SubmitFailed,
-    Trace,
-    WorkerLost,
     detect_gpus,
     usable_cpus,
 )
 
+# The worker client is shared with offload.SSH, which imports it from here too.
+from ._worker_client import (
+    SHUTDOWN_GRACE,
+    START_TIMEOUT,
+    TAIL_BYTES,
+    WorkerClient,
+    WorkerOwner,
+    cancel_attempt,
+    check_hello,
+    message_host,
+    outcome_of,
+)
+from ._worker_client import _Attempt as _Attempt
+
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Mapping
     from types import TracebackType
 
     from engine.extend import AttemptHooks, Gang
 
     from ._gang import GangAttempt
 
-__all__ = ["Local", "WorkerClient", "WorkerOwner"]
+__all__ = [
+    "QUEUE",
+    "QUEUE_WAIT",
+    "SHUTDOWN_GRACE",
+    "START_TIMEOUT",
+    "TAIL_BYTES",
+    "Local",
+    "WorkerClient",
+    "WorkerOwner",
+    "cancel_attempt",
+    "check_hello",
+    "message_host",
+    "outcome_of",
+]
 
-#: Seconds a new worker has to say hello (a cold interpreter on a busy machine).
-START_TIMEOUT: Final = 60.0
-#: Seconds ``aclose`` waits for workers to exit after Shutdown before killing them.
-SHUTDOWN_GRACE: Final = 2.0
-#: How much of a dead worker's stderr an error quotes.
-TAIL_BYTES: Final = 2000
-
-_log = logging.getLogger("offload.local")
+#: Attempts each worker may hold queued beyond the ``concurrency`` it runs
+#: (pipelining: the next ones are there when one ends, with no round trip).
+QUEUE: Final = 16
+#: About how long (seconds) a queued attempt may be expected to wait behind
+#: the ones ahead of it in its worker: a worker whose attempts take longer
+#: than this gets no queue, so that a long attempt never holds back others
+#: that another worker could run (see ``Local._room``).
+QUEUE_WAIT: Final = 0.02
 
 
 class Local:
@@ -69,11 +86,18 @@ class Local:
     default this interpreter) are started on first use and each serves
     many attempts, ``concurrency`` at a time (async tasks share a worker's
     loop; sync ones get a thread each), so ``workers x concurrency``
-    attempts run at once.  A worker's environment is this process's, plus
-    ``env``, plus ``SHOAL_BLOB_STORE`` naming the engine's blob store (so
-    ``File``/``Dir`` made inside an attempt land there) and a private
-    ``SHOAL_HOME``.  Its stderr is kept in a log file under the engine's
-    home, quoted when a worker dies at start.
+    attempts run at once.  Attempts are pipelined: while a worker's
+    attempts are short (they take less than :data:`QUEUE_WAIT` seconds on
+    average), up to :data:`QUEUE` more wait in it, in order, so that it
+    never waits a round trip for its next one; a worker whose attempts
+    take longer gets only as many as it runs.  Attempts go to the worker
+    holding the fewest, in the order they were submitted.
+
+    A worker's environment is this process's, plus ``env``, plus
+    ``SHOAL_BLOB_STORE`` naming the engine's blob store (so ``File``/``Dir``
+    made inside an attempt land there) and a private ``SHOAL_HOME``.  Its
+    stderr is kept in a log file under the engine's home, quoted when a
+    worker dies at start.
 
     What it is for: isolation of code that crashes the interpreter, leaks
     memory or holds a GPU; another interpreter or environment
@@ -88,11 +112,13 @@ class Local:
     stderr; an interpreter without shoal, or with another shoal version,
     with ``engine.OffloadError`` before any attempt is sent.
 
-    Cancellation: a cancelled or timed-out attempt always takes its worker
-    with it: the worker's whole process group is killed (SIGKILL), so that
-    nothing the attempt started (threads, child processes) keeps running.
-    Other attempts that shared that worker (``concurrency > 1``) fail with
-    ``WorkerLost`` and are retried on a fresh worker.
+    Cancellation: a cancelled or timed-out attempt that has started takes
+    its worker with it: the worker's whole process group is killed
+    (SIGKILL), so that nothing the attempt started (threads, child
+    processes) keeps running.  Other attempts that the worker held, running
+    or queued, fail with ``WorkerLost`` and are retried on a fresh worker.
+    One still queued in its worker is taken back from the queue instead,
+    and the worker serves on.
 
     Gangs (``@engine.task(nodes=N, offload=...)``): each attempt starts N
     fresh worker processes of its own, beside the ``workers`` (which serve
@@ -202,7 +228,8 @@ class Local:
     # -- the backend protocol ------------------------------------------------
 
     def capacity(self) -> int:
-        return self.workers * self.concurrency
+        """Attempts taken at once: ``workers x (concurrency + QUEUE)``, of which ``workers x concurrency`` run."""
+        return self.workers * (self.concurrency + QUEUE)
 
     def unfit(self, cpu: float, gpu: int) -> str | None:
         hello = self._hello
@@ -307,8 +334,28 @@ class Local:
 
     # -- workers ---------------------------------------------------------------
 
+    def _room(self, worker: WorkerClient) -> int:
+        """How many more attempts ``worker`` may be sent now: free slots, plus room in its queue.
+
+        The queue is for short attempts: about :data:`QUEUE_WAIT` seconds of
+        them per slot (by the worker's running mean), :data:`QUEUE` at most,
+        none before one has ended.  Longer ones wait here, for the first
+        worker to free a slot, rather than behind a long one there.
+        """
+        queue = 0
+        mean = worker.mean_seconds
+        budget = QUEUE_WAIT * self.concurrency
+        if mean is not None:
+            queue = QUEUE if mean * QUEUE <= budget else int(budget / mean)
+        return self.concurrency + queue - len(worker.in_flight)
+
     async def _pick(self) -> _Worker:
-        """A live worker with a free slot: an idle one, else a new one, else the first to free up."""
+        """A live worker with room for one more attempt.
+
+        The least loaded with a free slot; else a new worker; else (every
+        worker up) the least loaded with room in its queue; else the first
+        to make room, waiters served in the order they came.
+        """
         ticket: int | None = None
         generation = self._generation
         while True:
@@ -316,11 +363,12 @@ class Local:
                 raise _closed()
             best: _Worker | None = None
             for worker in self._workers:
-                if len(worker.in_flight) < self.concurrency and (
-                    best is None or len(worker.in_flight) < len(best.in_flight)
-                ):
+                if self._room(worker) > 0 and (best is None or len(worker.in_flight) < len(best.in_flight)):
                     best = worker
-            if best is not None:
+            # A free slot first; a place in a queue only once every worker is up.
+            if best is not None and (
+                len(best.in_flight) < self.concurrency or len(self._workers) + self._starting >= self.workers
+            ):
                 return best
             if len(self._workers) + self._starting < self.workers:
                 self._starting += 1
@@ -375,6 +423,7 @@ class Local:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     self.python, "-m", "offload.worker", "--cache", str(cache),
+                    "--concurrency", str(self.concurrency),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=stderr,
@@ -442,248 +491,16 @@ class Local:
         self._wake(everyone=True)
 
 
-async def outcome_of(
-    attempts: dict[str, _Attempt],
-    handle: Handle,
-    backend: str,
-    discard: Callable[[Any, str], Awaitable[None]],
-) -> tuple[_Attempt, Outcome]:
-    """Wait for a submitted attempt's outcome (``wait`` of the worker backends).
-
-    Shielded: a wait cancelled by the engine's timeout leaves the outcome
-    for ``cancel()`` to deal with.  An attempt the worker itself timed out
-    takes its worker with it, as a cancel would (``discard``).
-    """
-    attempt = attempts.get(handle.id)
-    if attempt is None:
-        raise OffloadError(
-            f"{backend} has no attempt {handle.id} (it finished, was cancelled, or ran "
-            f"under another backend object): submit it again"
-        )
-    try:
-        outcome = await asyncio.shield(attempt.future)
-    finally:
-        if attempt.future.done():
-            attempts.pop(handle.id, None)
-    if not outcome.ok and outcome.error is not None and outcome.error.type == "engine.ActionTimeout":
-        await discard(attempt.worker, f"attempt {handle.id} ran past its timeout")
-    return attempt, outcome
-
-
-async def cancel_attempt(
-    attempts: dict[str, _Attempt], handle: Handle, discard: Callable[[Any, str], Awaitable[None]]
-) -> None:
-    """Cancel a submitted attempt: its worker, and the worker's process group, go with it."""
-    attempt = attempts.pop(handle.id, None)
-    if attempt is None:
-        return
-    attempt.future.cancel()
-    await discard(attempt.worker, f"attempt {handle.id} was cancelled")
-
-
-def message_host(message: Any) -> str:
-    return message.hostname if isinstance(message, Hello) else "?"
-
-
-def check_hello(message: Any, peer: str, host: str, python: str, where: str) -> Hello:
-    """A worker's first message, if it is a hello from this very shoal (else a clear error)."""
-    if not isinstance(message, Hello):
-        raise SubmitFailed(
-            f"{peer} began with a {type(message).__name__} message instead of its hello: it "
-            f"is not a shoal worker"
-        )
-    if message.shoal != VERSION or message.protocol != PROTOCOL:
-        raise OffloadError(
-            f"the worker on {host} ({message.executable or python}) runs shoal {message.shoal} "
-            f"(protocol {message.protocol}) and this engine runs shoal {VERSION} (protocol "
-            f"{PROTOCOL}); install shoal=={VERSION} {where}"
-        )
-    return message
-
-
-class _Attempt:
-    def __init__(self, n: int, payload: Payload, hooks: AttemptHooks, handle: Handle, worker: WorkerClient) -> None:
-        self.n = n
-        self.payload = payload
-        self.hooks = hooks
-        self.handle = handle
-        self.worker = worker
-        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-
-
-class WorkerOwner(Protocol):
-    """What a :class:`WorkerClient` asks of the backend that started it."""
-
-    _context: BackendContext | None
-
-    def _wake(self, *, everyone: bool = False) -> None: ...
-
-    def _forget(self, worker: Any) -> None: ...
-
-
-class WorkerClient(abc.ABC):
-    """The engine's side of one worker connection, whatever carries it (pipes, an SSH channel).
-
-    It reads the worker's frames (Done, Log, Trace, NeedBundle) until the
-    stream ends, then fails what the worker still ran with ``lost_as``
-    (``WorkerLost``; the SSH backend makes it ``HostLost`` when the
-    connection went).  How the process is ended and reaped is the
-    transport's: subclasses give :meth:`terminate`, :meth:`exited` and
-    :meth:`stderr_tail`.
-    """
-
-    #: The error in-flight attempts fail with when the stream ends.
-    lost_as: type[OffloadError] = WorkerLost
-    #: What the lost attempt's message says happens next.
-    retry_note = "the attempt is retried on a new worker"
-
-    def __init__(self, owner: WorkerOwner, frames: Frames, hello: Hello, pid: int, what: str) -> None:
-        self.owner = owner
-        self.frames = frames
-        self.hello = hello
-        self.pid = pid
-        #: The worker in messages ("the local worker process 123 (python3)").
-        self.what = what
-        self.serial = itertools.count(1)
-        # Invariant: ``in_flight`` holds the attempts sent to this worker
-        # and not answered with Done, by their id on this worker.
-        self.in_flight: dict[int, _Attempt] = {}
-        self.reader: asyncio.Task[None] | None = None
-        #: Why the engine killed this worker, if it did.
-        self.killed: str | None = None
-        self._bundle_tasks: set[asyncio.Task[None]] = set()
-
-    # -- what the transport gives ------------------------------------------------
-
-    @abc.abstractmethod
-    async def terminate(self) -> None:
-        """SIGKILL the worker's process group."""
-
-    @abc.abstractmethod
-    async def exited(self, within: float | None) -> str | None:
-        """Wait up to ``within`` seconds for the process to end; how it ended, or None if it still runs."""
-
-    def stderr_tail(self) -> str:
-        """The end of the worker's stderr, to quote in an error ('' when it wrote nothing)."""
-        return ""
-
-    # -- the protocol ------------------------------------------------------------
-
-    async def read(self) -> None:
-        """Take the worker's frames until its stream ends; then fail what it still ran."""
-        broken: str | None = None
-        try:
-            while True:
-                message = await self.frames.recv()
-                if message is None:
-                    break
-                self._take(message)
-        except StreamBroken as exc:
-            broken = str(exc)
-        except (ConnectionError, OffloadError) as exc:
-            broken = f"its stream failed: {exc}"
-        except Exception as exc:  # a transport's own error (an SSH channel that closed)
-            broken = f"its stream failed: {type(exc).__name__}: {exc}"
-        await self.lost(broken)
-
-    def _take(self, message: Any) -> None:
-        if isinstance(message, Log | Trace):
-            attempt = self.in_flight.get(message.id)
-            if attempt is None:
-                return
-            try:
-                if isinstance(message, Log):
-                    attempt.hooks.log(message.stream, message.text)
-                else:
-                    attempt.hooks.trace(message.key, message.name, message.kind, message.data)
-            except Exception:
-                # The engine's hooks failing must not take the worker down.
-                _log.exception("%s: reporting a %s of attempt %s failed", self.what, type(message).__name__, attempt.handle.id)
-        elif isinstance(message, Done):
-            attempt = self.in_flight.pop(message.id, None)
-            if attempt is not None and not attempt.future.done():
-                attempt.future.set_result(message.outcome)
-            self.owner._wake()
-        elif isinstance(message, NeedBundle):
-            task = asyncio.get_running_loop().create_task(self._send_bundle(message.digest))
-            self._bundle_tasks.add(task)
-            task.add_done_callback(self._bundle_tasks.discard)
-
-    async def _send_bundle(self, digest: str) -> None:
-        context = self.owner._context
-        data = b""
-        if context is not None and context.bundle_path is not None:
-            # An unreadable bundle is sent empty: the worker fails the
-            # attempts that need it with a message that names it.
-            with contextlib.suppress(OSError):
-                data = await asyncio.to_thread(context.bundle_path(digest).read_bytes)
-        with contextlib.suppress(ConnectionError):
-            await self.frames.send(BundleData(digest, data))
-
-    def fail_all(self, error: Callable[[_Attempt], OffloadError]) -> None:
-        """Fail every attempt in flight now with ``error(attempt)`` (the worker is not waited for)."""
-        attempts, self.in_flight = self.in_flight, {}
-        for attempt in attempts.values():
-            if not attempt.future.done():
-                attempt.future.set_exception(error(attempt))
-                # Retrieved by wait(); mark it so that an unawaited one is not reported.
-                attempt.future.exception()
-
-    async def lost(self, broken: str | None) -> None:
-        """The worker's stream ended: reap it and its group, fail its attempts with ``lost_as``."""
-        self.owner._forget(self)
-        status = await self.exited(SHUTDOWN_GRACE)
-        await self.terminate()
-        if status is None:
-            status = await self.exited(None)
-        with contextlib.suppress(Exception):
-            await self.frames.aclose()
-        attempts, self.in_flight = self.in_flight, {}
-        if not attempts:
-            return
-        tail = "" if self.killed else self.stderr_tail()
-        how = self.killed or broken or f"it exited with {status or 'an unknown status'}"
-        for attempt in attempts.values():
-            if attempt.future.done():
-                continue
-            p = attempt.payload
-            attempt.future.set_exception(
-                self.lost_as(
-                    f"{self.what} running attempt {p.attempt} of action {p.key} of task {p.task!r} "
-                    f"was lost: {how}; {self.retry_note}{tail}"
-                )
-            )
-            # Retrieved by wait(); mark it so that an unawaited one is not reported.
-            attempt.future.exception()
-
-    async def kill(self, why: str) -> None:
-        """SIGKILL the worker's process group and wait until the reader has failed its attempts."""
-        if self.killed is None:
-            self.killed = f"the engine killed it because {why}"
-        await self.terminate()
-        if self.reader is not None:
-            await asyncio.shield(self.reader)
-
-    async def stop(self, grace: float, why: str) -> None:
-        """Shutdown, up to ``grace`` seconds for it to exit, then SIGKILL of its group."""
-        self.killed = self.killed or why
-        with contextlib.suppress(ConnectionError):
-            await self.frames.send(Shutdown())
-        with contextlib.suppress(Exception):
-            await self.frames.aclose()
-        await self.exited(grace)
-        await self.terminate()
-        if self.reader is not None:
-            await asyncio.shield(self.reader)
-
-
 class _Worker(WorkerClient):
     """One local worker process, over its pipes."""
 
     def __init__(
         self, backend: Local, proc: asyncio.subprocess.Process, frames: Frames, hello: Hello, log: Path
     ) -> None:
-        super().__init__(backend, frames, hello, proc.pid, f"the local worker process {proc.pid} ({backend.python})")
+        super().__init__(
+            backend, frames, hello, proc.pid, f"the local worker process {proc.pid} ({backend.python})",
+            concurrency=backend.concurrency,
+        )
         self.proc = proc
         self.log = log
 

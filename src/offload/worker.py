@@ -1,4 +1,4 @@
-"""``python -m offload.worker [--cache DIR]``: serve offloaded attempts over stdin and stdout.
+"""``python -m offload.worker [--cache DIR] [--concurrency N]``: serve offloaded attempts over stdin and stdout.
 
 (``python -m offload.worker --batch S3_URI --pack DIGEST`` instead runs the
 one attempt of an AWS Batch job: see :mod:`offload._batch_job`.)
@@ -15,6 +15,10 @@ stderr and file descriptor 0 at ``/dev/null``, so that nothing an attempt
 does (a ``print``, a C library writing to fd 1, a child process reading
 stdin) can touch the stream.  What attempts print and log is sent back to
 the engine; the rest of stderr is the worker's own log.
+
+``--concurrency N``: at most N attempts run at once; further ones the
+engine sends wait in the worker, in order (the engine pipelines them).
+Without it every attempt sent starts at once (the engine keeps the count).
 
 ``--cache`` is the worker's folder (default ``~/.cache/shoal``): code
 bundles are unpacked under it, and it holds the worker's private
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run a worker on this process's stdin and stdout; its exit status."""
     parser = argparse.ArgumentParser(prog="python -m offload.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default="~/.cache/shoal", help="folder for code bundles and the worker's home")
+    parser.add_argument(
+        "--concurrency", type=_positive, default=None, metavar="N",
+        help="attempts run at once; the rest wait in order (default: every one sent)",
+    )
     parser.add_argument("--batch", metavar="S3_URI", help="run one attempt of an AWS Batch job, stored under S3_URI")
     parser.add_argument("--pack", metavar="DIGEST", help="with --batch: the pack holding the job's payload")
     parser.add_argument(
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_job(args.batch, args.pack, cache))
     proto_in, proto_out = _take_stdio()
     _private_home(cache)
-    abandoned = asyncio.run(_serve(proto_in, proto_out, cache))
+    abandoned = asyncio.run(_serve(proto_in, proto_out, cache, args.concurrency))
     if abandoned and os.getpgrp() == os.getpid():
         # The engine went away under running attempts: what they started
         # (child processes in this worker's process group) goes too.
@@ -81,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, got {text!r}")
+    return value
 
 
 def _take_stdio() -> tuple[int, int]:
@@ -129,7 +147,7 @@ class BundleDir:
         return unpack_bundle(data, digest, self.cache)
 
 
-async def _serve(proto_in: int, proto_out: int, cache: Path) -> int:
+async def _serve(proto_in: int, proto_out: int, cache: Path, concurrency: int | None) -> int:
     from engine.extend import Frames, serve
 
     loop = asyncio.get_running_loop()
@@ -142,7 +160,7 @@ async def _serve(proto_in: int, proto_out: int, cache: Path) -> int:
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     try:
-        return await serve(Frames(reader, writer, "the engine"), BundleDir(cache))
+        return await serve(Frames(reader, writer, "the engine"), BundleDir(cache), concurrency=concurrency)
     finally:
         read_transport.close()
 
