@@ -347,11 +347,15 @@ def test_capture_saves_prints_and_logs_per_action(capsys: pytest.CaptureFixture[
 
 
 async def test_capture_is_shared_by_concurrent_runs_and_removed_by_the_last() -> None:
+    hold = asyncio.Event()  # keeps run_b going until run_a's capture has stopped
+
     @engine.task
     async def talk(word: str, pause: float) -> str:
         for i in range(3):
             print(f"{word} {i}")  # noqa: T201 - output to capture
             await asyncio.sleep(pause)
+        if word == "beta":
+            await hold.wait()
         return word
 
     original = sys.stdout
@@ -366,6 +370,7 @@ async def test_capture_is_shared_by_concurrent_runs_and_removed_by_the_last() ->
         await eng.wait_run(run_a)
         await cap_a.stop()
         assert sys.stdout is installed  # run_b still captures
+        hold.set()
         await eng.wait_run(run_b)
         await cap_b.stop()
         assert sys.stdout is original
