@@ -60,6 +60,8 @@ import random
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
+import msgspec
+
 from engine import ConfigError, OffloadError
 from engine.extend import Outcome, Reclaimed, SubmitFailed
 
@@ -76,7 +78,7 @@ from ._errors_map import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from engine.extend import AttemptHooks, BackendContext, Handle, Payload
+    from engine.extend import AttemptHooks, BackendContext, Gang, Handle, Payload
 
     from ._s3 import S3BlobStore
 
@@ -132,6 +134,7 @@ class Batch:
         retries: int = 3,
         job_role_arn: str | None = None,
         env: dict[str, str] | None = None,
+        master_port: int = 29500,
     ) -> None:
         if not isinstance(job_queue, str) or not job_queue.strip():
             raise ConfigError(
@@ -162,6 +165,11 @@ class Batch:
             raise ConfigError(f"offload.Batch({job_queue!r}): poll_interval must be > 0 seconds")
         if retries < 0:
             raise ConfigError(f"offload.Batch({job_queue!r}): retries must be >= 0")
+        if isinstance(master_port, bool) or not isinstance(master_port, int) or not 1 <= master_port <= 65535:
+            raise ConfigError(
+                f"offload.Batch({job_queue!r}): master_port must be a TCP port, 1 to 65535 (rank 0 "
+                f"of a gang listens on it on the main node), got {master_port!r}"
+            )
         self.job_queue = job_queue
         self.image = image
         self.job_definition = job_definition
@@ -175,6 +183,7 @@ class Batch:
         self.retries = retries
         self.job_role_arn = job_role_arn
         self.env = dict(env or {})
+        self.master_port = master_port
         self._rng = random.Random()
         self._reset()
 
@@ -190,8 +199,11 @@ class Batch:
         # Invariant: a digest is in _bundles once its upload has been
         # started (the future settles when it is stored): never uploaded twice.
         self._bundles: dict[str, asyncio.Future[None]] = {}
-        # Job definition ARNs by (vcpus, memory MiB, gpus), found or registered once.
-        self._definitions: dict[tuple[int, int, int], asyncio.Future[str]] = {}
+        # Job definition ARNs by (vcpus, memory MiB, gpus, nodes; 0: not a
+        # multi-node one), found or registered once.
+        self._definitions: dict[tuple[int, ...], asyncio.Future[str]] = {}
+        # What describe_job_definitions said of job_definition= (at open).
+        self._described: dict[str, Any] = {}
         # Invariant: each key's list holds the submits gathered for one
         # flush that has not started; the flush task pops it.
         self._gathering: dict[tuple[Any, ...], list[Submit]] = {}
@@ -202,6 +214,8 @@ class Batch:
         self._live: set[str] = set()
         self._hooks: dict[str, AttemptHooks] = {}
         self._tasks: dict[str, str] = {}
+        # Node counts of the multi-node jobs (gangs) among them, by job id.
+        self._gangs: dict[str, int] = {}
         self._poller = JobPoller(
             call=self._call,
             client=lambda: self._batch,
@@ -301,7 +315,10 @@ class Batch:
                 f"look up job definition {self.job_definition!r}",
                 lambda: self._batch.describe_job_definitions(jobDefinitions=[self.job_definition], status="ACTIVE"),
             )
-            if not defs.get("jobDefinitions"):
+            found_defs = defs.get("jobDefinitions") or []
+            if found_defs:
+                self._described = max(found_defs, key=lambda d: d.get("revision", 0))
+            else:
                 raise OffloadError(
                     f"AWS Batch job definition {self.job_definition!r} (for job queue "
                     f"{self.job_queue!r}) does not exist or is not ACTIVE; register it, or give "
@@ -343,11 +360,19 @@ class Batch:
             raise
 
     async def wait(self, handle: Handle) -> Outcome:
+        nodes = self._gangs.get(handle.id)
+        if nodes is not None:
+            from ._batch_gang import gang_outcome
+
+            watch = self._poller.watch(handle.id, nodes)
+            ended: dict[str, Any] = await asyncio.shield(watch.future)
+            return await gang_outcome(self, handle, ended, watch.lost, nodes)
         watch = self._poller.watch(handle.id)
         job: dict[str, Any] = await asyncio.shield(watch.future)
         return await self._outcome(handle, job)
 
     async def cancel(self, handle: Handle) -> None:
+        self._gangs.pop(handle.id, None)
         if handle.id not in self._live or self._batch is None:
             return
         self._cancels.add(handle.id)
@@ -360,6 +385,13 @@ class Batch:
             raise OffloadError(f"{self!r} is not open; it is opened by the engine that uses it")
         found = await self._poller.describe([handle.id], f"look up job {handle.id}")
         job = found.get(handle.id)
+        if job is not None and job.get("nodeProperties"):
+            # A gang's multi-node job: a failed one may hold a rank's outcome
+            # (a task's exception fails the main node), so it is read too.
+            nodes = int(job["nodeProperties"].get("numNodes") or 0)
+            self._gangs[handle.id] = nodes
+            self._live.add(handle.id)
+            return msgspec.structs.replace(handle, ranks=tuple(f"{handle.id}#{i}" for i in range(nodes)))
         if job is None or job.get("status") == "FAILED":
             return None  # gone, or failed without a result: submitted again
         self._live.add(handle.id)
@@ -390,6 +422,60 @@ class Batch:
             with contextlib.suppress(Exception):
                 await self._stack.aclose()
         self._batch = self._logs = self._stack = self._store = None
+
+    # -- gangs (see _batch_gang) ------------------------------------------------
+
+    def gang_unfit(self, gang: Gang, cpu: float, gpu: int) -> str | None:
+        from ._batch_gang import gang_unfit
+
+        return gang_unfit(gang)
+
+    async def submit_gang(self, payload: Payload, gang: Gang, hooks: AttemptHooks) -> Handle:
+        """Submit the gang's attempt as one multi-node parallel job of ``gang.nodes`` nodes."""
+        if self._batch is None:
+            raise OffloadError(f"{self!r} is not open; it is opened by the engine that uses it")
+        submitting = asyncio.ensure_future(self._submit_gang(payload, gang.nodes, hooks))
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                # Submitted as this was cancelled: it must not run on.
+                await self.cancel(await submitting)
+            raise
+
+    async def _submit_gang(self, payload: Payload, nodes: int, hooks: AttemptHooks) -> Handle:
+        from engine.extend import Handle
+
+        from ._batch_gang import node_overrides
+        from ._batch_job import pack_payloads
+
+        assert self._store is not None
+        if payload.bundle is not None:
+            await self._upload_bundle(payload.bundle)
+        definition = await self._definition_for(payload, nodes)
+        try:
+            pack = await self._store.put_bytes(pack_payloads([payload]))
+        except Exception as exc:
+            raise SubmitFailed(
+                f"cannot store the payload of task {payload.task!r} for job queue {self.job_queue!r} "
+                f"in {self._area}: {exc}"
+            ) from exc
+        request: dict[str, Any] = {
+            "jobName": job_name(payload.task),
+            "jobQueue": self.job_queue,
+            "jobDefinition": definition,
+            "nodeOverrides": node_overrides(self._overrides(payload, pack, self.master_port), nodes),
+        }
+        if payload.timeout is not None:
+            request["timeout"] = {"attemptDurationSeconds": max(60, math.ceil(payload.timeout))}
+        what = f"submit a gang of {nodes} nodes of task {payload.task!r} to job queue {self.job_queue!r}"
+        answer = await self._call(what, lambda: self._batch.submit_job(**request), submit=True)
+        job_id: str = answer["jobId"]
+        self._live.add(job_id)
+        self._hooks[job_id] = hooks
+        self._tasks[job_id] = payload.task
+        self._gangs[job_id] = nodes
+        return Handle("batch", job_id, job_id, tuple(f"{job_id}#{i}" for i in range(nodes)))
 
     # -- AWS calls ------------------------------------------------------------
 
@@ -489,15 +575,18 @@ class Batch:
         if cancelled:
             await self._terminate(cancelled, "cancelled while it was submitted")
 
-    def _overrides(self, payload: Payload, pack: str) -> dict[str, Any]:
+    def _overrides(self, payload: Payload, pack: str, master_port: int | None = None) -> dict[str, Any]:
+        """Container overrides of a job; with ``master_port``, of each node of a gang's job."""
         assert self._store is not None
         env = {**self.env, **payload.env}
-        overrides: dict[str, Any] = {
-            "command": [self.python, "-m", "offload.worker", "--batch", self._area, "--pack", pack],
-        }
+        command = [self.python, "-m", "offload.worker", "--batch", self._area, "--pack", pack]
+        if master_port is not None:
+            command += ["--master-port", str(master_port)]
+        overrides: dict[str, Any] = {"command": command}
         if env:
             overrides["environment"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
-        if self.job_definition is not None:
+        if self.job_definition is not None and master_port is None:
+            # A gang's definition is registered with its resources (per rank).
             overrides["resourceRequirements"] = requirements_of(payload)
         return overrides
 
@@ -518,28 +607,49 @@ class Batch:
             pending.set_result(None)
         await asyncio.shield(pending)
 
-    async def _definition_for(self, payload: Payload) -> str:
-        if self.job_definition is not None:
+    async def _definition_for(self, payload: Payload, nodes: int = 0) -> str:
+        """The job definition for this payload's resources; ``nodes``: the multi-node one of a gang."""
+        if self.job_definition is not None and not nodes:
             return self.job_definition
         requirements = requirements_of(payload)
         key = tuple(int(float(r["value"])) for r in requirements)
         while len(key) < 3:
             key = (*key, 0)
-        found = self._definitions.get(key)  # type: ignore[arg-type]
+        key = (*key, nodes)
+        found = self._definitions.get(key)
         if found is None:
-            found = self._definitions[key] = asyncio.get_running_loop().create_future()  # type: ignore[index]
+            found = self._definitions[key] = asyncio.get_running_loop().create_future()
             try:
-                arn = await self._find_or_register(requirements)
+                arn = await self._find_or_register(requirements, nodes)
             except BaseException as exc:
-                del self._definitions[key]  # type: ignore[arg-type]
+                del self._definitions[key]
                 found.set_exception(exc)
                 found.exception()
                 raise
             found.set_result(arn)
         return await asyncio.shield(found)
 
-    async def _find_or_register(self, requirements: list[dict[str, str]]) -> str:
-        name, properties = definition(self.image, requirements, self.python, self.job_role_arn, self.env)
+    async def _find_or_register(self, requirements: list[dict[str, str]], nodes: int = 0) -> str:
+        if self.job_definition is not None:
+            from ._batch_gang import container_of
+
+            # A gang of an existing definition: its container, with each rank's resources.
+            name = str(self._described.get("jobDefinitionArn") or self.job_definition)
+            try:
+                container = container_of(self._described)
+            except ValueError as exc:
+                raise OffloadError(f"{self!r} cannot run a gang: {exc}") from exc
+            kept = [r for r in container.get("resourceRequirements") or () if r.get("type") not in ("VCPU", "MEMORY", "GPU")]
+            container = {k: v for k, v in container.items() if k not in ("vcpus", "memory")}
+            container["resourceRequirements"] = kept + requirements
+        else:
+            name, container = definition(self.image, requirements, self.python, self.job_role_arn, self.env)
+        registration: dict[str, Any] = {"type": "container", "containerProperties": container}
+        if nodes:
+            from ._batch_gang import gang_definition
+
+            name, node_properties = gang_definition(name, container, nodes)
+            registration = {"type": "multinode", "nodeProperties": node_properties}
         existing = await self._call(
             f"look up job definition {name}",
             lambda: self._batch.describe_job_definitions(jobDefinitionName=name, status="ACTIVE"),
@@ -549,10 +659,8 @@ class Batch:
             latest = max(defs, key=lambda d: d.get("revision", 0))
             return str(latest["jobDefinitionArn"])
         registered = await self._call(
-            f"register job definition {name} (image {self.image!r})",
-            lambda: self._batch.register_job_definition(
-                jobDefinitionName=name, type="container", containerProperties=properties
-            ),
+            f"register job definition {name} (image {container.get('image')!r})",
+            lambda: self._batch.register_job_definition(jobDefinitionName=name, **registration),
         )
         return str(registered["jobDefinitionArn"])
 

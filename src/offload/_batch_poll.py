@@ -74,11 +74,15 @@ class JobPoller:
         #: Poll rounds made since the backend opened (what the benchmark divides calls by).
         self.rounds = 0
 
-    def watch(self, job_id: str) -> Watch:
-        """The wait for ``job_id`` (one per job), polling from now on."""
+    def watch(self, job_id: str, nodes: int = 0) -> Watch:
+        """The wait for ``job_id`` (one per job), polling from now on.
+
+        ``nodes``: the job is a multi-node job of that many nodes, whose
+        node jobs (``JOBID#i``) are asked about too while it runs.
+        """
         watch = self.watched.get(job_id)
         if watch is None:
-            watch = self.watched[job_id] = Watch(job_id, asyncio.get_running_loop().create_future())
+            watch = self.watched[job_id] = Watch(job_id, asyncio.get_running_loop().create_future(), nodes)
             ended = self._ended.pop(job_id, None)
             if ended is not None:
                 self._settle(job_id, ended)
@@ -147,14 +151,22 @@ class JobPoller:
         """Ask about every watched job once; settle those that ended. Whether any did."""
         plain = [j for j in self.watched if ":" not in j]
         parents = sorted({j.split(":", 1)[0] for j in self.watched if ":" in j})
+        # The node jobs of multi-node jobs: a node that failed while its
+        # job runs on is a rank lost without an outcome (its job would run
+        # until the main node gave up waiting for it).
+        nodes = [f"{j}#{i}" for j in plain for i in range(self.watched[j].nodes)]
         ended = 0
-        described = await self.describe(plain + parents, "poll jobs")
+        described = await self.describe(plain + parents + nodes, "poll jobs")
         for job_id in plain:
             job = described.get(job_id)
             if job is None:
                 self._settle(job_id, HostLost(f"AWS Batch job {job_id} in job queue {self._queue!r} is gone: AWS no longer knows it"))
                 ended += 1
             elif job.get("status") in TERMINAL:
+                self._settle(job_id, job)
+                ended += 1
+            elif (lost := self._lost_node(job_id, described)) is not None:
+                self.watched[job_id].lost = lost
                 self._settle(job_id, job)
                 ended += 1
         for parent in parents:
@@ -180,6 +192,14 @@ class JobPoller:
                             # Ended before anyone waited for it: kept for the wait to come.
                             self._ended[child_id] = child
         return ended > 0
+
+    def _lost_node(self, job_id: str, described: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The first node job of multi-node job ``job_id`` that failed, if one did."""
+        for index in range(self.watched[job_id].nodes):
+            node = described.get(f"{job_id}#{index}")
+            if node is not None and node.get("status") == "FAILED":
+                return node
+        return None
 
     async def describe(self, job_ids: list[str], what: str) -> dict[str, dict[str, Any]]:
         """What ``describe_jobs`` says of these jobs, by job id (a job AWS does not know is absent)."""
