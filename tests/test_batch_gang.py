@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -24,6 +29,7 @@ __all__ = ["batch_env", "batch_rig"]  # fixtures used by name
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
 POLL = 0.2
 
@@ -170,9 +176,6 @@ async def test_a_lost_node_fails_the_attempt_and_the_gang_is_retried_as_one(
 
 
 async def test_a_node_killed_without_an_outcome_is_a_lost_rank(eng: engine.Engine, batch_rig: BatchRig) -> None:
-    import os
-    import signal
-
     running = asyncio.ensure_future(eng.run(tasks.gang_sleeps.override(offload="aws"), 4.0))
     pid = await until(
         lambda: next((p for j, p in batch_rig.processes().items() if j.endswith("#2")), None), "node 2 to start"
@@ -244,3 +247,71 @@ async def test_ranks_per_host_other_than_one_is_refused_on_batch(eng: engine.Eng
 def test_master_port_must_be_a_tcp_port(port: Any) -> None:
     with pytest.raises(engine.ConfigError, match="master_port must be a TCP port"):
         offload.Batch(QUEUE, image="x", master_port=port)
+
+
+# -- re-attach after the driving process died -----------------------------------------
+
+FLOW = """\
+import sys
+import engine, offload
+
+aws = offload.Batch("{queue}", image="shoal-test:1", python={python!r}, poll_interval=0.2, master_port={port})
+
+
+@engine.task(offload=aws, retries=0, nodes=3)
+async def gang(seconds: float) -> int:
+    import asyncio
+    me = engine.cluster()
+    print("rank", me.rank, "started", flush=True)
+    await asyncio.sleep(seconds)
+    return 100 + me.rank
+
+
+@engine.task
+async def root() -> int:
+    return await gang(3.0)
+
+
+if __name__ == "__main__":
+    run = engine.resume(sys.argv[1]) if len(sys.argv) > 1 else engine.run(root)
+    print("RESULT", run.status, run.result, flush=True)
+"""
+
+
+def test_a_killed_driver_is_resumed_and_reattaches_to_its_running_gang(
+    tmp_path: Path, batch_env: str, batch_rig: BatchRig
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    flow = project / "flow.py"
+    flow.write_text(FLOW.format(queue=QUEUE, python=PYTHON, port=free_port()))
+    env = {**os.environ, "SHOAL_BLOB_STORE": f"s3://{batch_env}/blobs", "SHOAL_HOME": str(tmp_path / "home")}
+    driver = subprocess.Popen([sys.executable, str(flow)], cwd=project, env=env, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while len(batch_rig.processes()) < 3:
+            assert driver.poll() is None and time.monotonic() < deadline, "the gang never started"
+            time.sleep(0.05)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        assert driver.stdout is not None
+        driver.stdout.close()
+    nodes = sorted(batch_rig.processes())  # the gang runs on without its driver
+    assert [n.rpartition("#")[2] for n in nodes] == ["0", "1", "2"]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import engine; print(engine.runs()[0].id)"],
+        env={**os.environ, "SHOAL_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    resumed = subprocess.run(
+        [sys.executable, str(flow), probe.stdout.strip()], cwd=project, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "RESULT succeeded 100" in resumed.stdout
+    assert batch_rig.calls()["SubmitJob"] == 1  # waited for, never submitted twice

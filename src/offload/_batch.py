@@ -47,6 +47,10 @@ How an attempt travels (see :mod:`offload._batch_job` for the job's side):
   or running, or succeeded, it is waited for (a succeeded job gives its
   result); gone or failed, it is submitted again.
 
+- **Gangs** (``nodes=N``): one multi-node parallel job per attempt, see
+  :mod:`offload._batch_gang` (and :mod:`offload._batch_node` for the
+  nodes' side).
+
 Every botocore/aiohttp error is mapped here to an ``OffloadError`` naming
 the queue or the job; nothing else in shoal knows botocore.
 """
@@ -112,7 +116,8 @@ class Batch:
     ``region``/``endpoint_url`` default to the standard AWS configuration;
     ``retries`` bounds infrastructure retries (spot reclaims, failed
     submits) per attempt; ``env`` is set in every job; ``job_role_arn`` is
-    the IAM role the jobs run as.
+    the IAM role the jobs run as; ``master_port`` is where rank 0 of a gang
+    listens on the main node of its multi-node job (``MASTER_PORT``).
     """
 
     kind: ClassVar[str] = "batch"
@@ -434,7 +439,9 @@ class Batch:
         """Submit the gang's attempt as one multi-node parallel job of ``gang.nodes`` nodes."""
         if self._batch is None:
             raise OffloadError(f"{self!r} is not open; it is opened by the engine that uses it")
-        submitting = asyncio.ensure_future(self._submit_gang(payload, gang.nodes, hooks))
+        from ._batch_gang import submit_gang
+
+        submitting = asyncio.ensure_future(submit_gang(self, payload, gang.nodes, hooks))
         try:
             return await asyncio.shield(submitting)
         except asyncio.CancelledError:
@@ -442,40 +449,6 @@ class Batch:
                 # Submitted as this was cancelled: it must not run on.
                 await self.cancel(await submitting)
             raise
-
-    async def _submit_gang(self, payload: Payload, nodes: int, hooks: AttemptHooks) -> Handle:
-        from engine.extend import Handle
-
-        from ._batch_gang import node_overrides
-        from ._batch_job import pack_payloads
-
-        assert self._store is not None
-        if payload.bundle is not None:
-            await self._upload_bundle(payload.bundle)
-        definition = await self._definition_for(payload, nodes)
-        try:
-            pack = await self._store.put_bytes(pack_payloads([payload]))
-        except Exception as exc:
-            raise SubmitFailed(
-                f"cannot store the payload of task {payload.task!r} for job queue {self.job_queue!r} "
-                f"in {self._area}: {exc}"
-            ) from exc
-        request: dict[str, Any] = {
-            "jobName": job_name(payload.task),
-            "jobQueue": self.job_queue,
-            "jobDefinition": definition,
-            "nodeOverrides": node_overrides(self._overrides(payload, pack, self.master_port), nodes),
-        }
-        if payload.timeout is not None:
-            request["timeout"] = {"attemptDurationSeconds": max(60, math.ceil(payload.timeout))}
-        what = f"submit a gang of {nodes} nodes of task {payload.task!r} to job queue {self.job_queue!r}"
-        answer = await self._call(what, lambda: self._batch.submit_job(**request), submit=True)
-        job_id: str = answer["jobId"]
-        self._live.add(job_id)
-        self._hooks[job_id] = hooks
-        self._tasks[job_id] = payload.task
-        self._gangs[job_id] = nodes
-        return Handle("batch", job_id, job_id, tuple(f"{job_id}#{i}" for i in range(nodes)))
 
     # -- AWS calls ------------------------------------------------------------
 

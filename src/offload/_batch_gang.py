@@ -31,22 +31,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from engine.extend import Reclaimed, WorkerLost
+from engine.extend import Reclaimed, SubmitFailed, WorkerLost
 
+from ._batch_jobs import job_name
 from ._batch_node import GangEnd, gang_key, rank_key
 
 if TYPE_CHECKING:
-    from engine.extend import AttemptHooks, Gang, Handle, Outcome
+    from engine.extend import AttemptHooks, Gang, Handle, Outcome, Payload
 
     from ._batch import Batch
     from ._batch_job import JobResult
 
-__all__ = ["MAX_NODES", "gang_definition", "gang_outcome", "gang_unfit", "node_overrides"]
+__all__ = ["MAX_NODES", "gang_definition", "gang_outcome", "gang_unfit", "node_overrides", "submit_gang"]
 
 #: Nodes of one multi-node parallel job at most (AWS Batch's default limit).
 MAX_NODES: Final = 1000
@@ -104,6 +106,41 @@ def container_of(described: dict[str, Any]) -> dict[str, Any]:
 def node_overrides(overrides: dict[str, Any], nodes: int) -> dict[str, Any]:
     """``nodeOverrides`` of a submit: this attempt's container overrides on every node."""
     return {"numNodes": nodes, "nodePropertyOverrides": [{"targetNodes": "0:", "containerOverrides": overrides}]}
+
+
+async def submit_gang(backend: Batch, payload: Payload, nodes: int, hooks: AttemptHooks) -> Handle:
+    """Submit one attempt of a gang as a multi-node job of ``nodes`` nodes: its handle."""
+    from engine.extend import Handle
+
+    from ._batch_job import pack_payloads
+
+    assert backend._store is not None
+    if payload.bundle is not None:
+        await backend._upload_bundle(payload.bundle)
+    definition = await backend._definition_for(payload, nodes)
+    try:
+        pack = await backend._store.put_bytes(pack_payloads([payload]))
+    except Exception as exc:
+        raise SubmitFailed(
+            f"cannot store the payload of task {payload.task!r} for job queue {backend.job_queue!r} "
+            f"in {backend._area}: {exc}"
+        ) from exc
+    request: dict[str, Any] = {
+        "jobName": job_name(payload.task),
+        "jobQueue": backend.job_queue,
+        "jobDefinition": definition,
+        "nodeOverrides": node_overrides(backend._overrides(payload, pack, backend.master_port), nodes),
+    }
+    if payload.timeout is not None:
+        request["timeout"] = {"attemptDurationSeconds": max(60, math.ceil(payload.timeout))}
+    what = f"submit a gang of {nodes} nodes of task {payload.task!r} to job queue {backend.job_queue!r}"
+    answer = await backend._call(what, lambda: backend._batch.submit_job(**request), submit=True)
+    job_id: str = answer["jobId"]
+    backend._live.add(job_id)
+    backend._hooks[job_id] = hooks
+    backend._tasks[job_id] = payload.task
+    backend._gangs[job_id] = nodes
+    return Handle("batch", job_id, job_id, tuple(f"{job_id}#{i}" for i in range(nodes)))
 
 
 async def _results(backend: Batch, job_id: str, nodes: int) -> tuple[dict[int, JobResult], GangEnd | None]:
