@@ -17,6 +17,20 @@ that process:
   reclaim), and terminating an array job terminates its children, as on
   AWS; ``attemptDurationSeconds`` kills it too.  What the job printed
   goes to CloudWatch Logs (``/aws/batch/job``) under its ``logStreamName``.
+- Multi-node parallel jobs (a job definition of ``type="multinode"``) run
+  one local process per node, the main node first, each with the job's
+  node variables (``AWS_BATCH_JOB_NODE_INDEX``, ``AWS_BATCH_JOB_NUM_NODES``,
+  ``AWS_BATCH_JOB_MAIN_NODE_INDEX``, and on the other nodes
+  ``AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS``, this machine's
+  address), its ``AWS_BATCH_JOB_ID`` being the node's ``JOBID#INDEX``, and
+  the ``nodeOverrides`` of the submit applied (moto ignores them; and
+  ``describe_job_definitions`` gives a multi-node definition's
+  ``nodeProperties``, which moto leaves out).  Every
+  node is a job of its own that ``describe_jobs`` knows (``JOBID#INDEX``,
+  with ``nodeDetails`` and its own log stream) and ``terminate_job`` can
+  stop; a job takes as many slots as it has nodes, all at once.  When the
+  main node exits, the other nodes are stopped and the job's status is the
+  main node's, as on AWS.
 - An image whose name starts with ``missing/`` fails the job without
   running it, as AWS does when it cannot pull the image
   (``CannotPullContainerError``): moto has no registry to ask.
@@ -39,6 +53,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +85,16 @@ def die_with_parent() -> None:
 class Rig:
     def __init__(self, slots: int, scratch: str) -> None:
         self.slots = threading.BoundedSemaphore(slots)
+        self.slot_count = slots
+        # Held while a multi-node job takes its slots: two jobs never hold part of them each.
+        self.gang_lock = threading.Lock()
+        # The nodeOverrides of the submit being handled in this thread (moto drops them).
+        self.local = threading.local()
+        #: What the main node of a multi-node job is reached at (AWS: its private IPv4).
+        try:
+            self.address = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            self.address = "127.0.0.1"
         self.scratch = scratch
         self.endpoint = ""
         self.lock = threading.Lock()
@@ -151,6 +176,9 @@ class Rig:
     def _run(self, job: Any) -> None:
         job.status = "PENDING"
         job.status = "RUNNABLE"
+        if job.job_definition.type == "multinode":
+            self._run_nodes(job)
+            return
         with self.slots:
             if job.stop:
                 job._mark_stopped(success=False)
@@ -170,9 +198,8 @@ class Rig:
             job.status = "RUNNING"
             self._execute(job)
 
-    def _execute(self, job: Any) -> None:
-        command = list(job._get_container_property("command", []))
-        env = {e["name"]: e["value"] for e in job._get_container_property("environment", [])}
+    def _folder(self, job: Any, env: dict[str, str]) -> str:
+        """A fresh folder for one job's process (its HOME and TMPDIR), and the job's variables in ``env``."""
         folder = tempfile.mkdtemp(prefix="job-", dir=self.scratch)
         home = os.path.join(folder, "home")
         tmp = os.path.join(folder, "tmp")
@@ -194,14 +221,16 @@ class Rig:
                 "AWS_EC2_METADATA_DISABLED": "true",
             }
         )
+        return folder
+
+    def _execute(self, job: Any) -> None:
+        command = list(job._get_container_property("command", []))
+        env = {e["name"]: e["value"] for e in job._get_container_property("environment", [])}
+        folder = self._folder(job, env)
         index = (job.array_properties or {}).get("index")
         if index is not None:
             env["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
-        limit = None
-        for timeout in (job.timeout, job.job_definition.timeout):
-            if timeout and timeout.get("attemptDurationSeconds"):
-                limit = float(timeout["attemptDurationSeconds"])
-                break
+        limit = _limit(job)
         out_path = os.path.join(folder, "output")
         started = time.monotonic()
         with open(out_path, "wb") as out:
@@ -244,6 +273,161 @@ class Rig:
             job.job_stopped_reason = "Essential container in task exited"
         job._mark_stopped(success=proc.returncode == 0 and not job.stop and not timed_out)
 
+    # -- multi-node parallel jobs ---------------------------------------------
+
+    def _run_nodes(self, job: Any) -> None:
+        props = job.job_definition.node_properties or {}
+        overrides = getattr(job, "node_overrides", None) or {}
+        nodes = int(overrides.get("numNodes") or props.get("numNodes") or 1)
+        main = int(props.get("mainNode", 0))
+        if nodes > self.slot_count:
+            job.job_stopped_reason = f"the rig's compute environment has {self.slot_count} nodes; the job asks for {nodes}"
+            job._mark_stopped(success=False)
+            return
+        with self.gang_lock:
+            for _ in range(nodes):
+                self.slots.acquire()
+        try:
+            if job.stop:
+                job._mark_stopped(success=False)
+                return
+            job.status = "STARTING"
+            job.job_started_at = datetime.now()
+            job._start_attempt()
+            containers = [_node_container(props, overrides, i) for i in range(nodes)]
+            image = containers[main].get("image", "")
+            if image.startswith("missing/"):
+                job.job_stopped_reason = f"CannotPullContainerError: failed to resolve ref {image}: not found"
+                job._mark_stopped(success=False)
+                return
+            members = [self._node_job(job, i, main) for i in range(nodes)]
+            job.status = "RUNNING"
+            self._execute_nodes(job, members, containers, main)
+        finally:
+            for _ in range(nodes):
+                self.slots.release()
+
+    def _node_job(self, job: Any, index: int, main: int) -> Any:
+        """Node ``index`` of a multi-node job, as a job of its own (``JOBID#INDEX``) that AWS describes."""
+        from moto.batch import models
+
+        node: Any = models.Job(
+            job.job_name,
+            job.job_definition,
+            job.job_queue,
+            job.backend,
+            log_backend=job._log_backend,
+            container_overrides=None,
+            eks_properties_override=None,
+            depends_on=None,
+            parameters=None,
+            all_jobs=job.all_jobs,
+            timeout=job.timeout,
+            array_properties={},
+            provided_job_id=f"{job.job_id}#{index}",
+        )
+        node.job_queue.jobs.remove(node)  # listed through its job, not in the queue
+        node.node_details = {"nodeIndex": index, "isMainNode": index == main}
+        node.status = "PENDING"
+        node.status = "RUNNABLE"
+        node.status = "STARTING"
+        node.job_started_at = datetime.now()
+        node._start_attempt()
+        job.all_jobs[node.job_id] = node
+        return node
+
+    def _execute_nodes(self, job: Any, members: list[Any], containers: list[dict[str, Any]], main: int) -> None:
+        nodes = len(members)
+        running: dict[int, tuple[subprocess.Popen[bytes], str, str, Any]] = {}
+        order = [main] + [i for i in range(nodes) if i != main]  # the main node starts first
+        for index in order:
+            node, container = members[index], containers[index]
+            env = {e["name"]: e["value"] for e in container.get("environment") or ()}
+            folder = self._folder(node, env)
+            env.update(
+                {
+                    "AWS_BATCH_JOB_NODE_INDEX": str(index),
+                    "AWS_BATCH_JOB_NUM_NODES": str(nodes),
+                    "AWS_BATCH_JOB_MAIN_NODE_INDEX": str(main),
+                }
+            )
+            if index != main:
+                env["AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS"] = self.address
+            out_path = os.path.join(folder, "output")
+            out = open(out_path, "wb")  # noqa: SIM115 - closed when the node ends
+            try:
+                proc = subprocess.Popen(
+                    list(container.get("command") or ()),
+                    env=env,
+                    cwd=folder,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            except OSError as exc:
+                out.close()
+                node.job_stopped_reason = job.job_stopped_reason = f"CannotStartContainerError: {exc}"
+                break
+            node.status = "RUNNING"
+            running[index] = (proc, folder, out_path, out)
+            with self.lock:
+                self.processes[node.job_id] = proc.pid
+        limit = _limit(job)
+        started = time.monotonic()
+        timed_out = False
+        while main in running and running[main][0].poll() is None:
+            if job.stop or (limit is not None and time.monotonic() - started > limit):
+                timed_out = not job.stop
+                break
+            for index in [i for i in running if i != main]:
+                proc = running[index][0]
+                if members[index].stop and proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                if proc.poll() is not None:
+                    self._end_node(members[index], *running.pop(index))
+            time.sleep(0.02)
+        # The main node has exited (or the job is stopped): AWS stops the other nodes.
+        ended = running.pop(main, None)
+        code = None
+        if ended is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(ended[0].pid, signal.SIGKILL)
+            ended[0].wait()
+            code = ended[0].returncode if ended[0].returncode >= 0 else 128 - ended[0].returncode
+        if timed_out:
+            job.job_stopped_reason = "Job attempt duration exceeded timeout"
+        elif code != 0 and not job.stop:
+            job.job_stopped_reason = job.job_stopped_reason or "Essential container in task exited"
+        # The job's status is the main node's, set before the other nodes are seen stopped.
+        job.exit_code = code
+        job.log_stream_name = members[main]._stream_name
+        if ended is not None:
+            self._end_node(members[main], *ended)
+        job._mark_stopped(success=code == 0 and not job.stop and not timed_out)
+        for index in list(running):
+            members[index].terminate(job.job_stopped_reason if job.stop else "the main node of its job exited")
+            self._end_node(members[index], *running.pop(index))
+        for node in members:
+            node.job_stopped_reason = node.job_stopped_reason or job.job_stopped_reason
+            node._mark_stopped(success=False)  # those that never ran
+
+    def _end_node(self, node: Any, proc: subprocess.Popen[bytes], folder: str, out_path: str, out: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the node left running goes with it
+        proc.wait()
+        out.close()
+        with self.lock:
+            self.processes.pop(node.job_id, None)
+        self._logs(node, out_path)
+        shutil.rmtree(folder, ignore_errors=True)
+        node.exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        if proc.returncode != 0 and not node.stop:
+            node.job_stopped_reason = "Essential container in task exited"
+        node._mark_stopped(success=proc.returncode == 0 and not node.stop)
+
     def _logs(self, job: Any, path: str) -> None:
         with open(path, "rb") as f:
             lines = f.read().decode(errors="replace").splitlines()
@@ -271,6 +455,43 @@ class Rig:
             parent.status = "FAILED"
 
 
+def _limit(job: Any) -> float | None:
+    """The job's ``attemptDurationSeconds``, from the submit or its definition."""
+    for timeout in (job.timeout, job.job_definition.timeout):
+        if timeout and timeout.get("attemptDurationSeconds"):
+            return float(timeout["attemptDurationSeconds"])
+    return None
+
+
+def _covers(target: str, index: int, nodes: int) -> bool:
+    """Whether a ``targetNodes`` range ("2", "0:", ":3", "1:4") covers node ``index``."""
+    start, sep, end = str(target).partition(":")
+    low = int(start) if start else 0
+    high = (int(end) if end else nodes - 1) if sep else low
+    return low <= index <= high
+
+
+def _node_container(props: dict[str, Any], overrides: dict[str, Any], index: int) -> dict[str, Any]:
+    """The container node ``index`` runs: its node range's, with the submit's node overrides."""
+    nodes = int(overrides.get("numNodes") or props.get("numNodes") or 1)
+    container: dict[str, Any] = {}
+    for node_range in props.get("nodeRangeProperties") or ():
+        if _covers(node_range.get("targetNodes", ""), index, nodes):
+            container = dict(node_range.get("container") or {})
+    for override in overrides.get("nodePropertyOverrides") or ():
+        if _covers(override.get("targetNodes", ""), index, nodes):
+            changes = override.get("containerOverrides") or {}
+            if "command" in changes:
+                container["command"] = changes["command"]
+            if "environment" in changes:
+                env = {e["name"]: e["value"] for e in container.get("environment") or ()}
+                env.update({e["name"]: e["value"] for e in changes["environment"]})
+                container["environment"] = [{"name": k, "value": v} for k, v in env.items()]
+            if "resourceRequirements" in changes:
+                container["resourceRequirements"] = changes["resourceRequirements"]
+    return container
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slots", type=int, default=4)
@@ -283,7 +504,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from moto.batch import models
+    from moto.batch import models, responses
     from moto.moto_api import state_manager
     from moto.server import ThreadedMotoServer
 
@@ -311,6 +532,59 @@ def main() -> None:
         return found
 
     models.Job._container_details = container_details  # type: ignore[method-assign,assignment]
+    describe = models.Job.describe
+
+    def describe_job(job: Any) -> dict[str, Any]:
+        # A node of a multi-node job says which it is; a stopped one, its exit code.
+        found: dict[str, Any] = describe(job)
+        if getattr(job, "node_details", None):
+            found["nodeDetails"] = job.node_details
+        if job.job_definition.type == "multinode" and job.exit_code is not None:
+            found.setdefault("container", {})["exitCode"] = job.exit_code
+        return found
+
+    models.Job.describe = describe_job  # type: ignore[method-assign,assignment]
+    describe_definition = models.JobDefinition.describe
+
+    def describe_job_definition(definition: Any) -> dict[str, Any]:
+        # AWS describes a multi-node definition's nodes; moto 5.2 leaves them out.
+        found: dict[str, Any] = describe_definition(definition)
+        if definition.node_properties is not None:
+            found["nodeProperties"] = definition.node_properties
+        return found
+
+    models.JobDefinition.describe = describe_job_definition  # type: ignore[method-assign,assignment]
+
+    def describe_jobs(backend: Any, jobs: list[str] | None) -> list[dict[str, Any]]:
+        # By id, from a copy: moto walks every job it has (and its dict of
+        # jobs grows from the runner's threads, nodes of multi-node jobs).
+        known = dict(backend._jobs)
+        if not jobs:
+            return [job.describe() for job in known.values()]
+        arns = {job.arn: job for job in known.values()} if any(j.startswith("arn:") for j in jobs) else {}
+        found = [known.get(j) or arns.get(j) for j in jobs]
+        return [job.describe() for job in found if job is not None]
+
+    models.BatchBackend.describe_jobs = describe_jobs  # type: ignore[method-assign,assignment]
+    init = models.Job.__init__
+
+    def job_init(job: Any, *args: Any, **kwargs: Any) -> None:
+        init(job, *args, **kwargs)
+        job.node_overrides = getattr(rig.local, "node_overrides", None)
+
+    models.Job.__init__ = job_init  # type: ignore[method-assign,assignment]
+    submit = responses.BatchResponse.submitjob
+
+    def submit_job(handler: Any) -> str:
+        # moto reads no nodeOverrides: kept for the job this request makes.
+        rig.local.node_overrides = handler._get_param("nodeOverrides")
+        try:
+            answer: str = submit(handler)
+        finally:
+            rig.local.node_overrides = None
+        return answer
+
+    responses.BatchResponse.submitjob = submit_job  # type: ignore[method-assign,assignment]
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

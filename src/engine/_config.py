@@ -160,6 +160,8 @@ class BatchTarget(Target, frozen=True, tag="batch"):
     retries: Retries = 3
     job_role_arn: NonEmpty | None = None
     env: dict[EnvName, str] = {}
+    # Where rank 0 of a gang listens on the main node of its multi-node job.
+    master_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 29500
 
     def __post_init__(self) -> None:
         if self.image is None and self.job_definition is None:

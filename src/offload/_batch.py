@@ -20,7 +20,7 @@ How an attempt travels (see :mod:`offload._batch_job` for the job's side):
   as one array job per ``max_array_size`` (``arrayProperties.size``), a
   lone one as a plain job.  Each attempt's handle is ``JOBID:INDEX`` (an
   array child) or ``JOBID``.
-- **Polling**: one poller per backend.  Each round asks ``describe_jobs``
+- **Polling**: one poller per backend (:mod:`offload._batch_poll`).  Each round asks ``describe_jobs``
   about at most 100 job ids per call: plain jobs, and the *parents* of
   array jobs, whose status summary says when children have ended; only
   then are the ended children listed (``list_jobs(arrayJobId=...,
@@ -47,6 +47,10 @@ How an attempt travels (see :mod:`offload._batch_job` for the job's side):
   or running, or succeeded, it is waited for (a succeeded job gives its
   result); gone or failed, it is submitted again.
 
+- **Gangs** (``nodes=N``): one multi-node parallel job per attempt, see
+  :mod:`offload._batch_gang` (and :mod:`offload._batch_node` for the
+  nodes' side).
+
 Every botocore/aiohttp error is mapped here to an ``OffloadError`` naming
 the queue or the job; nothing else in shoal knows botocore.
 """
@@ -60,10 +64,13 @@ import random
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
-from engine import ConfigError, OffloadError
-from engine.extend import HostLost, Outcome, Reclaimed, SubmitFailed
+import msgspec
 
-from ._batch_jobs import Submit, Watch, definition, job_name, requirements_of
+from engine import ConfigError, OffloadError
+from engine.extend import Outcome, Reclaimed, SubmitFailed
+
+from ._batch_jobs import Submit, definition, job_name, requirements_of
+from ._batch_poll import JobPoller
 from ._errors_map import (
     error_code,
     is_aws_error,
@@ -75,7 +82,7 @@ from ._errors_map import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from engine.extend import AttemptHooks, BackendContext, Handle, Payload
+    from engine.extend import AttemptHooks, BackendContext, Gang, Handle, Payload
 
     from ._s3 import S3BlobStore
 
@@ -87,14 +94,10 @@ T = TypeVar("T")
 GATHER_WINDOW: Final = 0.02
 #: Longest a submit waits while more keep arriving.
 GATHER_MAX: Final = 0.25
-#: ``describe_jobs`` takes at most this many job ids per call.
-DESCRIBE_LIMIT: Final = 100
 #: Attempts per AWS call when it is throttled or fails transiently, and the backoff.
 CALL_ATTEMPTS: Final = 8
 CALL_BACKOFF: Final = 0.1
 CALL_MAX_DELAY: Final = 5.0
-#: Poll rounds failing in a row (each call retried CALL_ATTEMPTS times) before the waits fail.
-POLL_FAILURES: Final = 5
 #: How many attempts may be in flight on the target at once (the queue, not
 #: this process, decides how many run).
 CAPACITY: Final = 100_000
@@ -102,7 +105,6 @@ CAPACITY: Final = 100_000
 LOG_GROUP: Final = "/aws/batch/job"
 #: A spot reclaim, as AWS Batch words it: "Host EC2 (instance i-...) terminated."
 RECLAIM = re.compile(r"^Host EC2\b.*\bterminated", re.IGNORECASE)
-TERMINAL: Final = frozenset({"SUCCEEDED", "FAILED"})
 
 
 class Batch:
@@ -114,7 +116,8 @@ class Batch:
     ``region``/``endpoint_url`` default to the standard AWS configuration;
     ``retries`` bounds infrastructure retries (spot reclaims, failed
     submits) per attempt; ``env`` is set in every job; ``job_role_arn`` is
-    the IAM role the jobs run as.
+    the IAM role the jobs run as; ``master_port`` is where rank 0 of a gang
+    listens on the main node of its multi-node job (``MASTER_PORT``).
     """
 
     kind: ClassVar[str] = "batch"
@@ -136,6 +139,7 @@ class Batch:
         retries: int = 3,
         job_role_arn: str | None = None,
         env: dict[str, str] | None = None,
+        master_port: int = 29500,
     ) -> None:
         if not isinstance(job_queue, str) or not job_queue.strip():
             raise ConfigError(
@@ -166,6 +170,11 @@ class Batch:
             raise ConfigError(f"offload.Batch({job_queue!r}): poll_interval must be > 0 seconds")
         if retries < 0:
             raise ConfigError(f"offload.Batch({job_queue!r}): retries must be >= 0")
+        if isinstance(master_port, bool) or not isinstance(master_port, int) or not 1 <= master_port <= 65535:
+            raise ConfigError(
+                f"offload.Batch({job_queue!r}): master_port must be a TCP port, 1 to 65535 (rank 0 "
+                f"of a gang listens on it on the main node), got {master_port!r}"
+            )
         self.job_queue = job_queue
         self.image = image
         self.job_definition = job_definition
@@ -179,6 +188,7 @@ class Batch:
         self.retries = retries
         self.job_role_arn = job_role_arn
         self.env = dict(env or {})
+        self.master_port = master_port
         self._rng = random.Random()
         self._reset()
 
@@ -194,34 +204,40 @@ class Batch:
         # Invariant: a digest is in _bundles once its upload has been
         # started (the future settles when it is stored): never uploaded twice.
         self._bundles: dict[str, asyncio.Future[None]] = {}
-        # Job definition ARNs by (vcpus, memory MiB, gpus), found or registered once.
-        self._definitions: dict[tuple[int, int, int], asyncio.Future[str]] = {}
+        # Job definition ARNs by (vcpus, memory MiB, gpus, nodes; 0: not a
+        # multi-node one), found or registered once.
+        self._definitions: dict[tuple[int, ...], asyncio.Future[str]] = {}
+        # What describe_job_definitions said of job_definition= (at open).
+        self._described: dict[str, Any] = {}
         # Invariant: each key's list holds the submits gathered for one
         # flush that has not started; the flush task pops it.
         self._gathering: dict[tuple[Any, ...], list[Submit]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         # Invariant: every job id submitted by this backend and not yet seen
-        # ended is in _live (aclose terminates them); _watched holds the
-        # waiters of the ones someone waits for.
+        # ended is in _live (aclose terminates them); the poller holds the
+        # waits of the ones someone waits for.
         self._live: set[str] = set()
-        self._watched: dict[str, Watch] = {}
         self._hooks: dict[str, AttemptHooks] = {}
         self._tasks: dict[str, str] = {}
-        # Summaries of array parents seen by the last round: (succeeded, failed).
-        # A child counted there has been listed; those listed before anyone
-        # waited for them are kept in _ended, since the counts will not
-        # grow again for them.
-        self._summaries: dict[str, tuple[int, int]] = {}
-        self._ended: dict[str, dict[str, Any]] = {}
-        self._poller: asyncio.Task[None] | None = None
-        # Set when a job is first watched: the next round comes at the base interval.
-        self._fresh = False
-        #: Poll rounds made since open() (what the benchmark divides calls by).
-        self._rounds = 0
+        # Node counts of the multi-node jobs (gangs) among them, by job id.
+        self._gangs: dict[str, int] = {}
+        self._poller = JobPoller(
+            call=self._call,
+            client=lambda: self._batch,
+            queue=self.job_queue,
+            interval=self.poll_interval,
+            sleep=lambda seconds: self._sleep(seconds),
+            live=self._live,
+        )
         self._bundle_path: Callable[[str], Any] | None = None
         self._cancels: set[str] = set()
         self._cancelling: asyncio.Task[None] | None = None
         self._opened = False
+
+    @property
+    def _rounds(self) -> int:
+        """Poll rounds made since open() (what the benchmark divides calls by)."""
+        return self._poller.rounds
 
     def __repr__(self) -> str:
         what = f"image={self.image!r}" if self.image else f"job_definition={self.job_definition!r}"
@@ -304,7 +320,10 @@ class Batch:
                 f"look up job definition {self.job_definition!r}",
                 lambda: self._batch.describe_job_definitions(jobDefinitions=[self.job_definition], status="ACTIVE"),
             )
-            if not defs.get("jobDefinitions"):
+            found_defs = defs.get("jobDefinitions") or []
+            if found_defs:
+                self._described = max(found_defs, key=lambda d: d.get("revision", 0))
+            else:
                 raise OffloadError(
                     f"AWS Batch job definition {self.job_definition!r} (for job queue "
                     f"{self.job_queue!r}) does not exist or is not ACTIVE; register it, or give "
@@ -346,11 +365,19 @@ class Batch:
             raise
 
     async def wait(self, handle: Handle) -> Outcome:
-        watch = self._watch(handle.id)
+        nodes = self._gangs.get(handle.id)
+        if nodes is not None:
+            from ._batch_gang import gang_outcome
+
+            watch = self._poller.watch(handle.id, nodes)
+            ended: dict[str, Any] = await asyncio.shield(watch.future)
+            return await gang_outcome(self, handle, ended, watch.lost, nodes)
+        watch = self._poller.watch(handle.id)
         job: dict[str, Any] = await asyncio.shield(watch.future)
         return await self._outcome(handle, job)
 
     async def cancel(self, handle: Handle) -> None:
+        self._gangs.pop(handle.id, None)
         if handle.id not in self._live or self._batch is None:
             return
         self._cancels.add(handle.id)
@@ -361,8 +388,15 @@ class Batch:
     async def reattach(self, handle: Handle) -> Handle | None:
         if self._batch is None:
             raise OffloadError(f"{self!r} is not open; it is opened by the engine that uses it")
-        found = await self._describe([handle.id], f"look up job {handle.id}")
+        found = await self._poller.describe([handle.id], f"look up job {handle.id}")
         job = found.get(handle.id)
+        if job is not None and job.get("nodeProperties"):
+            # A gang's multi-node job: a failed one may hold a rank's outcome
+            # (a task's exception fails the main node), so it is read too.
+            nodes = int(job["nodeProperties"].get("numNodes") or 0)
+            self._gangs[handle.id] = nodes
+            self._live.add(handle.id)
+            return msgspec.structs.replace(handle, ranks=tuple(f"{handle.id}#{i}" for i in range(nodes)))
         if job is None or job.get("status") == "FAILED":
             return None  # gone, or failed without a result: submitted again
         self._live.add(handle.id)
@@ -380,18 +414,12 @@ class Batch:
                 if not submit.future.done():
                     submit.future.set_exception(OffloadError(f"{self!r} was closed before the job was submitted"))
         self._gathering.clear()
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        await self._poller.stop()
         if self._live and self._batch is not None:
             # Nothing this engine submitted may run on after it.
             with contextlib.suppress(Exception):
                 await self._terminate(sorted(self._live), "the shoal engine that submitted it closed")
-        for watch in self._watched.values():
-            if not watch.future.done():
-                watch.future.set_exception(OffloadError(f"{self!r} was closed while job {watch.job_id} ran"))
-                watch.future.exception()  # retrieved: nobody may wait any more
-        self._watched.clear()
+        self._poller.close(lambda job_id: OffloadError(f"{self!r} was closed while job {job_id} ran"))
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await self._store.aclose()
@@ -399,6 +427,28 @@ class Batch:
             with contextlib.suppress(Exception):
                 await self._stack.aclose()
         self._batch = self._logs = self._stack = self._store = None
+
+    # -- gangs (see _batch_gang) ------------------------------------------------
+
+    def gang_unfit(self, gang: Gang, cpu: float, gpu: int) -> str | None:
+        from ._batch_gang import gang_unfit
+
+        return gang_unfit(gang)
+
+    async def submit_gang(self, payload: Payload, gang: Gang, hooks: AttemptHooks) -> Handle:
+        """Submit the gang's attempt as one multi-node parallel job of ``gang.nodes`` nodes."""
+        if self._batch is None:
+            raise OffloadError(f"{self!r} is not open; it is opened by the engine that uses it")
+        from ._batch_gang import submit_gang
+
+        submitting = asyncio.ensure_future(submit_gang(self, payload, gang.nodes, hooks))
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                # Submitted as this was cancelled: it must not run on.
+                await self.cancel(await submitting)
+            raise
 
     # -- AWS calls ------------------------------------------------------------
 
@@ -498,15 +548,18 @@ class Batch:
         if cancelled:
             await self._terminate(cancelled, "cancelled while it was submitted")
 
-    def _overrides(self, payload: Payload, pack: str) -> dict[str, Any]:
+    def _overrides(self, payload: Payload, pack: str, master_port: int | None = None) -> dict[str, Any]:
+        """Container overrides of a job; with ``master_port``, of each node of a gang's job."""
         assert self._store is not None
         env = {**self.env, **payload.env}
-        overrides: dict[str, Any] = {
-            "command": [self.python, "-m", "offload.worker", "--batch", self._area, "--pack", pack],
-        }
+        command = [self.python, "-m", "offload.worker", "--batch", self._area, "--pack", pack]
+        if master_port is not None:
+            command += ["--master-port", str(master_port)]
+        overrides: dict[str, Any] = {"command": command}
         if env:
             overrides["environment"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
-        if self.job_definition is not None:
+        if self.job_definition is not None and master_port is None:
+            # A gang's definition is registered with its resources (per rank).
             overrides["resourceRequirements"] = requirements_of(payload)
         return overrides
 
@@ -527,28 +580,49 @@ class Batch:
             pending.set_result(None)
         await asyncio.shield(pending)
 
-    async def _definition_for(self, payload: Payload) -> str:
-        if self.job_definition is not None:
+    async def _definition_for(self, payload: Payload, nodes: int = 0) -> str:
+        """The job definition for this payload's resources; ``nodes``: the multi-node one of a gang."""
+        if self.job_definition is not None and not nodes:
             return self.job_definition
         requirements = requirements_of(payload)
         key = tuple(int(float(r["value"])) for r in requirements)
         while len(key) < 3:
             key = (*key, 0)
-        found = self._definitions.get(key)  # type: ignore[arg-type]
+        key = (*key, nodes)
+        found = self._definitions.get(key)
         if found is None:
-            found = self._definitions[key] = asyncio.get_running_loop().create_future()  # type: ignore[index]
+            found = self._definitions[key] = asyncio.get_running_loop().create_future()
             try:
-                arn = await self._find_or_register(requirements)
+                arn = await self._find_or_register(requirements, nodes)
             except BaseException as exc:
-                del self._definitions[key]  # type: ignore[arg-type]
+                del self._definitions[key]
                 found.set_exception(exc)
                 found.exception()
                 raise
             found.set_result(arn)
         return await asyncio.shield(found)
 
-    async def _find_or_register(self, requirements: list[dict[str, str]]) -> str:
-        name, properties = definition(self.image, requirements, self.python, self.job_role_arn, self.env)
+    async def _find_or_register(self, requirements: list[dict[str, str]], nodes: int = 0) -> str:
+        if self.job_definition is not None:
+            from ._batch_gang import container_of
+
+            # A gang of an existing definition: its container, with each rank's resources.
+            name = str(self._described.get("jobDefinitionArn") or self.job_definition)
+            try:
+                container = container_of(self._described)
+            except ValueError as exc:
+                raise OffloadError(f"{self!r} cannot run a gang: {exc}") from exc
+            kept = [r for r in container.get("resourceRequirements") or () if r.get("type") not in ("VCPU", "MEMORY", "GPU")]
+            container = {k: v for k, v in container.items() if k not in ("vcpus", "memory")}
+            container["resourceRequirements"] = kept + requirements
+        else:
+            name, container = definition(self.image, requirements, self.python, self.job_role_arn, self.env)
+        registration: dict[str, Any] = {"type": "container", "containerProperties": container}
+        if nodes:
+            from ._batch_gang import gang_definition
+
+            name, node_properties = gang_definition(name, container, nodes)
+            registration = {"type": "multinode", "nodeProperties": node_properties}
         existing = await self._call(
             f"look up job definition {name}",
             lambda: self._batch.describe_job_definitions(jobDefinitionName=name, status="ACTIVE"),
@@ -558,138 +632,10 @@ class Batch:
             latest = max(defs, key=lambda d: d.get("revision", 0))
             return str(latest["jobDefinitionArn"])
         registered = await self._call(
-            f"register job definition {name} (image {self.image!r})",
-            lambda: self._batch.register_job_definition(
-                jobDefinitionName=name, type="container", containerProperties=properties
-            ),
+            f"register job definition {name} (image {container.get('image')!r})",
+            lambda: self._batch.register_job_definition(jobDefinitionName=name, **registration),
         )
         return str(registered["jobDefinitionArn"])
-
-    # -- polling ----------------------------------------------------------------
-
-    def _watch(self, job_id: str) -> Watch:
-        watch = self._watched.get(job_id)
-        if watch is None:
-            watch = self._watched[job_id] = Watch(job_id, asyncio.get_running_loop().create_future())
-            ended = self._ended.pop(job_id, None)
-            if ended is not None:
-                self._settle(job_id, ended)
-                return watch
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
-        self._fresh = True
-        return watch
-
-    async def _poll(self) -> None:
-        interval = self.poll_interval
-        failed = 0
-        while self._watched:
-            self._fresh = False
-            self._rounds += 1
-            try:
-                changed = await self._poll_round()
-            except OffloadError as exc:
-                # Each call was already retried; a longer outage fails the
-                # waits only after POLL_FAILURES rounds in a row.
-                failed += 1
-                if failed >= POLL_FAILURES:
-                    self._fail_watched(exc)
-                    return
-                changed = False
-            except Exception as exc:  # never leave a wait hanging on a dead poller
-                self._fail_watched(OffloadError(f"polling job queue {self.job_queue!r} failed: {type(exc).__name__}: {exc}"))
-                raise
-            else:
-                failed = 0
-            if changed or self._fresh:
-                interval = self.poll_interval
-            else:
-                interval = min(interval * 1.5, 4 * self.poll_interval)
-            if not self._watched:
-                break
-            await self._sleep(interval)
-
-    def _fail_watched(self, error: BaseException) -> None:
-        for job_id in list(self._watched):
-            watch = self._watched.pop(job_id)
-            if not watch.future.done():
-                watch.future.set_exception(error)
-
-    async def _poll_round(self) -> bool:
-        """Ask about every watched job once; settle those that ended. Whether any did."""
-        plain = [j for j in self._watched if ":" not in j]
-        parents = sorted({j.split(":", 1)[0] for j in self._watched if ":" in j})
-        ended = 0
-        described = await self._describe(plain + parents, "poll jobs")
-        for job_id in plain:
-            job = described.get(job_id)
-            if job is None:
-                self._settle(job_id, HostLost(f"AWS Batch job {job_id} in job queue {self.job_queue!r} is gone: AWS no longer knows it"))
-                ended += 1
-            elif job.get("status") in TERMINAL:
-                self._settle(job_id, job)
-                ended += 1
-        for parent in parents:
-            array = described.get(parent)
-            children = [j for j in self._watched if j.startswith(parent + ":")]
-            if array is None:
-                for child_id in children:
-                    self._settle(child_id, HostLost(f"AWS Batch array job {parent} in job queue {self.job_queue!r} is gone: AWS no longer knows it"))
-                ended += len(children)
-                continue
-            summary = (array.get("arrayProperties") or {}).get("statusSummary") or {}
-            counts = (int(summary.get("SUCCEEDED", 0)), int(summary.get("FAILED", 0)))
-            before = self._summaries.get(parent, (0, 0))
-            self._summaries[parent] = counts
-            for status, now, then in (("SUCCEEDED", counts[0], before[0]), ("FAILED", counts[1], before[1])):
-                if now > then:
-                    for child in await self._list_children(parent, status):
-                        child_id = child["jobId"]
-                        if child_id in self._watched:
-                            self._settle(child_id, child)
-                            ended += 1
-                        elif child_id in self._live:
-                            # Ended before anyone waited for it: kept for the wait to come.
-                            self._ended[child_id] = child
-        return ended > 0
-
-    async def _describe(self, job_ids: list[str], what: str) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(job_ids), DESCRIBE_LIMIT):
-            ids = job_ids[start : start + DESCRIBE_LIMIT]
-            answer = await self._call(
-                f"{what} ({len(ids)} job(s) of job queue {self.job_queue!r})",
-                lambda ids=ids: self._batch.describe_jobs(jobs=ids),  # type: ignore[misc]
-            )
-            for job in answer.get("jobs", ()):
-                found[job["jobId"]] = job
-        return found
-
-    async def _list_children(self, parent: str, status: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            request: dict[str, Any] = {"arrayJobId": parent, "jobStatus": status, "maxResults": 1000}
-            if token:
-                request["nextToken"] = token
-            answer = await self._call(
-                f"list the {status.lower()} children of array job {parent}",
-                lambda request=request: self._batch.list_jobs(**request),  # type: ignore[misc]
-            )
-            found.extend(answer.get("jobSummaryList", ()))
-            token = answer.get("nextToken")
-            if not token:
-                return found
-
-    def _settle(self, job_id: str, result: dict[str, Any] | BaseException) -> None:
-        self._live.discard(job_id)
-        watch = self._watched.pop(job_id, None)
-        if watch is None or watch.future.done():
-            return
-        if isinstance(result, BaseException):
-            watch.future.set_exception(result)
-        else:
-            watch.future.set_result(result)
 
     # -- results ----------------------------------------------------------------
 
@@ -764,7 +710,7 @@ class Batch:
             return ""
         if not stream:
             with contextlib.suppress(Exception):
-                described = await self._describe([job_id], f"look up job {job_id}")
+                described = await self._poller.describe([job_id], f"look up job {job_id}")
                 stream = ((described.get(job_id) or {}).get("container") or {}).get("logStreamName")
         if not stream:
             return ""
@@ -799,9 +745,7 @@ class Batch:
             targets.extend([parent] if not rest else children)
         for job_id in job_ids:
             self._live.discard(job_id)
-            watch = self._watched.pop(job_id, None)
-            if watch is not None and not watch.future.done():
-                watch.future.cancel()
+            self._poller.forget(job_id)
 
         async def terminate(job_id: str) -> None:
             await self._call(

@@ -61,13 +61,20 @@ class Submit:
 
 
 class Watch:
-    """A submitted job being polled for."""
+    """A submitted job being polled for.
 
-    __slots__ = ("future", "job_id")
+    For a multi-node job (a gang) ``nodes`` is its node count, and ``lost``
+    the description of the first node job seen failed while the job still
+    ran (a rank that died or lost its node without an outcome).
+    """
 
-    def __init__(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+    __slots__ = ("future", "job_id", "lost", "nodes")
+
+    def __init__(self, job_id: str, future: asyncio.Future[dict[str, Any]], nodes: int = 0) -> None:
         self.job_id = job_id
         self.future = future
+        self.nodes = nodes
+        self.lost: dict[str, Any] | None = None
 
 
 def requirements_of(payload: Payload) -> list[dict[str, str]]:

@@ -1,7 +1,9 @@
 """``python -m offload.worker [--cache DIR] [--concurrency N]``: serve offloaded attempts over stdin and stdout.
 
 (``python -m offload.worker --batch S3_URI --pack DIGEST`` instead runs the
-one attempt of an AWS Batch job: see :mod:`offload._batch_job`.)
+one attempt of an AWS Batch job: see :mod:`offload._batch_job`; with
+``--master-port PORT``, one node of a gang's multi-node job: see
+:mod:`offload._batch_node`.)
 
 The serving loop is the engine's (:func:`engine.extend.serve`, the same
 that the ``parallel_map`` pool's workers run); this module gives it the
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--blobs-of", metavar="STORE_URI", help="keep a copy of this (file://) blob store under the cache, and use it"
     )
+    parser.add_argument(
+        "--master-port",
+        type=int,
+        metavar="PORT",
+        help="with --batch: run one node of a gang's multi-node job, rank 0 listening on PORT",
+    )
     args = parser.parse_args(argv)
     cache = Path(args.cache).expanduser().absolute()
     if args.blobs_of:
@@ -72,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         # A Batch job: no protocol stream; stdout and stderr are the job's log.
         if not args.pack:
             parser.error("--batch needs --pack")
+        _private_home(cache)
+        if args.master_port is not None:
+            from ._batch_node import run_node
+
+            return asyncio.run(run_node(args.batch, args.pack, cache, args.master_port))
         from ._batch_job import run_job
 
-        _private_home(cache)
         return asyncio.run(run_job(args.batch, args.pack, cache))
     proto_in, proto_out = _take_stdio()
     _private_home(cache)
