@@ -217,3 +217,24 @@ async def test_a_gang_that_cannot_start_leaves_no_rank_behind(tmp_path: Path) ->
     assert isinstance(run.error, engine.OffloadError) and "no-such-python" in str(run.error)
     await asyncio.sleep(0)
     assert rank_workers() == []
+
+
+async def test_the_next_gang_starts_on_spares_made_after_the_last_and_close_leaves_none(tmp_path: Path) -> None:
+    async with engine.Engine(home=tmp_path / "home", targets={"lab": offload.Local(workers=1)}) as eng:
+        first = await eng.run(g.rank_only.override(offload="lab"))
+        assert first.status == "succeeded", first.error
+        # Once the gang has ended, as many fresh workers as it had ranks wait for the next one.
+        await until(lambda: len(rank_workers()) == 2, "two spares to start")
+        spares = {p.pid for p in rank_workers()}
+        second = await eng.run(g.rank_only.override(offload="lab"))
+        assert (second.status, second.result) == ("succeeded", 100)
+        shown = await eng.get_run(second.id, actions=True)
+        [action] = [a for a in shown.action_records if a.task == "rank_only"]
+        assert {int(place.rsplit(":", 1)[1]) for place in action.attempts[0].ranks} == spares
+        assert not {int(place.rsplit(":", 1)[1]) for place in action.attempts[0].ranks} & {
+            int(place.rsplit(":", 1)[1])
+            for a in (await eng.get_run(first.id, actions=True)).action_records
+            if a.task == "rank_only"
+            for place in a.attempts[0].ranks
+        }
+    assert rank_workers() == []

@@ -39,8 +39,9 @@ def target(rig: SSHRig, hosts: Sequence[str | Host], **options: Any) -> offload.
 
 
 def rank_workers(backend: offload.SSH) -> dict[int, tuple[str, int]]:
-    """Like :func:`workers_of`, without the target's warm workers for single attempts (gangs never use them)."""
+    """Like :func:`workers_of`, without the target's idle workers: warm ones for single attempts, and spares for gangs."""
     warm = {worker.pid for link in backend._links for worker in link.workers}
+    warm |= {worker.pid for spares in backend._gangs.spares.values() for worker in spares}
     return {mine: (ns, pid) for mine, (ns, pid) in workers_of(backend).items() if pid not in warm}
 
 
@@ -116,7 +117,6 @@ async def test_four_ranks_on_one_host_allreduce_and_see_their_cluster(
     async with engine.Engine(home=home, targets={"lab": backend}) as eng:
         run = await eng.run(g.allreduce.override(offload="lab"), 10)
         assert run.status == "succeeded", run.error
-        assert rank_workers(backend) == {}  # the gang's processes ended with it
         shown = await eng.get_run(run.id, actions=True)
     value = run.result
     assert value["total"] == 10 + 20 + 30 + 40 and value["rank"] == 0
@@ -130,6 +130,7 @@ async def test_four_ranks_on_one_host_allreduce_and_see_their_cluster(
     assert attempt.state == "succeeded" and attempt.backend == "ssh"
     assert attempt.where == f"{ssh_host.hostname}:{value['pid']}" == attempt.ranks[0]
     assert len(set(attempt.ranks)) == 4  # a process of its own for each rank
+    assert not any(alive(int(place.rsplit(":", 1)[1])) for place in attempt.ranks)  # ended with the gang
     text, lines = await logs(home, run.id)
     for rank in range(4):
         assert f"[rank {rank}] rank {rank} of 4 summed 100" in text
@@ -256,7 +257,6 @@ async def test_a_gang_past_its_timeout_has_every_rank_killed(
         assert run.status == "failed" and isinstance(run.error, engine.ActionTimeout), run.error
         pids = [pid for _, pid in ranks_seen(folder, 3)]
         await until(lambda: not any(alive(p) for p in pids), within=10.0)
-        assert rank_workers(backend) == {}
         again = await eng.run(g.allreduce.override(offload="lab", nodes=3), 1)  # the places were given back
         assert again.status == "succeeded" and again.result["total"] == 1 + 2 + 3, again.error
 

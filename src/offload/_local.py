@@ -120,10 +120,12 @@ class Local:
     One still queued in its worker is taken back from the queue instead,
     and the worker serves on.
 
-    Gangs (``@engine.task(nodes=N, offload=...)``): each attempt starts N
-    fresh worker processes of its own, beside the ``workers`` (which serve
-    single attempts only), one rank each, all on 127.0.0.1 with rank 0
-    listening on a free port there; a rank asking for GPUs gets its own
+    Gangs (``@engine.task(nodes=N, offload=...)``): each attempt takes N
+    worker processes of its own that have served nothing, beside the
+    ``workers`` (which serve single attempts only), one rank each: spares
+    started after the previous gang ended (as many as the largest gang so
+    far, so that the next gang starts warm), else fresh ones.  The ranks
+    run on 127.0.0.1, rank 0 listening on a free port there; a rank asking for GPUs gets its own
     share of this machine's (``CUDA_VISIBLE_DEVICES``).  The first rank
     that fails or dies kills the others' process groups at once; when the
     gang ends, its processes end too.  ``ranks_per_host`` below N cannot
@@ -185,6 +187,14 @@ class Local:
         # are its own, in no other list.
         self._gangs: dict[str, GangAttempt] = {}
         self._gang_serial = itertools.count(1)
+        # Invariant: ``_spares`` are started workers that have served nothing,
+        # kept for the ranks of the next gang (none until a gang has run:
+        # ``_spares_wanted`` is the size of the largest gang so far); a gang
+        # takes them before it starts more, and once it has ended the spares
+        # are made up again in the background (``_refill``).
+        self._spares: list[_Worker] = []
+        self._spares_wanted = 0
+        self._refill: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"offload.Local(workers={self.workers}, python={self.python!r}, concurrency={self.concurrency})"
@@ -212,8 +222,15 @@ class Local:
         self._generation += 1
         workers, self._workers = self._workers, []
         gangs, self._gangs = list(self._gangs.values()), {}
+        spares, self._spares, self._spares_wanted = self._spares, [], 0
+        refill, self._refill = self._refill, None
+        if refill is not None:
+            # Let spares that are starting finish (one start at most): the
+            # closed generation has them stopped, and none is left half made.
+            with contextlib.suppress(Exception):
+                await refill
         await asyncio.gather(
-            *(w.stop(SHUTDOWN_GRACE, "offload.Local was closed") for w in workers),
+            *(w.stop(SHUTDOWN_GRACE, "offload.Local was closed") for w in [*workers, *spares]),
             *(g.cancel() for g in gangs),
         )
         for attempt in self._attempts.values():
@@ -291,15 +308,23 @@ class Local:
         # Imported here: the gang module builds on this one's WorkerClient.
         from ._gang import GangAttempt, free_port, gang_handle
 
-        starting = [asyncio.ensure_future(self._start()) for _ in range(gang.nodes)]
+        self._spares_wanted = max(self._spares_wanted, gang.nodes)
+        refill = self._refill
+        if refill is not None and not refill.done():
+            # Spares on their way are ready sooner than workers started now.
+            await asyncio.shield(refill)
+        ready = [w for w in self._spares if w.reader is not None and not w.reader.done()][: gang.nodes]
+        for worker in ready:
+            self._spares.remove(worker)
+        starting = [asyncio.ensure_future(self._start()) for _ in range(gang.nodes - len(ready))]
         try:
-            workers = list(await asyncio.gather(*starting))
+            workers = ready + list(await asyncio.gather(*starting))
         except BaseException:
             # Every rank or none: the workers that did start go again.
             for task in starting:
                 task.cancel()
             started = [t.result() for t in starting if t.done() and not t.cancelled() and t.exception() is None]
-            await asyncio.gather(*(w.kill("its gang could not start") for w in started))
+            await asyncio.gather(*(w.kill("its gang could not start") for w in [*ready, *started]))
             raise
         places = [f"{w.hello.hostname}:{w.pid}" for w in workers]
         handle = gang_handle("local", next(self._gang_serial), places)
@@ -313,9 +338,11 @@ class Local:
 
         async def stop_ranks(why: str) -> None:
             await asyncio.gather(*(w.kill(why) for w in workers))
+            self._make_spares()
 
         async def release() -> None:
             await asyncio.gather(*(w.stop(SHUTDOWN_GRACE, "its gang ended") for w in workers))
+            self._make_spares()
 
         attempt = GangAttempt(handle, gang, workers, stop_ranks, release)
         self._gangs[handle.id] = attempt
@@ -325,6 +352,23 @@ class Local:
     async def reattach(self, handle: Handle) -> Handle | None:
         # Workers die with the engine that started them: nothing to find again.
         return None
+
+    def _make_spares(self) -> None:
+        """Start, in the background, the spares the next gang will want (after a gang has ended)."""
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.get_running_loop().create_task(self._fill_spares(), name="shoal-local-spares")
+
+    async def _fill_spares(self) -> None:
+        generation = self._generation
+        missing = self._spares_wanted - len(self._spares)
+        started = await asyncio.gather(*(self._start() for _ in range(missing)), return_exceptions=True)
+        for worker in started:
+            if isinstance(worker, BaseException):
+                continue  # the next gang starts its workers itself, and says why they fail
+            if generation != self._generation:
+                await worker.stop(0, "offload.Local was closed")
+            else:
+                self._spares.append(worker)
 
     def _gpus(self) -> int:
         """The GPUs the workers will see, before any has said hello."""
@@ -488,6 +532,8 @@ class Local:
     def _forget(self, worker: Any) -> None:
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
+        with contextlib.suppress(ValueError):
+            self._spares.remove(worker)
         self._wake(everyone=True)
 
 

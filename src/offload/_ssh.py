@@ -746,6 +746,7 @@ class SSH:
     def _forget(self, worker: Any) -> None:
         with contextlib.suppress(ValueError):
             worker.link.workers.remove(worker)
+        self._gangs.drop_spare(worker)
         self._wake()
 
     async def _discard(self, worker: WorkerClient, why: str) -> None:

@@ -14,9 +14,11 @@ backoff first.  Hosts are filled in the target's order, so the ranks on
 one host are consecutive (local ranks 0..k-1) and rank 0's host is the
 first with room.
 
-Start: N fresh ``python -m offload.worker`` processes (gang ranks always
-get processes of their own; ``workers`` governs single attempts), started
-at once over the hosts' existing connections, together with the code
+Start: N ``python -m offload.worker`` processes that have served nothing
+(gang ranks always get processes of their own; ``workers`` governs single
+attempts): spares started on each host after the previous gang ended (as
+many as the most ranks a gang has had there), else fresh ones started at
+once over the hosts' existing connections, together with the code
 bundle to each host and a short command on rank 0's host that finds a
 free port there (``master_port``); ``master_addr`` is rank 0's host as
 the target names it, the address the other hosts reach it at.
@@ -103,6 +105,14 @@ class Gangs:
         self._line: list[int] = []
         self._tickets = itertools.count()
         self._serial = itertools.count(1)
+        # Invariant: ``spares[link]`` are workers started on the link's host
+        # that have served nothing, kept for the ranks of the next gang
+        # there; ``wanted[link]`` is the most ranks a gang has had on that
+        # host (none until a gang has run).  Made up again in the background
+        # (``_refill``) once a gang has ended.
+        self.spares: dict[_Link, list[RemoteWorker]] = {}
+        self.wanted: dict[_Link, int] = {}
+        self._refill: asyncio.Task[None] | None = None
 
     # -- places ----------------------------------------------------------------
 
@@ -216,7 +226,13 @@ class Gangs:
         from ._gang import GangAttempt, gang_handle
 
         places = await self._admit(gang, payload.cpu, payload.gpu)
+        for link, count in _counts(places).items():
+            self.wanted[link] = max(self.wanted.get(link, 0), count)
         try:
+            refill = self._refill
+            if refill is not None and not refill.done():
+                # Spares on their way are ready sooner than workers started now.
+                await asyncio.shield(refill)
             workers, port = await self._start(payload, places)
         except BaseException:
             places.release()
@@ -236,6 +252,7 @@ class Gangs:
                 if worker in on:
                     on.remove(worker)
             places.release()
+            self._make_spares()
 
         async def stop_ranks(why: str) -> None:
             await asyncio.gather(*(w.kill(why) for w in workers), return_exceptions=True)
@@ -265,7 +282,15 @@ class Gangs:
         copies = target._copies
         env, args = copies.worker_env(), copies.worker_args()
         links = [link for link, _ in places.ranks]
-        starts = [asyncio.ensure_future(start_worker(target, link, env, args)) for link in links]
+        starts: list[asyncio.Future[RemoteWorker]] = []
+        for link in links:
+            spare = self._spare(link)
+            if spare is None:
+                starts.append(asyncio.ensure_future(start_worker(target, link, env, args)))
+            else:
+                ready: asyncio.Future[RemoteWorker] = asyncio.get_running_loop().create_future()
+                ready.set_result(spare)
+                starts.append(ready)
         port = asyncio.ensure_future(self._free_port(links[0]))
         others: list[asyncio.Future[Any]] = [port]
         hosts = list(dict.fromkeys(links))
@@ -315,6 +340,48 @@ class Gangs:
             )
         return int(text)
 
+    # -- spares ----------------------------------------------------------------
+
+    def _spare(self, link: _Link) -> RemoteWorker | None:
+        """A spare on ``link``'s host that is still up on its current connection, taken."""
+        found = self.spares.get(link, [])
+        while found:
+            worker = found.pop()
+            if worker.conn is link._conn and worker.reader is not None and not worker.reader.done():
+                return worker
+        return None
+
+    def drop_spare(self, worker: RemoteWorker) -> None:
+        """A worker ended: it is no spare any more."""
+        with contextlib.suppress(ValueError):
+            self.spares.get(worker.link, []).remove(worker)
+
+    def _make_spares(self) -> None:
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.get_running_loop().create_task(self._fill(), name="shoal-ssh-spares")
+
+    async def _fill(self) -> None:
+        """Start on each host the spares that the largest gang there would want, all at once."""
+        from ._ssh_workers import start_worker
+
+        target = self.target
+        generation = target._generation
+        env, args = target._copies.worker_env(), target._copies.worker_args()
+        wanted = [
+            link
+            for link, want in self.wanted.items()
+            if _ready(link)
+            for _ in range(want - len(self.spares.get(link, [])))
+        ]
+        started = await asyncio.gather(*(start_worker(target, link, env, args) for link in wanted), return_exceptions=True)
+        for worker in started:
+            if isinstance(worker, BaseException):
+                continue  # the next gang starts its workers itself, and says why they fail
+            if generation != target._generation or worker.conn is not worker.link._conn:
+                await worker.stop(0, "offload.SSH was closed, or the host was lost, as it started")
+            else:
+                self.spares.setdefault(worker.link, []).append(worker)
+
     # -- the gang's life -------------------------------------------------------
 
     async def wait(self, handle: Handle) -> Outcome:
@@ -348,9 +415,29 @@ class Gangs:
             worker.fail_all(error)
 
     async def aclose(self) -> None:
-        """Stop every gang's ranks (the target is closing)."""
+        """Stop every gang's ranks and the spares (the target is closing)."""
         attempts, self.attempts = list(self.attempts.values()), {}
-        await asyncio.gather(*(a.cancel() for a in attempts), return_exceptions=True)
+        refill, self._refill = self._refill, None
+        if refill is not None:
+            # Let spares that are starting finish (one start at most): the
+            # closed generation has them stopped, and none is left half made.
+            with contextlib.suppress(Exception):
+                await refill
+        spares = [w for found in self.spares.values() for w in found]
+        self.spares, self.wanted = {}, {}
+        await asyncio.gather(
+            *(a.cancel() for a in attempts),
+            *(w.stop(SHUTDOWN_GRACE, "offload.SSH was closed") for w in spares),
+            return_exceptions=True,
+        )
+
+
+def _counts(places: _Places) -> dict[_Link, int]:
+    """How many of a gang's ranks each host holds."""
+    counts: dict[_Link, int] = {}
+    for link, _ in places.ranks:
+        counts[link] = counts.get(link, 0) + 1
+    return counts
 
 
 def _ready(link: _Link) -> bool:
