@@ -7,7 +7,8 @@ and ``offload.Local`` with 4 ranks on this machine, the baseline of the
 same process.  Taking turns, per round:
 
 * start: from the call (``Engine.submit`` of a flow whose one action is
-  the gang) to the last of the 4 ranks running its function (each writes
+  the gang; :data:`SETTLE` seconds after the last gang, so that its spare
+  workers are up) to the last of the 4 ranks running its function (each writes
   the wall clock when it begins, a clock every host here shares);
   target <= 300 ms;
 * fail: from the moment the last rank raises (it writes the clock first)
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Seconds between looks at whether the ranks' processes are gone.
 POLL = 0.002
+#: Seconds left between rounds for the spare workers of the last gang to start.
+SETTLE = 1.5
 
 
 @engine.task
@@ -139,8 +142,12 @@ async def cluster_main(rounds: int, tests: str) -> None:
             await start_round(ssh, folder)
             await start_round(local, folder)
             for _ in range(rounds):
+                # Each gang after the last one's spares are up, as gangs
+                # between other steps of a flow find them.
+                await asyncio.sleep(SETTLE)
                 times["local start"].append(await start_round(local, folder))
                 times["ssh start"].append(await start_round(ssh, folder))
+                await asyncio.sleep(SETTLE)
                 times["local fail"].append(await fail_round(local, folder, local_pid))
                 times["ssh fail"].append(await fail_round(ssh, folder, ssh_pid))
     finally:

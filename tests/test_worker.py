@@ -23,9 +23,11 @@ from engine.extend import (
     ChunkDone,
     ChunkFailed,
     Done,
+    FindPort,
     Frames,
     Hello,
     Log,
+    PortFound,
     Shutdown,
     Start,
     StreamBroken,
@@ -214,6 +216,23 @@ async def test_a_killed_worker_takes_nothing_with_it_but_its_stream(worker: Work
     assert await worker.recv() is None
     assert await worker.proc.wait() == -signal.SIGKILL
     await until(lambda: gone(worker.proc.pid), "the worker to be gone")
+
+
+async def test_a_worker_finds_a_port_free_on_its_host_while_an_attempt_runs(worker: Worker) -> None:
+    await worker.frames.send(Start(1, payload("sleepy", 0.5)))
+    await worker.frames.send(FindPort())
+    await worker.frames.send(FindPort())
+    found: list[int] = []
+    while len(found) < 2:
+        message = await worker.recv()
+        assert message is not None
+        if isinstance(message, PortFound):
+            found.append(message.port)
+    for port in found:
+        assert 0 < port < 65536
+        # Free on every address: rank 0 of a gang can listen there.
+        with socket.create_server(("", port)):
+            pass
 
 
 # -- pipelining: a worker with a concurrency queues what it is sent beyond it ------------

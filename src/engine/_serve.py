@@ -78,6 +78,7 @@ from ._wire import (
     Cancel,
     Chunk,
     Done,
+    FindPort,
     FunctionRef,
     Hello,
     Log,
@@ -85,6 +86,7 @@ from ._wire import (
     NeedBundle,
     Outcome,
     Payload,
+    PortFound,
     Shutdown,
     Start,
     Trace,
@@ -315,6 +317,11 @@ class WorkerLoop:
             self.cancel(message.id)
         elif isinstance(message, Withdraw):
             self.withdraw(message.id)
+        elif isinstance(message, FindPort):
+            # For a gang's rank 0 on this host: free on every address now.
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("", 0))
+                self.frames.post(PortFound(sock.getsockname()[1]))
         elif isinstance(message, BundleData):
             waiter = self.bundles.pop(message.digest, None)
             if waiter is not None and not waiter.done():

@@ -16,6 +16,8 @@ A conversation::
     engine -> Withdraw(id)                optional: take back an attempt still queued
     worker -> Withdrawn(id, dropped)      one per Withdraw
     worker -> Done(id, outcome)           exactly one per Start that was not withdrawn
+    engine -> FindPort                    optional: a gang's rank 0 is to listen on this host
+    worker -> PortFound(port)             one per FindPort, in order
     engine -> Shutdown                    or the transport closes
 
 A worker started with a concurrency (``--concurrency N``) runs at most N
@@ -57,6 +59,7 @@ __all__ = [
     "ChunkDone",
     "ChunkFailed",
     "Done",
+    "FindPort",
     "FunctionRef",
     "Hello",
     "Log",
@@ -64,6 +67,7 @@ __all__ = [
     "NeedBundle",
     "Outcome",
     "Payload",
+    "PortFound",
     "Shutdown",
     "Start",
     "Trace",
@@ -191,6 +195,14 @@ class Withdrawn(msgspec.Struct, frozen=True, tag="withdrawn"):
     dropped: bool
 
 
+class FindPort(msgspec.Struct, frozen=True, tag="find-port"):
+    """Ask the worker for a TCP port free on every address of its host now (answered by PortFound)."""
+
+
+class PortFound(msgspec.Struct, frozen=True, tag="port-found"):
+    port: int
+
+
 class NeedBundle(msgspec.Struct, frozen=True, tag="need-bundle"):
     digest: str
 
@@ -274,6 +286,8 @@ Message = (
     | Cancel
     | Withdraw
     | Withdrawn
+    | FindPort
+    | PortFound
     | NeedBundle
     | BundleData
     | Log

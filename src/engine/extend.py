@@ -84,6 +84,7 @@ from ._wire import Chunk as Chunk
 from ._wire import ChunkDone as ChunkDone
 from ._wire import ChunkFailed as ChunkFailed
 from ._wire import Done as Done
+from ._wire import FindPort as FindPort
 from ._wire import FunctionRef as FunctionRef
 from ._wire import Hello as Hello
 from ._wire import Log as Log
@@ -91,6 +92,7 @@ from ._wire import Message as Message
 from ._wire import NeedBundle as NeedBundle
 from ._wire import Outcome as Outcome
 from ._wire import Payload as Payload
+from ._wire import PortFound as PortFound
 from ._wire import Shutdown as Shutdown
 from ._wire import Start as Start
 from ._wire import Trace as Trace
@@ -126,6 +128,7 @@ __all__ = [
     "Cluster",
     "Done",
     "ErrorInfo",
+    "FindPort",
     "FrameReader",
     "FrameWriter",
     "Frames",
@@ -141,6 +144,7 @@ __all__ = [
     "NeedBundle",
     "Outcome",
     "Payload",
+    "PortFound",
     "Reclaimed",
     "Shutdown",
     "Start",

@@ -283,15 +283,20 @@ class Gangs:
         env, args = copies.worker_env(), copies.worker_args()
         links = [link for link, _ in places.ranks]
         starts: list[asyncio.Future[RemoteWorker]] = []
+        spares: list[RemoteWorker | None] = []
         for link in links:
             spare = self._spare(link)
+            spares.append(spare)
             if spare is None:
                 starts.append(asyncio.ensure_future(start_worker(target, link, env, args)))
             else:
                 ready: asyncio.Future[RemoteWorker] = asyncio.get_running_loop().create_future()
                 ready.set_result(spare)
                 starts.append(ready)
-        port = asyncio.ensure_future(self._free_port(links[0]))
+        # Rank 0's port: asked of its worker when that one is already up (a
+        # round trip), else found by a short command while the workers start.
+        first = spares[0]
+        port = asyncio.ensure_future(first.free_port() if first is not None else self._free_port(links[0]))
         others: list[asyncio.Future[Any]] = [port]
         hosts = list(dict.fromkeys(links))
         if payload.bundle is not None and context is not None and context.bundle_path is not None:

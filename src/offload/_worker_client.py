@@ -32,6 +32,7 @@ from engine.extend import (
     BackendContext,
     BundleData,
     Done,
+    FindPort,
     Frames,
     Handle,
     Hello,
@@ -39,6 +40,7 @@ from engine.extend import (
     NeedBundle,
     Outcome,
     Payload,
+    PortFound,
     Shutdown,
     StreamBroken,
     SubmitFailed,
@@ -217,6 +219,9 @@ class WorkerClient(abc.ABC):
         # and not answered (nor ended by the worker's loss): True once the
         # attempt was dropped from the worker's queue.
         self.withdrawing: dict[int, asyncio.Future[bool]] = {}
+        # Invariant: ``port_waiters`` wait for the PortFound answers of the
+        # FindPort messages sent, in the order they were sent.
+        self.port_waiters: list[asyncio.Future[int]] = []
         #: Running mean of the seconds its attempts took (None: none ended yet).
         self.mean_seconds: float | None = None
         self.reader: asyncio.Task[None] | None = None
@@ -289,8 +294,20 @@ class WorkerClient(abc.ABC):
             waiter = self.withdrawing.pop(message.id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message.dropped)
+        elif isinstance(message, PortFound):
+            if self.port_waiters:
+                found = self.port_waiters.pop(0)
+                if not found.done():
+                    found.set_result(message.port)
         elif isinstance(message, NeedBundle):
             self.spawn(self._send_bundle(message.digest))
+
+    async def free_port(self) -> int:
+        """A TCP port free on the worker's host now, found by the worker itself (for a gang's rank 0)."""
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.port_waiters.append(waiter)
+        await self.frames.send(FindPort())
+        return await waiter
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run ``work`` in the background, kept until it ends (a bundle to send, a kill to finish)."""
@@ -366,6 +383,11 @@ class WorkerClient(abc.ABC):
             self._fail_lost(broken, status)
         finally:
             self._end_withdrawals()
+            waiters, self.port_waiters = self.port_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(self.lost_as(f"{self.what} ended before it found a free port"))
+                    waiter.exception()
 
     def _end_withdrawals(self) -> None:
         waiters, self.withdrawing = self.withdrawing, {}
