@@ -111,25 +111,27 @@ def _all_started(folder: Path, world: int) -> None:
         time.sleep(0.01)
 
 
-@engine.task(nodes=3)
-def fails_on(bad: int, pids: str) -> int:
-    """Every rank writes its pid under ``pids``; rank ``bad`` raises once all have, the others sleep."""
+def _bad_rank(bad: int, pids: str) -> engine.Cluster:
+    """Every rank writes its pid under ``pids``; rank ``bad`` returns once all have, the others sleep."""
     me, folder = _started(pids)
     if me.rank != bad:
         time.sleep(300)
-        return me.rank
+        raise AssertionError(f"rank {me.rank} was not stopped")
     _all_started(folder, me.world_size)
+    return me
+
+
+@engine.task(nodes=3)
+def fails_on(bad: int, pids: str) -> int:
+    """Rank ``bad`` raises once every rank runs (see ``_bad_rank``)."""
+    me = _bad_rank(bad, pids)
     raise ValueError(f"rank {me.rank} gives up")
 
 
 @engine.task(nodes=2)
 def dies_on(bad: int, pids: str) -> int:
     """Like ``fails_on``, but rank ``bad`` dies (SIGKILL of its own process) instead of raising."""
-    me, folder = _started(pids)
-    if me.rank != bad:
-        time.sleep(300)
-        return me.rank
-    _all_started(folder, me.world_size)
+    _bad_rank(bad, pids)
     os.kill(os.getpid(), signal.SIGKILL)
     return -1
 
