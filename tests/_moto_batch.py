@@ -166,3 +166,45 @@ def batch_env(batch_rig: BatchRig, monkeypatch: pytest.MonkeyPatch) -> Iterator[
             for item in page.get("Contents", ()):
                 s3.delete_object(Bucket=bucket, Key=item["Key"])
         s3.close()
+
+
+def kill_driver_then_resume(
+    rig: BatchRig, flow: Path, env: dict[str, str], home: Path, *, jobs: int
+) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+    """Run ``flow`` until ``jobs`` of its Batch jobs run, SIGKILL it, and resume its run in a new driver.
+
+    Returns the jobs that ran on without their driver, and the resumed
+    driver's outcome (a flow prints what ``engine.run``/``engine.resume``
+    returned; ``flow RUN_ID`` resumes).
+    """
+    import time
+
+    driver = subprocess.Popen([sys.executable, str(flow)], cwd=flow.parent, env=env, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while len(rig.processes()) < jobs:
+            assert driver.poll() is None and time.monotonic() < deadline, "the jobs never started"
+            time.sleep(0.05)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        assert driver.stdout is not None
+        driver.stdout.close()
+    assert driver.returncode == -signal.SIGKILL
+    running = sorted(rig.processes())
+    probe = subprocess.run(
+        [sys.executable, "-c", "import engine; print(engine.runs()[0].id)"],
+        env={**os.environ, "SHOAL_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    resumed = subprocess.run(
+        [sys.executable, str(flow), probe.stdout.strip()],
+        cwd=flow.parent, env=env, capture_output=True, text=True, timeout=60,
+    )
+    return running, resumed
+

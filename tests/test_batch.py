@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,7 +16,7 @@ import pytest
 import _batch_tasks as tasks
 import engine
 import offload
-from _moto_batch import PYTHON, QUEUE, BatchRig, batch_env, batch_rig
+from _moto_batch import PYTHON, QUEUE, BatchRig, batch_env, batch_rig, kill_driver_then_resume
 
 __all__ = ["batch_env", "batch_rig"]  # fixtures used by name
 
@@ -334,42 +330,12 @@ def test_a_killed_driver_is_resumed_and_reattaches_to_its_running_job(
     flow = project / "flow.py"
     flow.write_text(FLOW.format(queue=QUEUE, python=PYTHON))
     env = {**os.environ, "SHOAL_BLOB_STORE": f"s3://{batch_env}/blobs", "SHOAL_HOME": str(tmp_path / "home")}
-    driver = subprocess.Popen([sys.executable, str(flow)], cwd=project, env=env, stdout=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not batch_rig.processes():
-            assert driver.poll() is None and time.monotonic() < deadline, "the job never started"
-            time.sleep(0.05)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        assert driver.stdout is not None
-        driver.stdout.close()
-    assert driver.returncode == -signal.SIGKILL
-    (job_id,) = batch_rig.processes()  # the job runs on without its driver
-    run_id = _only_run(tmp_path / "home")
-    resumed = subprocess.run(
-        [sys.executable, str(flow), run_id], cwd=project, env=env, capture_output=True, text=True, timeout=60
-    )
+    running, resumed = kill_driver_then_resume(batch_rig, flow, env, tmp_path / "home", jobs=1)
+    assert len(running) == 1  # the job runs on without its driver
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "RESULT succeeded 6.0" in resumed.stdout
     calls = batch_rig.calls()
     assert calls["SubmitJob"] == 1, calls  # waited for, never submitted twice
-    assert job_id
-
-
-def _only_run(home: Path) -> str:
-    probe = subprocess.run(
-        [sys.executable, "-c", "import engine; print(engine.runs()[0].id)"],
-        env={**os.environ, "SHOAL_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return probe.stdout.strip()
 
 
 # -- bad input ----------------------------------------------------------------------------

@@ -13,9 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -23,7 +20,7 @@ import pytest
 import _batch_gang_tasks as tasks
 import engine
 import offload
-from _moto_batch import PYTHON, QUEUE, BatchRig, batch_env, batch_rig
+from _moto_batch import PYTHON, QUEUE, BatchRig, batch_env, batch_rig, kill_driver_then_resume
 
 __all__ = ["batch_env", "batch_rig"]  # fixtures used by name
 
@@ -286,32 +283,9 @@ def test_a_killed_driver_is_resumed_and_reattaches_to_its_running_gang(
     flow = project / "flow.py"
     flow.write_text(FLOW.format(queue=QUEUE, python=PYTHON, port=free_port()))
     env = {**os.environ, "SHOAL_BLOB_STORE": f"s3://{batch_env}/blobs", "SHOAL_HOME": str(tmp_path / "home")}
-    driver = subprocess.Popen([sys.executable, str(flow)], cwd=project, env=env, stdout=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while len(batch_rig.processes()) < 3:
-            assert driver.poll() is None and time.monotonic() < deadline, "the gang never started"
-            time.sleep(0.05)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        assert driver.stdout is not None
-        driver.stdout.close()
-    nodes = sorted(batch_rig.processes())  # the gang runs on without its driver
+    nodes, resumed = kill_driver_then_resume(batch_rig, flow, env, tmp_path / "home", jobs=3)
+    # The gang runs on without its driver, one job per node.
     assert [n.rpartition("#")[2] for n in nodes] == ["0", "1", "2"]
-    probe = subprocess.run(
-        [sys.executable, "-c", "import engine; print(engine.runs()[0].id)"],
-        env={**os.environ, "SHOAL_HOME": str(tmp_path / "home")},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    resumed = subprocess.run(
-        [sys.executable, str(flow), probe.stdout.strip()], cwd=project, env=env, capture_output=True, text=True, timeout=60
-    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "RESULT succeeded 100" in resumed.stdout
     assert batch_rig.calls()["SubmitJob"] == 1  # waited for, never submitted twice
