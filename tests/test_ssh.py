@@ -25,6 +25,7 @@ import offload
 from engine import ConfigError
 from engine.extend import BackendContext
 from offload import AuthenticationFailed, Host, HostKeyError, HostLost
+from offload._local import QUEUE
 from offload._ssh import SSH, parse_host
 
 if TYPE_CHECKING:
@@ -500,7 +501,7 @@ async def test_open_probes_each_host_for_its_interpreter_shoal_cpus_and_folder(
 
     async with target(sshd_rig, [honest_host.spec], workers=3, concurrency=2) as backend:
         facts = backend._link(honest_host.spec).facts
-        assert backend.capacity() == 3 * 2
+        assert backend.capacity() == 3 * (2 + QUEUE)  # each worker may hold QUEUE more, pipelined
     assert facts is not None
     assert (facts.hostname, facts.shoal) == ("honest", VERSION)
     assert Path(facts.executable).parent == Path(sys.executable).parent  # python3 from PATH
@@ -517,7 +518,7 @@ async def test_capacity_defaults_to_each_hosts_cpus_and_unfit_names_every_host(
 
     hosts: list[str | Host] = [Host("127.0.0.1", port=ssh_host.port, cpus=64, gpus=2), honest_host.spec]
     async with target(sshd_rig, hosts) as backend:
-        assert backend.capacity() == 64 + usable_cpus()
+        assert backend.capacity() == (64 + usable_cpus()) * (1 + QUEUE)
         assert backend.unfit(64, 2) is None
         assert backend.unfit(1, 0) is None
         why = backend.unfit(65, 3)

@@ -67,6 +67,7 @@ __all__ = [
     "check_hello",
     "message_host",
     "outcome_of",
+    "room",
 ]
 
 #: Attempts each worker may hold queued beyond the ``concurrency`` it runs
@@ -77,6 +78,23 @@ QUEUE: Final = 16
 #: than this gets no queue, so that a long attempt never holds back others
 #: that another worker could run (see ``Local._room``).
 QUEUE_WAIT: Final = 0.02
+
+
+def room(worker: WorkerClient, concurrency: int) -> int:
+    """How many more attempts ``worker`` may be sent now: free slots, plus room in its queue.
+
+    The queue is for short attempts: about :data:`QUEUE_WAIT` seconds of
+    them per slot (by the worker's running mean), :data:`QUEUE` at most,
+    none before one has ended.  Longer ones wait in the engine, for the
+    first worker to free a slot, rather than behind a long one there.
+    Shared by ``offload.Local`` and SSH.
+    """
+    queue = 0
+    mean = worker.mean_seconds
+    budget = QUEUE_WAIT * concurrency
+    if mean is not None:
+        queue = QUEUE if mean * QUEUE <= budget else int(budget / mean)
+    return concurrency + queue - len(worker.in_flight)
 
 
 class Local:
@@ -379,19 +397,7 @@ class Local:
     # -- workers ---------------------------------------------------------------
 
     def _room(self, worker: WorkerClient) -> int:
-        """How many more attempts ``worker`` may be sent now: free slots, plus room in its queue.
-
-        The queue is for short attempts: about :data:`QUEUE_WAIT` seconds of
-        them per slot (by the worker's running mean), :data:`QUEUE` at most,
-        none before one has ended.  Longer ones wait here, for the first
-        worker to free a slot, rather than behind a long one there.
-        """
-        queue = 0
-        mean = worker.mean_seconds
-        budget = QUEUE_WAIT * self.concurrency
-        if mean is not None:
-            queue = QUEUE if mean * QUEUE <= budget else int(budget / mean)
-        return self.concurrency + queue - len(worker.in_flight)
+        return room(worker, self.concurrency)
 
     async def _pick(self) -> _Worker:
         """A live worker with room for one more attempt.

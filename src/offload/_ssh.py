@@ -43,7 +43,7 @@ from engine import ConfigError, OffloadError
 from engine.extend import BackendContext, Handle, HostLost, Start
 
 from ._errors import HostKeyError
-from ._local import SHUTDOWN_GRACE, _Attempt, cancel_attempt, outcome_of
+from ._local import QUEUE, SHUTDOWN_GRACE, _Attempt, cancel_attempt, outcome_of, room
 from ._ssh_blobs import BlobCopies
 from ._ssh_gang import Gangs
 from ._ssh_link import _Link
@@ -513,8 +513,8 @@ class SSH:
         return count
 
     def capacity(self) -> int:
-        """How many attempts may run at once on the hosts known now (workers x concurrency)."""
-        return max(1, sum(self._workers_on(link) for link in self._links)) * self.concurrency
+        """Attempts taken at once on the hosts known now: workers x (concurrency + QUEUE), of which workers x concurrency run."""
+        return max(1, sum(self._workers_on(link) for link in self._links)) * (self.concurrency + QUEUE)
 
     def unfit(self, cpu: float, gpu: int) -> str | None:
         """Why no host can ever run an attempt needing ``cpu`` CPUs and ``gpu`` GPUs, or None.
@@ -641,6 +641,7 @@ class SSH:
                 raise OffloadError(f"{self!r} was closed while this attempt waited for a worker; submit it again")
             best: _Link | None = None
             best_load = 0.0
+            queued: tuple[_Link, RemoteWorker] | None = None
             connected = False
             for link in self._links:
                 if link._conn is None or link.facts is None or link._facts_of is not link._conn:
@@ -651,12 +652,20 @@ class SSH:
                 cpus, gpus = self._slots_of(link)
                 if link.cpu_held + payload.cpu > cpus or len(link.gpus_held) + payload.gpu > gpus:
                     continue
-                room = max(1, self._workers_on(link)) * self.concurrency
+                slots = max(1, self._workers_on(link)) * self.concurrency
                 busy = sum(len(w.in_flight) for w in link.workers) + link.starting
-                if busy >= room:
+                if busy >= slots:
+                    # No free slot here: a place in a worker's queue (once
+                    # all its workers are up), pipelining short attempts.
+                    if len(link.workers) >= self._workers_on(link):
+                        for w in link.workers:
+                            if room(w, self.concurrency) > 0 and (
+                                queued is None or len(w.in_flight) < len(queued[1].in_flight)
+                            ):
+                                queued = (link, w)
                     continue
-                if best is None or busy / room < best_load:
-                    best, best_load = link, busy / room
+                if best is None or busy / slots < best_load:
+                    best, best_load = link, busy / slots
             if best is not None:
                 link = best
                 gpus_held = self._hold(link, payload.cpu, payload.gpu)
@@ -678,6 +687,9 @@ class SSH:
                     continue
                 link.workers.append(worker)
                 return link, worker, gpus_held
+            if queued is not None:
+                link, worker = queued
+                return link, worker, self._hold(link, payload.cpu, payload.gpu)
             if not connected and not self._reconnects:
                 raise HostLost(
                     f"no host of {self!r} is up: "

@@ -119,7 +119,10 @@ class RemoteWorker(WorkerClient):
         hello: Hello,
         folder: str,
     ) -> None:
-        super().__init__(backend, frames, hello, pid, f"the worker process {pid} on host {link.host}")
+        super().__init__(
+            backend, frames, hello, pid, f"the worker process {pid} on host {link.host}",
+            concurrency=backend.concurrency,
+        )
         self.link = link
         #: The folder it runs in: the host's ``remote_dir``, resolved.
         self.folder = folder
@@ -192,7 +195,10 @@ async def start_worker(
     It needs no probe of the host first (the first worker stands in for
     it): it starts in ``remote_dir``, which is its cache.
     """
-    words = [shlex.quote(backend.python), "-m", "offload.worker", "--cache", ".", *map(shlex.quote, extra_args)]
+    words = [
+        shlex.quote(backend.python), "-m", "offload.worker", "--cache", ".",
+        "--concurrency", str(backend.concurrency), *map(shlex.quote, extra_args),
+    ]
     if extra_env:
         words = ["env", *(f"{k}={shlex.quote(str(v))}" for k, v in extra_env.items()), *words]
     command = " ".join(words)
