@@ -111,33 +111,19 @@ class Task(Generic[P, R]):
         ):
             raise ConfigError(f"{what}: timeout= is a number of seconds > 0, got {timeout!r}")
         self.timeout = None if timeout is None else float(timeout)
-        if concurrency is not None and (
-            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
-        ):
-            raise ConfigError(
-                f"{what}: concurrency= is the most actions of this task running at once, "
-                f"a whole number >= 1 (or None for no limit), got {concurrency!r}"
-            )
-        self.concurrency = concurrency
+        self.concurrency = _count(
+            what, "concurrency", concurrency, "the most actions of this task running at once", none="no limit"
+        )
         if resources is not None and not isinstance(resources, Resources):
             raise ConfigError(f"{what}: resources= takes engine.Resources(...), got {resources!r}")
         self.resources = resources
         self.offload = offload
-        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-            raise ConfigError(
-                f"{what}: nodes= is how many ranks run the function together (a gang), a whole "
-                f"number >= 1, got {nodes!r}"
-            )
         #: Ranks of a gang (1: an ordinary action); see ``engine._cluster``.
-        self.nodes = nodes
-        if ranks_per_host is not None and (
-            isinstance(ranks_per_host, bool) or not isinstance(ranks_per_host, int) or ranks_per_host < 1
-        ):
-            raise ConfigError(
-                f"{what}: ranks_per_host= is the most ranks of a gang placed on one host, a whole "
-                f"number >= 1 (or None for the target's default), got {ranks_per_host!r}"
-            )
-        self.ranks_per_host = ranks_per_host
+        self.nodes: int = _count(what, "nodes", nodes, "how many ranks run the function together (a gang)")
+        self.ranks_per_host = _count(
+            what, "ranks_per_host", ranks_per_host, "the most ranks of a gang placed on one host",
+            none="the target's default",
+        )
         if cache is True:
             self.cache_version: str | None = _source_version(fn)
         elif cache is False or cache is None:
@@ -265,6 +251,16 @@ class Task(Generic[P, R]):
     def import_path(self) -> str:
         """``module:qualname`` of the function."""
         return f"{self.fn.__module__}:{self.fn.__qualname__}"
+
+
+def _count(what: str, option: str, value: Any, meaning: str, *, none: str | None = None) -> Any:
+    """``value`` if it is a whole number >= 1 (or None, where ``none`` says what None means)."""
+    if value is None and none is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        also = "" if none is None else f" (or None for {none})"
+        raise ConfigError(f"{what}: {option}= is {meaning}, a whole number >= 1{also}, got {value!r}")
+    return value
 
 
 def _source_version(fn: Callable[..., Any]) -> str:

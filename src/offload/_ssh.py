@@ -690,17 +690,24 @@ class SSH:
             if queued is not None:
                 link, worker = queued
                 return link, worker, self._hold(link, payload.cpu, payload.gpu)
-            if not connected and not self._reconnects:
-                raise HostLost(
-                    f"no host of {self!r} is up: "
-                    + "; ".join(f"{link.host}: {link.down_because or 'not connected'}" for link in self._links)
-                )
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                # Woken by any change of the slots; a host whose backoff
-                # passes says nothing, so look again now and then.
-                await asyncio.wait_for(waiter, RECHECK)
+            await self._await_room(connected, "")
+
+    async def _await_room(self, connected: bool, what: str) -> None:
+        """Nothing fits now: ``HostLost`` if no host is up nor coming back, else wait for the slots to change.
+
+        ``what`` is said after "no host is up" (what was waiting: a gang).
+        """
+        if not connected and not self._reconnects:
+            raise HostLost(
+                f"no host of {self!r} is up{what}: "
+                + "; ".join(f"{link.host}: {link.down_because or 'not connected'}" for link in self._links)
+            )
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        with contextlib.suppress(TimeoutError):
+            # Woken by any change of the slots; a host whose backoff
+            # passes says nothing, so look again now and then.
+            await asyncio.wait_for(waiter, RECHECK)
 
     def _hold(self, link: _Link, cpu: float, gpu: int) -> list[int]:
         _, gpus = self._slots_of(link)

@@ -57,8 +57,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Gangs"]
 
-#: Seconds a gang waiting for places looks again at hosts whose backoff may have passed.
-RECHECK: Final = 0.5
 #: Run by rank 0's host's interpreter: a TCP port free on every address there now.
 _FREE_PORT: Final = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 #: Slack for CPU counts summed from fractions (0.1 + 0.2 ...).
@@ -204,17 +202,7 @@ class Gangs:
                         connected = True
                     elif link._conn is None and link.up:
                         target._reconnect(link)
-                if not connected and not target._reconnects:
-                    raise HostLost(
-                        f"no host of {target!r} is up for a gang of {gang.nodes}: "
-                        + "; ".join(f"{link.host}: {link.down_because or 'not connected'}" for link in target._links)
-                    )
-                waiter = asyncio.get_running_loop().create_future()
-                target._waiters.append(waiter)
-                # Woken by any change of the slots; a host whose backoff
-                # passes says nothing, so look again now and then.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, RECHECK)
+                await target._await_room(connected, f" for a gang of {gang.nodes}")
         finally:
             self._line.remove(ticket)
             target._wake()  # the next gang in line looks again
