@@ -6,8 +6,9 @@ when the write is made by an action of a run being captured (the current
 :data:`~engine._context.action_var`), also copy it, line by line, into that
 run's buffer.  A :class:`logging.Handler` on the root logger does the same
 for log records (stream ``"log"``).  Buffered lines go to the journal in
-batches (:meth:`Journal.add_logs`) every :data:`FLUSH_EVERY` seconds and
-when the run ends; ``shoal logs`` reads them back.
+batches every :data:`FLUSH_EVERY` seconds (at the looks of the journal's
+:class:`~engine._watch.RunWatch`, so at least every ``CANCEL_POLL``) and when
+the run ends; ``shoal logs`` reads them back.
 
 Several runs in one process share one installation: the proxies and the
 handler are installed by the first run to start capturing and removed when
@@ -23,7 +24,6 @@ the action's context are passed through untouched.  Runs with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sys
@@ -32,12 +32,12 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from ._context import action_var
+from ._entries import LogRow, LogRows
 from ._errors import JournalError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from ._entries import LogRow
     from ._journal import Journal
     from ._run import Run
 
@@ -73,7 +73,7 @@ class OutputCapture:
         self._rows: list[LogRow] = []
         self._partial: dict[tuple[str, str, int | None], str] = {}
         self._hub: CaptureHub | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushed = 0.0  # when lines were last handed to the journal (monotonic)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -82,20 +82,17 @@ class OutputCapture:
             return
         self._hub = CaptureHub.acquire()
         self._hub.captures[self.run_id] = self
-        self._flusher = asyncio.get_running_loop().create_task(
-            self._flush_loop(), name=f"shoal-logs-{self.run_id}"
-        )
+        self._flushed = time.monotonic()
+        assert self.journal is not None
+        self.journal.watch.add(self)
 
     async def stop(self) -> None:
         hub, self._hub = self._hub, None
         if hub is None:
             return
         hub.release(self.run_id)
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+        if self.journal is not None:
+            self.journal.watch.discard(self)
         with self._lock:
             now = time.time()
             for (key, stream, rank), text in self._partial.items():
@@ -134,10 +131,17 @@ class OutputCapture:
             with contextlib.suppress(JournalError):
                 await self.journal.add_logs(rows)
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_every)
-            await self.flush()
+    def look(self) -> bool:
+        """Called by the journal's RunWatch: hand the buffered lines over when due."""
+        now = time.monotonic()
+        if now - self._flushed >= self.flush_every:
+            self._flushed = now
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if rows and self.journal is not None:
+                # Not waited for: a batch the journal refuses is dropped (see flush).
+                self.journal.append(LogRows(rows))
+        return False
 
 
 class CaptureStream:

@@ -78,6 +78,7 @@ from ._queries import RUN_COLUMNS, TASK_COUNTS, JournalQueries, current_rows
 from ._records import ActionRecord, RunRecord
 from ._schema import SCHEMA, SCHEMA_VERSION, migrate
 from ._signing import Signer
+from ._watch import RunWatch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -109,6 +110,9 @@ LOW_WATER = HIGH_WATER // 2
 #: cost SQLite a third less CPU each.  A lone record is written at once.
 GATHER = 0.002
 GATHER_ENOUGH = 512
+#: Seconds a finished run's count by task may wait for the writer to be idle
+#: (see ``Journal._tallies``) before it is written between two batches.
+TALLY_WAIT = 1.0
 
 
 
@@ -143,6 +147,7 @@ class Journal(JournalQueries):
         self._rdb: sqlite3.Connection | None = None
         self._signer: Signer | None = None
         self._flags = Path(f"{path}-cancel")
+        self.watch = RunWatch()  # the cancel requests and running actions of live runs
         self._roots: dict[Any, tuple[str, str | None]] = {}
         # Formatted stacks by where they ran (see ``describe``); used only
         # on the journal thread.
@@ -151,6 +156,18 @@ class Journal(JournalQueries):
         # records in a batch that failed to that batch's error; the run's
         # end, written later, is then recorded as failed (see ``_end``).
         self._lost: dict[str, Exception] = {}
+        # Invariant (journal thread only): ``_tallies`` lists the (run id,
+        # attempt) of runs whose end is committed and whose actions are not
+        # yet counted into ``run_tasks``.  The count is a cache for reading a
+        # finished run quickly (readers count the actions themselves while
+        # it is missing), so it is written in a transaction of its own once
+        # the writer has nothing else to do, not in the end's: a run of a
+        # million actions does not wait for its count before it returns.
+        self._tallies: list[tuple[str, int]] = []
+        self._tallies_since = 0.0  # when the oldest of them was listed (monotonic)
+        # Invariant (journal thread only): the runs whose running actions
+        # (``live_actions``) this journal wrote and whose end it has not.
+        self._shown: set[str] = set()
         self._closed = False
         self._loop = asyncio.get_running_loop()
         # Shared between the event loop (which appends) and the journal
@@ -350,6 +367,7 @@ class Journal(JournalQueries):
             pass
         finally:
             self._closed = True
+            self.watch.close()
             if self._db is not None:
                 db, self._db = self._db, None
                 await self._loop.run_in_executor(self._thread, db.close)
@@ -464,6 +482,11 @@ class Journal(JournalQueries):
             if not records:
                 if waking:
                     self._make_room(force=True)
+                if self._tallies:
+                    # Draining again afterwards: records appended meanwhile
+                    # found ``_draining`` false and queued a new drain, which
+                    # the one journal thread runs after this one.
+                    self._tally()
                 return
             for start in range(0, len(records), MAX_BATCH):
                 chunk = records[start : start + MAX_BATCH]
@@ -492,6 +515,8 @@ class Journal(JournalQueries):
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     return
                 self._make_room()
+            if self._tallies and time.monotonic() - self._tallies_since > TALLY_WAIT:
+                self._tally()  # a writer that is never idle still counts its runs
 
     def _committed(
         self,
@@ -582,6 +607,7 @@ class Journal(JournalQueries):
             for run_id, rows in live.items():
                 db.execute("DELETE FROM live_actions WHERE run_id=?", (run_id,))
                 insert_rows(db, "INSERT", "live_actions", 7, rows)
+                self._shown.add(run_id)
             for run in runs:
                 if type(run) is not Claim:
                     self._end(db, run)
@@ -633,6 +659,8 @@ class Journal(JournalQueries):
             (run.attempt, run.pid, run.host, run.pid_start, run.attempt_started, run.id),
         )
         db.execute("DELETE FROM run_tasks WHERE run_id=?", (run.id,))  # counted again at its end
+        # What an earlier attempt left (a process that died while running it).
+        db.execute("DELETE FROM live_actions WHERE run_id=?", (run.id,))
         return None
 
     def _end(self, db: sqlite3.Connection, run: RunRecord) -> None:
@@ -650,14 +678,50 @@ class Journal(JournalQueries):
                 run.attempt,
             ),
         )
-        db.execute("DELETE FROM live_actions WHERE run_id=?", (run.id,))
-        # Counted once now, so that reading a finished run back is quick.
-        db.execute("DELETE FROM run_tasks WHERE run_id=?", (run.id,))
-        db.execute(
-            f"INSERT INTO run_tasks SELECT :run, {TASK_COUNTS} FROM actions WHERE "
-            f"{current_rows(db, run.id)} GROUP BY task, grp",
-            {"run": run.id},
-        )
+        # Only the runs that wrote some have live rows to remove (a resume's
+        # claim removed those of earlier attempts), and no count by task
+        # exists for a running attempt (its claim removed the last one; a
+        # count is written only for an attempt that ended): a service's
+        # small runs end with one statement each.
+        if run.id in self._shown:
+            self._shown.discard(run.id)
+            db.execute("DELETE FROM live_actions WHERE run_id=?", (run.id,))
+        if not self._tallies:
+            self._tallies_since = time.monotonic()
+        self._tallies.append((run.id, run.attempt))
+
+    def _tally(self) -> None:
+        """On the journal thread, when idle: count the actions of the runs that ended, by task.
+
+        Counted once, so that reading a finished run back is quick.  Only
+        an attempt that is still the run's latest and finished is counted
+        (another process may have resumed the run since); a count that fails
+        is left out, and readers count for themselves.
+        """
+        tallies, self._tallies = self._tallies, []
+        try:
+            db = self._writing()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for run_id, attempt in tallies:
+                    ended = db.execute(
+                        "SELECT 1 FROM runs WHERE id=? AND attempt=? AND status!='running'", (run_id, attempt)
+                    ).fetchone()
+                    if ended is None:
+                        continue
+                    db.execute("DELETE FROM run_tasks WHERE run_id=?", (run_id,))
+                    db.execute(
+                        f"INSERT INTO run_tasks SELECT :run, {TASK_COUNTS} FROM actions WHERE "
+                        f"{current_rows(db, run_id)} GROUP BY task, grp",
+                        {"run": run_id},
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, JournalError):
+            pass
 
     def for_run(self) -> RunJournal:
         from ._run_journal import RunJournal

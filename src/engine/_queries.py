@@ -423,8 +423,11 @@ class JournalQueries:
             table = replay.outputs
             traces = replay.traces
             refused: list[str] = []
-            for key, kind, output, what, parent in db.execute(
-                "SELECT key, output_kind, output, kind, parent FROM actions WHERE run_id=? AND state='succeeded'",
+            # The parent is fetched for traces only: a column of None (and
+            # no string made per row) for the actions, most of a big run.
+            for key, kind, output, parent in db.execute(
+                "SELECT key, output_kind, output, CASE kind WHEN 'trace' THEN parent END "
+                "FROM actions WHERE run_id=? AND state='succeeded'",
                 (run_id,),
             ):
                 if kind == "pickle":
@@ -434,7 +437,7 @@ class JournalQueries:
                         refused.append(str(exc))
                         continue
                 table[key] = (kind, output)
-                if what == "trace":
+                if parent is not None:
                     traces.setdefault(parent, []).append(key)
             for key, backend, handle, place in db.execute(
                 "SELECT key, backend, handle, place FROM attempts WHERE rowid IN (SELECT max(rowid) "

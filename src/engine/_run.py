@@ -86,7 +86,7 @@ class Run:
         # Invariant: for a journaled run, ``running`` holds the actions in
         # the running state now (their code runs, here or on a target),
         # written to the journal every second or so for 'shoal show' (see
-        # RunJournal._poll_cancel); None for a run with no journal.
+        # engine._watch); None for a run with no journal.
         self.running: dict[Action, None] | None = {} if journal is not None else None
         # Invariant: ``keyed`` is ``journal is not None or _remembering > 0``,
         # where ``_remembering`` counts this run's actions with retries whose

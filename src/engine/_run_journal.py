@@ -19,6 +19,7 @@ from ._errors import BlobError, EncodeError, EngineError, JournalError, RunInUse
 from ._owner import owner_alive, this_process
 from ._queries import utc
 from ._records import ActionRecord, ErrorInfo, RunRecord
+from ._watch import LIVE_EVERY
 
 if TYPE_CHECKING:
     import sqlite3
@@ -36,10 +37,6 @@ __all__ = ["RunJournal", "error_info", "prepare_resume"]
 
 #: Outputs larger than this (encoded) go to the blob store, not the journal.
 INLINE_LIMIT = 256 * 1024
-#: How often a running run looks for a cancel request from another process.
-CANCEL_POLL = 0.25
-#: The running actions are written every this many cancel polls (1 s).
-LIVE_EVERY = 4
 #: At most this many running actions are written (the longest running first).
 LIVE_SHOWN = 1000
 #: The attribute an exception carries once its traceback is in the journal:
@@ -141,7 +138,10 @@ class RunJournal:
         self.journal = journal
         self.previous = previous
         self.run: Run | None = None
-        self._poller: asyncio.Task[None] | None = None
+        # Set while the journal's RunWatch looks at this run (see ``look``).
+        self._flag: Any = None
+        self._looks = 0
+        self._shown: list[tuple[Any, ...]] = []
         self._root: tuple[str, str | None] = ("", None)
         # Whether the run's claim was committed by ``started``; if not,
         # there is nothing in the journal for ``finished`` to update.
@@ -178,7 +178,8 @@ class RunJournal:
         if self.previous is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(flag)  # a request for an earlier attempt
-        self._poller = asyncio.get_running_loop().create_task(self._poll_cancel(run, flag))
+        self._flag = flag
+        self.journal.watch.add(self)
 
     def _run_record(self, run: Run, status: Any, finished: float | None) -> RunRecord:
         root, root_file = self._root
@@ -204,9 +205,8 @@ class RunJournal:
         )
 
     async def finished(self, run: Run) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
+        if self._flag is not None:
+            self.journal.watch.discard(self)
         if not self._recorded:
             return
         from datetime import UTC, datetime
@@ -240,26 +240,28 @@ class RunJournal:
             with contextlib.suppress(OSError):
                 os.unlink(self.journal.cancel_flag(run.id))
 
-    async def _poll_cancel(self, run: Run, flag: Any) -> None:
-        # One stat per poll, on the loop: no journal read, so a busy
-        # journal cannot delay a cancel request (see Journal.cancel_flag).
-        # Every LIVE_EVERY polls, the actions running now are written too
-        # (see ``live_actions`` in _schema), when they changed.
-        polls = 0
-        shown: list[tuple[Any, ...]] = []
-        while True:
-            await asyncio.sleep(CANCEL_POLL)
-            # A stat of a local file: cheaper than a hop to a thread.
-            if os.path.exists(flag):  # noqa: ASYNC240
-                self._flag_seen = True
-                run.cancel()
-                return
-            polls += 1
-            if polls % LIVE_EVERY == 0:
-                rows = self._live_rows(run)
-                if rows != shown:
-                    shown = rows
-                    self.journal.append(LiveRows(run.id, rows))
+    def look(self) -> bool:
+        """Called by the journal's RunWatch every CANCEL_POLL seconds; True once cancelled.
+
+        One stat per look, on the loop: no journal read, so a busy journal
+        cannot delay a cancel request (see Journal.cancel_flag).  Every
+        LIVE_EVERY looks, the actions running now are written too (see
+        ``live_actions`` in _schema), when they changed.
+        """
+        run = self.run
+        assert run is not None
+        # A stat of a local file: cheaper than a hop to a thread.
+        if os.path.exists(self._flag):
+            self._flag_seen = True
+            run.cancel()
+            return True
+        self._looks += 1
+        if self._looks % LIVE_EVERY == 0:
+            rows = self._live_rows(run)
+            if rows != self._shown:
+                self._shown = rows
+                self.journal.append(LiveRows(run.id, rows))
+        return False
 
     def _live_rows(self, run: Run) -> list[tuple[Any, ...]]:
         """The running actions of ``run``, at most LIVE_SHOWN of them (the longest running)."""
