@@ -470,7 +470,9 @@ class Engine:
     async def wait_run(self, run: Run) -> Run:
         """Wait for ``run``; cancelled, cancel it; interrupted by a task, raise that interrupt."""
         try:
-            await asyncio.shield(run.wait())
+            # Cancelling this wait cancels only its own waiter on the run's
+            # event, not the run: no shield (and no task for it) needed.
+            await run.wait()
         except asyncio.CancelledError:
             run.cancel()
             await run.wait()

@@ -169,12 +169,13 @@ def abandoned(counts: TaskCounts, status: str | None = None) -> None:
         counts.failed += status == "failed"
 
 
-def replayed(run: Run, counts: TaskCounts, action: Callable[[], Action] | Action, *, pending: bool) -> None:
+def replayed(run: Run, counts: TaskCounts, action: Callable[[], Action] | Action | None, *, pending: bool) -> None:
     """-> succeeded, replayed: a call whose output was recorded by an earlier attempt.
 
     ``pending``: whether the call was counted pending first (a replay that
     needed a blob read started as an action); ``action`` is the action, or
-    makes one, only when someone listens for ``replayed`` events.
+    makes one, only when someone listens for ``replayed`` events (None:
+    nobody listens for any event).
     """
     if pending:
         counts.pending -= 1
@@ -182,7 +183,7 @@ def replayed(run: Run, counts: TaskCounts, action: Callable[[], Action] | Action
     counts.replayed += 1
     engine = run.engine
     wanted = engine.wanted
-    if wanted and "replayed" in wanted:
+    if wanted and "replayed" in wanted and action is not None:
         engine.emit("replayed", action if not callable(action) else action())
 
 

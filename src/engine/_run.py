@@ -326,7 +326,10 @@ class Run:
         (Outputs kept in the blob store are fetched by :func:`~engine._action.execute`.)
         """
         value = task.signature.decode_output(*found)
-        lifecycle.replayed(self, counts, lambda: Action(self, task, parent, group_var.get(), key), pending=False)
+        if self.engine.wanted:
+            lifecycle.replayed(self, counts, lambda: Action(self, task, parent, group_var.get(), key), pending=False)
+        else:  # nobody listens for events: no action to make
+            lifecycle.replayed(self, counts, None, pending=False)
         done = Done(loop=self.loop)
         done.set_result(value)
         return done
@@ -342,7 +345,7 @@ class Run:
         return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
 
     def _key(self, name: str, parent: Action | None, values: Sequence[Any], named: Mapping[str, Any]) -> str:
-        inputs = digest_bytes(name, values, dict(named))
+        inputs = digest_bytes(name, values, named if type(named) is dict else dict(named))
         if parent is None:
             occurrence = 0
             parent_key = ""
