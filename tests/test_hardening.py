@@ -315,6 +315,34 @@ async def test_a_run_id_already_in_the_journal_is_refused(tmp_path: Path, monkey
     assert ran("leaf") == 2
 
 
+@pytest.mark.parametrize("many", [True, False], ids=["statements-per-batch", "statements-per-run"])
+async def test_concurrent_runs_share_batches_and_a_duplicate_id_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool
+) -> None:
+    # The claims and ends of concurrent runs are written many to one
+    # statement (or, on an SQLite before 3.35, one statement each): both
+    # must record every run, and refuse the second claim of an id even
+    # when both claims are in one batch.
+    monkeypatch.setattr("engine._run_rows.MANY_AT_ONCE", many)
+    monkeypatch.chdir(tmp_path)
+    ids = iter(["241201000000-dup", "241201000000-dup", *(f"241201000000-{i:04d}" for i in range(60))])
+    monkeypatch.setattr("engine._engine.new_run_id", lambda: next(ids))
+    path = tmp_path / "journal.db"
+    async with engine.Engine(store=path) as eng:
+        first, second, *others = await asyncio.gather(*(eng.run(_squares, 3) for _ in range(62)))
+    assert first.status == "succeeded" and first.result == 5
+    assert second.status == "failed"
+    assert isinstance(second.error, engine.RunInUse) and first.id in str(second.error)
+    assert [run.status for run in others] == ["succeeded"] * 60
+    assert ran("leaf") == 3 * 61  # none of the refused run's actions ran
+    recorded = dict(rows(path, "SELECT id, status FROM runs"))
+    assert recorded == {run.id: "succeeded" for run in [first, *others]}
+    assert rows(path, "SELECT count(*) FROM actions")[0][0] == 4 * 61
+    async with engine.Engine(store=path) as eng:
+        summaries = await eng.get_run(others[-1].id)
+    assert (summaries.status, summaries.action_count) == ("succeeded", 4)
+
+
 # -- 4. a reused pid ------------------------------------------------------------------------
 
 

@@ -48,7 +48,6 @@ from ._bulk import insert_rows
 from ._codec import decode_value
 from ._entries import (
     ACTION_COLUMNS,
-    ERROR_ENCODER,
     AttemptRow,
     BundleRow,
     Claim,
@@ -59,7 +58,6 @@ from ._entries import (
     LogRows,
     action_row,
     describe,
-    run_values,
     runs_of,
     split_settles,
 )
@@ -67,15 +65,14 @@ from ._errors import (
     JournalBusy,
     JournalCorrupt,
     JournalError,
-    RunInUse,
     RunNotFound,
     UnusableFolder,
 )
 from ._file_checks import check_not_truncated, present, schema_version
 from ._home import private_dir
-from ._owner import owner_alive
-from ._queries import RUN_COLUMNS, TASK_COUNTS, JournalQueries, current_rows
+from ._queries import JournalQueries
 from ._records import ActionRecord, RunRecord
+from ._run_rows import RunRows
 from ._schema import SCHEMA, SCHEMA_VERSION, migrate
 from ._signing import Signer
 from ._watch import RunWatch
@@ -116,7 +113,7 @@ TALLY_WAIT = 1.0
 
 
 
-class Journal(JournalQueries):
+class Journal(JournalQueries, RunRows):
     """One journal file, shared by the runs of an engine.
 
     ``home`` is the folder whose secret signs pickled values (see
@@ -589,11 +586,8 @@ class Journal(JournalQueries):
                 runs.append(rec)
         db.execute("BEGIN IMMEDIATE")
         try:
-            # Claims first, ends last: a run's end counts its actions by
-            # task (run_tasks), those of this batch included.
-            for run in runs:
-                if type(run) is Claim:
-                    run.refused = self._claim(db, run)
+            # Claims first, ends last (a run's actions are written before its end).
+            self._claim_all(db, runs)
             if actions:
                 insert_rows(db, "INSERT", "actions", ACTION_COLUMNS, actions)
             if caches:
@@ -608,120 +602,12 @@ class Journal(JournalQueries):
                 db.execute("DELETE FROM live_actions WHERE run_id=?", (run_id,))
                 insert_rows(db, "INSERT", "live_actions", 7, rows)
                 self._shown.add(run_id)
-            for run in runs:
-                if type(run) is not Claim:
-                    self._end(db, run)
+            self._end_all(db, runs)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-
-    def _claim(self, db: sqlite3.Connection, claim: Claim) -> Exception | None:
-        """Inside the batch's transaction: record the run as this process's, if it may be."""
-        run = claim.record
-        self._lost.pop(run.id, None)  # a new attempt of the run has lost nothing yet
-        row = run_values(run)
-        if claim.previous is None:
-            cur = db.execute(
-                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({','.join('?' * 16)}) "
-                "ON CONFLICT(id) DO NOTHING",
-                row,
-            )
-            if cur.rowcount == 1:
-                return None
-            return RunInUse(
-                f"a run with id {run.id} is already in journal {self.path}; start the run again "
-                f"(it gets a new id)"
-            )
-        found = db.execute(
-            "SELECT status, attempt, pid, host, pid_start FROM runs WHERE id=?", (run.id,)
-        ).fetchone()
-        if found is None:
-            return RunNotFound(f"no run {run.id!r} in journal {self.path}; list runs with 'shoal runs'")
-        status, attempt, pid, host, pid_start = found
-        if attempt != claim.previous:
-            return RunInUse(
-                f"run {run.id} was resumed by another process meanwhile (pid {pid} on {host}, "
-                f"attempt {attempt}); wait for it, or cancel it with 'shoal cancel {run.id}'"
-            )
-        if status == "running":
-            alive = owner_alive(host, pid, pid_start)
-            if alive is not False:
-                where = f"process {pid}" + ("" if alive else f" on host {host}")
-                return RunInUse(
-                    f"run {run.id} is still running in {where}; cancel it first "
-                    f"('shoal cancel {run.id}') or wait for it"
-                )
-        db.execute(
-            "UPDATE runs SET status='running', attempt=?, finished=NULL, error=NULL, pid=?, host=?, "
-            "pid_start=?, attempt_started=?, cancel_requested=0 WHERE id=?",
-            (run.attempt, run.pid, run.host, run.pid_start, run.attempt_started, run.id),
-        )
-        db.execute("DELETE FROM run_tasks WHERE run_id=?", (run.id,))  # counted again at its end
-        # What an earlier attempt left (a process that died while running it).
-        db.execute("DELETE FROM live_actions WHERE run_id=?", (run.id,))
-        return None
-
-    def _end(self, db: sqlite3.Connection, run: RunRecord) -> None:
-        """Record the end of this process's attempt of a run (failed, if some of its records were lost)."""
-        lost = self._lost.pop(run.id, None)
-        if lost is not None and run.status == "succeeded":
-            run = msgspec.structs.replace(run, status="failed", error=describe(lost))
-        db.execute(
-            "UPDATE runs SET status=?, finished=?, error=? WHERE id=? AND attempt=?",
-            (
-                run.status,
-                run.finished,
-                None if run.error is None else ERROR_ENCODER.encode(run.error),
-                run.id,
-                run.attempt,
-            ),
-        )
-        # Only the runs that wrote some have live rows to remove (a resume's
-        # claim removed those of earlier attempts), and no count by task
-        # exists for a running attempt (its claim removed the last one; a
-        # count is written only for an attempt that ended): a service's
-        # small runs end with one statement each.
-        if run.id in self._shown:
-            self._shown.discard(run.id)
-            db.execute("DELETE FROM live_actions WHERE run_id=?", (run.id,))
-        if not self._tallies:
-            self._tallies_since = time.monotonic()
-        self._tallies.append((run.id, run.attempt))
-
-    def _tally(self) -> None:
-        """On the journal thread, when idle: count the actions of the runs that ended, by task.
-
-        Counted once, so that reading a finished run back is quick.  Only
-        an attempt that is still the run's latest and finished is counted
-        (another process may have resumed the run since); a count that fails
-        is left out, and readers count for themselves.
-        """
-        tallies, self._tallies = self._tallies, []
-        try:
-            db = self._writing()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for run_id, attempt in tallies:
-                    ended = db.execute(
-                        "SELECT 1 FROM runs WHERE id=? AND attempt=? AND status!='running'", (run_id, attempt)
-                    ).fetchone()
-                    if ended is None:
-                        continue
-                    db.execute("DELETE FROM run_tasks WHERE run_id=?", (run_id,))
-                    db.execute(
-                        f"INSERT INTO run_tasks SELECT :run, {TASK_COUNTS} FROM actions WHERE "
-                        f"{current_rows(db, run_id)} GROUP BY task, grp",
-                        {"run": run_id},
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except (sqlite3.Error, JournalError):
-            pass
 
     def for_run(self) -> RunJournal:
         from ._run_journal import RunJournal
