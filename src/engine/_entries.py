@@ -143,17 +143,17 @@ class LogRows:
 STACKS_KEPT = 512
 
 
-#: Stacks formatted by :func:`describe`: by where each frame was (code
-#: object's id, line, instruction), the code objects and the text.
-Stacks = dict[tuple[tuple[int, int, int], ...], tuple[tuple[CodeType, ...], str]]
+#: Stacks formatted by :func:`describe`: by where each frame was (its code
+#: object's id and instruction, in turn), the code objects and the text.
+Stacks = dict[tuple[int, ...], tuple[tuple[CodeType, ...], str]]
 
 
 def describe(exc: BaseException, origin: str | None = None, stacks: Stacks | None = None) -> ErrorInfo:
     """An exception as an :class:`ErrorInfo`; with ``origin``, without its traceback text.
 
-    ``stacks`` keeps formatted stacks by where they ran (code object,
-    line, instruction of each frame): a fan-out whose children fail the
-    same way formats one stack, not thousands (formatting one costs tens
+    ``stacks`` keeps formatted stacks by where they ran (code object and
+    instruction of each frame): a fan-out whose children fail the same
+    way formats one stack, not thousands (formatting one costs tens
     to hundreds of microseconds, walking it a few).  Exceptions with a
     cause, a context or notes, groups and syntax errors are formatted
     whole, by :mod:`traceback`.
@@ -179,19 +179,22 @@ def describe(exc: BaseException, origin: str | None = None, stacks: Stacks | Non
         and not getattr(exc, "__notes__", None)
         # Formatted with more than their own line: a syntax error shows
         # the offending text, a group its members.
-        and not isinstance(exc, SyntaxError | BaseExceptionGroup)
+        and not isinstance(exc, (SyntaxError, BaseExceptionGroup))
         and isinstance(module, str)
     )
     if not simple:
         return ErrorInfo(name, message, "".join(traceback.format_exception(exc)))
     assert stacks is not None
-    # Code objects by id: hashing one hashes its constants and names each
-    # time, a microsecond a frame.  The entry holds the code objects, so
-    # no id in its key can be reused by another while it is kept.
+    # Each frame's code object by id (hashing one hashes its constants and
+    # names each time, a microsecond a frame) and its last instruction,
+    # which gives its line (reading tb_lineno works the line out anew).
+    # The entry holds the code objects, so no id in its key can be reused
+    # by another code object while it is kept.
     where = []
     walk = tb
     while walk is not None:
-        where.append((id(walk.tb_frame.f_code), walk.tb_lineno, walk.tb_lasti))
+        where.append(id(walk.tb_frame.f_code))
+        where.append(walk.tb_lasti)
         walk = walk.tb_next
     key = tuple(where)
     found = stacks.get(key)
