@@ -7,6 +7,8 @@ to a switch interval (5 ms) to take the GIL back after every row: the
 batch's CPU work was a quarter of its wall time.  A multi-row ``INSERT``
 binds many rows (in C, holding the GIL) and steps once for all of them:
 100,000 rows written beside a busy thread took 1.1 s instead of 3.8-5.7 s.
+A batch goes in a few such statements, of lengths that recur (see
+:func:`insert_rows`), so that none is prepared more than once.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def insert_rows(db: sqlite3.Connection, verb: str, table: str, width: int, rows:
     statement for fewer than :data:`SMALL` rows.  Each length's text is
     the same every time, so the sqlite3 module's statement cache prepares
     it once: preparing a statement of a new length, as every batch of its
-    own size did, cost as much as inserting its rows (2,000 rows a batch:
-    9-16 us a row instead of 4-6).  A batch takes a handful of steps this
+    own size did, cost as much as inserting its rows (1,000-2,000 rows a
+    batch: 9-16 us a row against 4-10).  A batch takes a handful of steps this
     way (one per set bit of its size above SMALL), not one per row.
     """
     if not rows:
