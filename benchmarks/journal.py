@@ -3,6 +3,7 @@
     python benchmarks/journal.py                  # full sizes
     python benchmarks/journal.py --quick          # smaller, for a smoke run
     python benchmarks/journal.py --cases map,show # some cases only
+    python benchmarks/journal.py --cases failures --rounds 20  # best of 20 rounds
 
 Every case runs in a child process of its own (``python -c`` or the shoal
 command line as ``python -m engine._cli``), so that its peak RSS is its own:
@@ -210,6 +211,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--cases", default="map,fanout,show,failures,chain", help="comma-separated cases (default all)")
+    parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="rounds of the failures case, the best kept (default 5, 3 with --quick; more on a noisy machine)",
+    )
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     unknown = cases - {"map", "fanout", "show", "failures", "chain"}
@@ -217,7 +222,9 @@ def main() -> None:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     map_n = 100_000 if args.quick else 1_000_000
     fanout_n = 200_000 if args.quick else 2_000_000
-    failing, rounds = 2_000, 3 if args.quick else 5
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
+    failing, rounds = 2_000, args.rounds or (3 if args.quick else 5)
     depth = 100 if args.quick else 486
 
     rows: list[tuple[str, str, str]] = []

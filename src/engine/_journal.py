@@ -56,6 +56,7 @@ from ._entries import (
     LiveRows,
     LogRow,
     LogRows,
+    Stacks,
     action_row,
     describe,
     runs_of,
@@ -148,7 +149,7 @@ class Journal(JournalQueries, RunRows):
         self._roots: dict[Any, tuple[str, str | None]] = {}
         # Formatted stacks by where they ran (see ``describe``); used only
         # on the journal thread.
-        self._stacks: dict[Any, str] = {}
+        self._stacks: Stacks = {}
         # Invariant (journal thread only): ``_lost`` maps each run that had
         # records in a batch that failed to that batch's error; the run's
         # end, written later, is then recorded as failed (see ``_end``).
@@ -569,7 +570,7 @@ class Journal(JournalQueries, RunRows):
                     caches.append((rec.cache_key, rec.task, rec.output, rec.output_kind, rec.finished, rec.run_id))
             elif kind is Failure:
                 info = None if rec.error is None else describe(rec.error, rec.origin, self._stacks)
-                actions.append(action_row(msgspec.structs.replace(rec.record, error=info)))
+                actions.append(action_row(rec.record, info))
             elif kind is LogRows:
                 logs.extend(rec.rows)
             elif kind is AttemptRow:

@@ -351,8 +351,13 @@ class RunJournal:
             if seen is not None and seen[0] == run.id:
                 origin = seen[1]
             else:
-                with contextlib.suppress(AttributeError, TypeError):
+                # A try, not contextlib.suppress: this runs for each of
+                # thousands of failures, and a context manager costs more
+                # than the rest of the record.
+                try:  # noqa: SIM105
                     setattr(error, _ORIGIN, (run.id, action.key))
+                except (AttributeError, TypeError):
+                    pass
         record = ActionRecord(
             run.id,
             action.key,
