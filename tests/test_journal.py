@@ -618,3 +618,40 @@ async def test_counts_of_a_finished_run_follow_its_resume(tmp_path: Path) -> Non
     finally:
         db.close()
     assert stored == [("counted_leaf", 6), ("counted_root", 1)]
+
+
+
+@pytest.mark.parametrize("count", [1, 255, 256, 257, 1000, 2049])
+def test_rows_of_any_count_go_in_order_through_few_statements(tmp_path: Path, count: int) -> None:
+    # Statements come in a few fixed sizes, so that each is prepared once
+    # and then reused: a batch of any size is written whole and in order.
+    from engine._bulk import MAX_ROWS, insert_rows
+
+    db = sqlite3.connect(tmp_path / "rows.db", isolation_level=None)
+    try:
+        db.execute("CREATE TABLE t (n INTEGER NOT NULL, label TEXT NOT NULL)")
+        texts: list[str] = []
+        db.set_trace_callback(texts.append)
+        rows = [(i, f"row {i}") for i in range(count)]
+        insert_rows(db, "INSERT", "t", 2, rows)
+        insert_rows(db, "INSERT", "t", 2, rows[: count // 2 + 1])
+        db.set_trace_callback(None)
+        found = db.execute("SELECT n, label FROM t ORDER BY rowid").fetchall()
+    finally:
+        db.close()
+    assert found == rows + rows[: count // 2 + 1]
+    # (The trace shows each statement with its values bound.)
+    sizes = [text.count("(") for text in texts]
+    assert sum(sizes) == count + count // 2 + 1
+    assert all(0 < size <= MAX_ROWS and size & (size - 1) == 0 for size in sizes), sizes
+    assert len(sizes) <= (count + count // 2 + 1) // MAX_ROWS + 2 * MAX_ROWS.bit_length()
+
+
+async def test_a_run_of_an_odd_number_of_actions_records_each(tmp_path: Path) -> None:
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        run = await eng.run(fan, 777)
+        details = await eng.run_summary(run.id, actions=True, limit=2000)
+    assert run.result == sum(range(1, 778))
+    leaves = [r for r in details.action_records if r.task == "leaf"]
+    assert len(leaves) == 777
+    assert sorted(msgspec.msgpack.decode(r.output or b"") for r in leaves) == list(range(1, 778))
