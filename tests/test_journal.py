@@ -618,3 +618,13 @@ async def test_counts_of_a_finished_run_follow_its_resume(tmp_path: Path) -> Non
     finally:
         db.close()
     assert stored == [("counted_leaf", 6), ("counted_root", 1)]
+
+
+async def test_a_run_of_an_odd_number_of_actions_records_each(tmp_path: Path) -> None:
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        run = await eng.run(fan, 777)
+        details = await eng.run_summary(run.id, actions=True, limit=2000)
+    assert run.result == sum(range(1, 778))
+    leaves = [r for r in details.action_records if r.task == "leaf"]
+    assert len(leaves) == 777
+    assert sorted(msgspec.msgpack.decode(r.output or b"") for r in leaves) == list(range(1, 778))
