@@ -165,11 +165,17 @@ async def test_one_commit_serves_many_actions(tmp_path: Path) -> None:
     async with engine.Engine(store=tmp_path / "j.db") as eng:
         journal = await eng.journal()
         await journal.open_for_writing()
-        assert journal._db is not None
-        journal._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        db = journal._db
+        assert db is not None
+        # Set on the journal's own thread: from another one, a callback in
+        # C (which needs the GIL) and the writer's statements (which hold
+        # the connection) could wait for each other.
+        loop = asyncio.get_running_loop()
+        trace = lambda sql: commits.append(sql) if sql == "COMMIT" else None  # noqa: E731
+        await loop.run_in_executor(journal._thread, db.set_trace_callback, trace)
         run = await eng.run(fan, 500)
         assert run.result == sum(range(1, 501))
-        journal._db.set_trace_callback(None)
+        await loop.run_in_executor(journal._thread, db.set_trace_callback, None)
         details = await eng.get_run(run.id)
     assert details.action_count == 501
     assert 1 <= len(commits) < 100
