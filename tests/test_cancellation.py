@@ -249,3 +249,51 @@ async def test_abandoned_call_does_not_run_after_its_run(eng: engine.Engine) -> 
     assert run.result == "done"
     assert not ran.is_set()
     assert run.counters["later"].cancelled == 1
+
+
+async def test_concurrent_journaled_runs_are_watched_each_on_its_own(tmp_path: Path) -> None:
+    # One watcher serves every live run of a journal: a cancel request
+    # reaches the run it names and no other, while each run's running
+    # actions and printed lines still reach the journal.
+    gate = asyncio.Event()
+    started: list[int] = []
+
+    @engine.task(name="watched_leaf")
+    async def leaf(i: int) -> int:
+        print(f"leaf {i} waiting")  # noqa: T201 (captured into the journal)
+        started.append(i)
+        await gate.wait()
+        return i
+
+    @engine.task(name="watched_root")
+    async def root(i: int) -> int:
+        return await leaf(i)
+
+    async with engine.Engine(store=tmp_path / "j.db") as eng:
+        journal = await eng.journal()
+        runs = [await eng.submit(root, i) for i in range(3)]
+        for _ in range(200):
+            if len(started) == 3:
+                break
+            await asyncio.sleep(0.01)
+        # Written by the watcher about once a second.
+        live: dict[str, list[str]] = {}
+        for _ in range(100):
+            live = {run.id: sorted(a.task for a in await journal.running_actions(run.id)) for run in runs}
+            if all(live.values()):
+                break
+            await asyncio.sleep(0.05)
+        assert live == {run.id: ["watched_leaf", "watched_root"] for run in runs}
+        assert await journal.request_cancel(runs[1].id) == "running"
+        await asyncio.wait_for(runs[1].wait(), 10)
+        assert runs[1].status == "cancelled"
+        assert not runs[0].done and not runs[2].done
+        for _ in range(100):
+            lines = [text for _a, _t, _s, text, _r in await journal.logs(runs[0].id)]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+        assert lines == ["leaf 0 waiting"]  # handed over while the run still runs
+        gate.set()
+        done = [await run.wait() for run in (runs[0], runs[2])]
+    assert [(run.status, run.result) for run in done] == [("succeeded", 0), ("succeeded", 2)]
