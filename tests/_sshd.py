@@ -94,7 +94,11 @@ def _free_port() -> int:
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=check)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    if check and done.returncode != 0:
+        # What the command said, not only its exit status.
+        raise RuntimeError(f"{' '.join(args)} exited with {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 @dataclass
@@ -329,6 +333,7 @@ class SSHRig:
         _run("ip", "netns", "add", ns)
         self.namespaces.append(ns)
         bridge = self._bridge()
+        _run("ip", "link", "del", veth, check=False)  # a leftover of a killed rig of this pid
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
         _run("ip", "link", "set", peer, "netns", ns)
         _run("ip", "link", "set", veth, "master", bridge)
@@ -363,6 +368,11 @@ class SSHRig:
             host.mend()
         host.stop()
         self.hosts.remove(host)
+        if host.veth is not None:
+            # Deleted here, at once: a namespace is torn down by the kernel
+            # later, and its veth with it, so the next test's link of the
+            # same name could find this one still there ("File exists").
+            _run("ip", "link", "del", host.veth, check=False)
         if host.netns is not None:
             _run("ip", "netns", "del", host.netns, check=False)
             self.namespaces.remove(host.netns)
