@@ -18,9 +18,9 @@ import sqlite3
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
-__all__ = ["insert_rows"]
+__all__ = ["insert_rows", "pieces"]
 
 #: Host parameters per statement at most, below the connection's own limit
 #: (SQLite's default is 999 before 3.32 and 32766 since; builds raise it).
@@ -53,10 +53,19 @@ def insert_rows(db: sqlite3.Connection, verb: str, table: str, width: int, rows:
     per = max(1, min(limit // width, MAX_ROWS))
     one = "(" + ",".join("?" * width) + ")"
     head = f"{verb} INTO {table} VALUES "
+    for size, params in pieces(rows, per, SMALL):
+        db.execute(head + ",".join([one] * size), params)
+
+
+def pieces(rows: Sequence[Sequence[Any]], largest: int, small: int = 1) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """``rows`` cut for statements of a few lengths: (rows in the piece, their values in order).
+
+    ``largest`` rows while that many are left, then powers of two, and a
+    rest of fewer than ``small`` rows in one piece of its own length.
+    """
     start = 0
     while start < len(rows):
         left = len(rows) - start
-        size = per if left >= per else left if left < SMALL else 1 << (left.bit_length() - 1)
-        chunk = rows[start : start + size]
-        db.execute(head + ",".join([one] * size), tuple(itertools.chain.from_iterable(chunk)))
+        size = largest if left >= largest else left if left < small else 1 << (left.bit_length() - 1)
+        yield size, tuple(itertools.chain.from_iterable(rows[start : start + size]))
         start += size

@@ -121,10 +121,15 @@ class OutputCapture:
         with self._lock:
             self._rows.append((self.run_id, action, at, stream, line, rank))
 
-    async def flush(self) -> None:
-        """Hand the complete lines buffered so far to the journal."""
+    def _take(self) -> list[LogRow]:
+        """The complete lines buffered so far, no longer buffered."""
         with self._lock:
             rows, self._rows = self._rows, []
+        return rows
+
+    async def flush(self) -> None:
+        """Hand the complete lines buffered so far to the journal."""
+        rows = self._take()
         if rows and self.journal is not None:
             # Logs are a convenience: a full disk or a busy journal must not
             # fail the run, which records the error in its own right.
@@ -136,8 +141,7 @@ class OutputCapture:
         now = time.monotonic()
         if now - self._flushed >= self.flush_every:
             self._flushed = now
-            with self._lock:
-                rows, self._rows = self._rows, []
+            rows = self._take()
             if rows and self.journal is not None:
                 # Not waited for: a batch the journal refuses is dropped (see flush).
                 self.journal.append(LogRows(rows))

@@ -24,6 +24,7 @@ from ._watch import LIVE_EVERY
 if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Awaitable, Mapping, Sequence
+    from pathlib import Path
 
     from ._action import Action
     from ._backend import Handle
@@ -139,7 +140,7 @@ class RunJournal:
         self.previous = previous
         self.run: Run | None = None
         # Set while the journal's RunWatch looks at this run (see ``look``).
-        self._flag: Any = None
+        self._flag: Path | None = None
         self._looks = 0
         self._shown: list[tuple[Any, ...]] = []
         self._root: tuple[str, str | None] = ("", None)
@@ -251,6 +252,7 @@ class RunJournal:
         run = self.run
         assert run is not None
         # A stat of a local file: cheaper than a hop to a thread.
+        assert self._flag is not None
         if os.path.exists(self._flag):
             self._flag_seen = True
             run.cancel()

@@ -17,25 +17,25 @@ that writes runs: claims, ends and the count of a finished run by task.
 
 from __future__ import annotations
 
-import itertools
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from ._bulk import pieces
 from ._entries import ERROR_ENCODER, Claim, describe, run_values
 from ._errors import JournalError, RunInUse, RunNotFound
 from ._owner import owner_alive
 from ._queries import RUN_COLUMNS, TASK_COUNTS, current_rows
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
     from pathlib import Path
 
     from ._records import RunRecord
 
-__all__ = ["MANY_AT_ONCE", "RunRows", "insert_new_runs", "sizes", "update_ends"]
+__all__ = ["MANY_AT_ONCE", "RunRows", "insert_new_runs", "update_ends"]
 
 #: Whether this SQLite can write many runs' claims and ends in one statement.
 MANY_AT_ONCE: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
@@ -199,44 +199,29 @@ class RunRows:
             pass
 
 
-def sizes(count: int, largest: int = LARGEST) -> Iterator[int]:
-    """Split ``count`` rows into statements of power-of-two sizes, largest first."""
-    while count:
-        size = min(largest, 1 << (count.bit_length() - 1))
-        yield size
-        count -= size
-
-
 def insert_new_runs(db: sqlite3.Connection, columns: str, rows: Sequence[tuple[Any, ...]]) -> set[str]:
     """Insert the runs of ``rows`` (``id`` first) whose id is not taken; return the ids inserted.
 
     An id already in the table, or twice in ``rows``, is inserted once, for
     its first row: the caller refuses the others.
     """
-    width = len(rows[0])
-    one = "(" + ",".join("?" * width) + ")"
+    one = "(" + ",".join("?" * len(rows[0])) + ")"
     inserted: set[str] = set()
-    start = 0
-    for size in sizes(len(rows)):
-        chunk = rows[start : start + size]
-        start += size
+    for size, params in pieces(rows, LARGEST):
         sql = (
             f"INSERT INTO runs ({columns}) VALUES " + ",".join([one] * size)
             + " ON CONFLICT(id) DO NOTHING RETURNING id"
         )
-        inserted.update(row[0] for row in db.execute(sql, tuple(itertools.chain.from_iterable(chunk))))
+        inserted.update(row[0] for row in db.execute(sql, params))
     return inserted
 
 
 def update_ends(db: sqlite3.Connection, rows: Sequence[tuple[str, str, float | None, bytes | None, int]]) -> None:
     """Record each run's end: ``(id, status, finished, error, attempt)``, for that attempt only."""
-    start = 0
-    for size in sizes(len(rows)):
-        chunk = rows[start : start + size]
-        start += size
+    for size, params in pieces(rows, LARGEST):
         db.execute(
             "UPDATE runs SET status=v.column2, finished=v.column3, error=v.column4 FROM (VALUES "
             + ",".join(["(?,?,?,?,?)"] * size)
             + ") AS v WHERE runs.id=v.column1 AND runs.attempt=v.column5",
-            tuple(itertools.chain.from_iterable(chunk)),
+            params,
         )
