@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -559,3 +561,34 @@ def test_offload_errors_pickle_and_print_as_offload_names() -> None:
         back = pickle.loads(pickle.dumps(cls("gone")))
         assert type(back) is cls and str(back) == "gone"
     assert offload.Local.__module__ == "offload"
+
+
+def _open_fds_to(path: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                found.append(fd)
+    return found
+
+
+async def test_a_worker_log_whose_opener_was_cancelled_is_closed_not_leaked(tmp_path: Path) -> None:
+    # The ranks of a gang start their workers together; when one cannot
+    # start, the others are cancelled, some while a thread opens their log.
+    # The file that thread opens must be closed (an unclosed one is a
+    # ResourceWarning, an error in this suite, whenever it is collected).
+    from offload._local import _open_log
+
+    for i in range(20):
+        path = tmp_path / f"worker-{i}.log"
+        opening = asyncio.ensure_future(_open_log(path))
+        await asyncio.sleep(0)  # the thread is opening it now
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        for _ in range(200):
+            if path.exists() and not _open_fds_to(path):
+                break
+            await asyncio.sleep(0.01)
+        assert path.exists() and not _open_fds_to(path)
+    gc.collect()  # a file left to the collector would warn here

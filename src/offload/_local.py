@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Final
 
 from engine import ConfigError, OffloadError
 from engine.extend import (
@@ -468,7 +468,7 @@ class Local:
         if context.blob_store is not None:
             env["SHOAL_BLOB_STORE"] = context.blob_store
         log_path = logs / f"worker-{os.getpid()}-{next(self._serial)}.log"
-        stderr = await asyncio.to_thread(open, log_path, "wb")  # handed to the child, closed below
+        stderr = await _open_log(log_path)  # handed to the child, closed below
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -595,6 +595,26 @@ def _killpg(pid: int) -> None:
     # The worker leads its own session and process group (start_new_session).
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+async def _open_log(path: Path) -> BinaryIO:
+    """``open(path, "wb")`` off the loop.
+
+    Cancelled while the thread opens it (the other ranks of a gang whose
+    first worker could not start), the file is closed once it is open,
+    not left to the garbage collector.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(open, path, "wb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[Any]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
